@@ -1,0 +1,356 @@
+"""Model configuration: frozen dataclasses, the three Qwen2-VL presets, and `from_hf` for config.json files.
+
+Field names follow transformers' `Qwen2VLVisionConfig` / `Qwen2VLTextConfig` / `Qwen2VLConfig`, so a reader can
+hold the two side by side. `from_hf` reads both on-disk layouts:
+
+* 4.x (every official Hub checkpoint): text fields flat at the root, `rope_scaling: {type: mrope, mrope_section}`;
+  transformers 4.57 also writes a nested `text_config` copy of the same fields.
+* 5.x: nested `text_config` with `rope_parameters: {rope_type, rope_theta, mrope_section}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Qwen2VLVisionConfig",
+    "Qwen2VLTextConfig",
+    "Qwen2VLConfig",
+    "qwen2_vl_2b",
+    "qwen2_vl_7b",
+    "qwen2_vl_72b",
+    "PRESETS",
+]
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid config field `{field_name}`: {message}")
+
+
+def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
+                 f"must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Qwen2VLVisionConfig:
+    """The ViT: Conv3d patch embed, `depth` pre-LN blocks with 2-D rotary attention, and the 2x2 patch merger."""
+
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_size: int = 3584  # merger output width = the language model's hidden size
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-6  # hard-coded in the reference (LayerNorm(..., eps=1e-6))
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        _positive_ints(self, ("depth", "embed_dim", "num_heads", "hidden_size", "in_channels", "patch_size",
+                              "spatial_merge_size", "temporal_patch_size"))
+        _require(self.embed_dim % self.num_heads == 0, "num_heads",
+                 f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        _require(self.head_dim % 4 == 0, "embed_dim",
+                 f"vision head_dim {self.head_dim} must be divisible by 4 (h and w rotary halves)")
+        _require(self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0, "mlp_ratio",
+                 f"must be positive, got {self.mlp_ratio!r}")
+        _require(self.hidden_act == "quick_gelu", "hidden_act",
+                 f"Qwen2-VL's vision MLP uses 'quick_gelu', got {self.hidden_act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)  # the reference truncates the same way
+
+    @property
+    def patch_dim(self) -> int:
+        """Width of one `pixel_values` row: C * T * P * P (1176 for the real models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_dim(self) -> int:
+        """Width of one merged token before the merger MLP: embed_dim * merge**2 (5120)."""
+        return self.embed_dim * self.spatial_merge_size**2
+
+
+@dataclass(frozen=True)
+class Qwen2VLTextConfig:
+    """The Qwen2 decoder with multimodal rotary embeddings (M-RoPE)."""
+
+    vocab_size: int = 152064
+    hidden_size: int = 8192
+    intermediate_size: int = 29568
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5  # class default; every checkpoint file says 1e-6 and from_hf honours the file
+    rope_theta: float = 1000000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    use_sliding_window: bool = False
+    sliding_window: int | None = None
+    max_window_layers: int = 80
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        _positive_ints(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        _require(self.hidden_size % self.num_attention_heads == 0, "num_attention_heads",
+                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                 f"{self.num_attention_heads}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
+                 f"{self.num_key_value_heads}")
+        _require(self.head_dim % 2 == 0, "hidden_size", f"head_dim {self.head_dim} must be even")
+        _require(len(self.mrope_section) == 3 and all(s >= 0 for s in self.mrope_section), "mrope_section",
+                 f"needs three non-negative sizes (temporal, height, width), got {list(self.mrope_section)}")
+        _require(sum(self.mrope_section) == self.head_dim // 2, "mrope_section",
+                 f"{list(self.mrope_section)} sums to {sum(self.mrope_section)} but head_dim/2 is "
+                 f"{self.head_dim // 2}")
+        _require(self.hidden_act == "silu", "hidden_act", f"Qwen2 uses 'silu', got {self.hidden_act!r}")
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be positive, got {self.rms_norm_eps!r}")
+        _require(self.rope_theta > 0, "rope_theta", f"must be positive, got {self.rope_theta!r}")
+        # Every released Qwen2-VL has use_sliding_window=false; the reference only implements it under FA2.
+        _require(not self.use_sliding_window, "use_sliding_window",
+                 "sliding-window attention is not implemented (no Qwen2-VL checkpoint uses it)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+@dataclass(frozen=True)
+class Qwen2VLConfig:
+    """The whole model: vision tower + decoder + the special token ids that tie them together."""
+
+    text_config: Qwen2VLTextConfig = field(default_factory=Qwen2VLTextConfig)
+    vision_config: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
+    tie_word_embeddings: bool = False
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    vision_token_id: int = 151654
+    bos_token_id: int | None = 151643
+    eos_token_id: int | tuple[int, ...] | None = 151645
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        _require(self.vision_config.hidden_size == self.text_config.hidden_size, "vision_config.hidden_size",
+                 f"the merger outputs {self.vision_config.hidden_size} features but the decoder is "
+                 f"{self.text_config.hidden_size} wide")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and 0 <= value < self.text_config.vocab_size, name,
+                     f"{value!r} is not a token id below vocab_size {self.text_config.vocab_size}")
+
+    # ----------------------------------------------------------------------------------------------------- I/O
+    @classmethod
+    def from_hf(cls, source: dict | str | os.PathLike) -> Qwen2VLConfig:
+        """Read a Hugging Face `config.json` (a dict, the file, or its checkpoint directory), 4.x or 5.x layout."""
+        if isinstance(source, dict):
+            raw = source
+        else:
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}")
+            with open(path, encoding="utf-8") as f:
+                raw = json.load(f)
+        model_type = raw.get("model_type", "qwen2_vl")
+        if model_type != "qwen2_vl":
+            raise ValueError(f"invalid config field `model_type`: expected 'qwen2_vl', got {model_type!r}")
+        text_raw = raw.get("text_config") or {}
+
+        def text_get(name, default=None):
+            # 5.x and 4.57 keep text fields in text_config; 4.x Hub files keep them flat at the root.
+            if name in text_raw and text_raw[name] is not None:
+                return text_raw[name]
+            return raw.get(name, default)
+
+        rope = text_raw.get("rope_parameters") or raw.get("rope_parameters") or text_get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("mrope", "default"):
+            raise ValueError(f"invalid config field `rope_scaling`: rope type {rope_type!r} is not supported "
+                             "(Qwen2-VL uses 'mrope' / 'default' with an mrope_section)")
+        if "mrope_section" not in rope:
+            raise ValueError("invalid config field `rope_scaling`: `mrope_section` is missing")
+        rope_theta = rope.get("rope_theta", text_get("rope_theta", 1000000.0))
+
+        tdefault = Qwen2VLTextConfig()
+        text = Qwen2VLTextConfig(
+            vocab_size=text_get("vocab_size", tdefault.vocab_size),
+            hidden_size=text_get("hidden_size", tdefault.hidden_size),
+            intermediate_size=text_get("intermediate_size", tdefault.intermediate_size),
+            num_hidden_layers=text_get("num_hidden_layers", tdefault.num_hidden_layers),
+            num_attention_heads=text_get("num_attention_heads", tdefault.num_attention_heads),
+            num_key_value_heads=text_get("num_key_value_heads", None) or text_get("num_attention_heads",
+                                                                                 tdefault.num_attention_heads),
+            hidden_act=text_get("hidden_act", "silu"),
+            max_position_embeddings=text_get("max_position_embeddings", tdefault.max_position_embeddings),
+            rms_norm_eps=float(text_get("rms_norm_eps", tdefault.rms_norm_eps)),
+            rope_theta=float(rope_theta),
+            mrope_section=tuple(rope["mrope_section"]),
+            use_sliding_window=bool(text_get("use_sliding_window", False)),
+            sliding_window=text_get("sliding_window", None),
+            max_window_layers=text_get("max_window_layers", tdefault.max_window_layers),
+            initializer_range=text_get("initializer_range", 0.02),
+        )
+
+        vraw = dict(raw.get("vision_config") or {})
+        vdefault = Qwen2VLVisionConfig()
+        vrope = vraw.get("rope_parameters") or {}
+        vision = Qwen2VLVisionConfig(
+            depth=vraw.get("depth", vraw.get("num_hidden_layers", vdefault.depth)),
+            embed_dim=vraw.get("embed_dim", vdefault.embed_dim),
+            num_heads=vraw.get("num_heads", vdefault.num_heads),
+            mlp_ratio=vraw.get("mlp_ratio", vdefault.mlp_ratio),
+            hidden_size=vraw.get("hidden_size", text.hidden_size),
+            # Hub files say `in_chans`; the reference ignores it and uses in_channels (default 3).
+            in_channels=vraw.get("in_channels", 3),
+            patch_size=vraw.get("patch_size", vraw.get("spatial_patch_size", vdefault.patch_size)),
+            spatial_merge_size=vraw.get("spatial_merge_size", vdefault.spatial_merge_size),
+            temporal_patch_size=vraw.get("temporal_patch_size", vdefault.temporal_patch_size),
+            hidden_act=vraw.get("hidden_act", "quick_gelu"),
+            rope_theta=float(vrope.get("rope_theta", vdefault.rope_theta)),
+            initializer_range=vraw.get("initializer_range", 0.02),
+        )
+
+        # 4.57 reads the flag from text_config (its __getattribute__ forwards to it); 5.x keeps it at the root.
+        tie = text_raw.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        eos = text_get("eos_token_id", 151645)
+        return cls(
+            text_config=text,
+            vision_config=vision,
+            tie_word_embeddings=bool(tie),
+            image_token_id=raw.get("image_token_id", 151655),
+            video_token_id=raw.get("video_token_id", 151656),
+            vision_start_token_id=raw.get("vision_start_token_id", 151652),
+            vision_end_token_id=raw.get("vision_end_token_id", 151653),
+            vision_token_id=raw.get("vision_token_id", 151654),
+            bos_token_id=text_get("bos_token_id", 151643),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=text_get("pad_token_id", None),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json in the 4.x Hub layout (flat text fields), which transformers 4.x and 5.x both read."""
+        t, v = self.text_config, self.vision_config
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        out = {
+            "architectures": ["Qwen2VLForConditionalGeneration"],
+            "model_type": "qwen2_vl",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "hidden_act": t.hidden_act,
+            "max_position_embeddings": t.max_position_embeddings,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_theta": t.rope_theta,
+            "rope_scaling": {"type": "mrope", "mrope_section": list(t.mrope_section)},
+            "use_sliding_window": t.use_sliding_window,
+            "sliding_window": t.sliding_window,
+            "max_window_layers": t.max_window_layers,
+            "initializer_range": t.initializer_range,
+            "attention_dropout": 0.0,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "vision_start_token_id": self.vision_start_token_id,
+            "vision_end_token_id": self.vision_end_token_id,
+            "vision_token_id": self.vision_token_id,
+            "vision_config": {
+                "depth": v.depth,
+                "embed_dim": v.embed_dim,
+                "num_heads": v.num_heads,
+                "mlp_ratio": v.mlp_ratio,
+                "hidden_size": v.hidden_size,
+                "in_channels": v.in_channels,
+                "patch_size": v.patch_size,
+                "spatial_merge_size": v.spatial_merge_size,
+                "temporal_patch_size": v.temporal_patch_size,
+                "hidden_act": v.hidden_act,
+                "initializer_range": v.initializer_range,
+            },
+        }
+        if self.pad_token_id is not None:
+            out["pad_token_id"] = self.pad_token_id
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Our own lossless serialisation (written into converted checkpoints beside the HF dict)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Qwen2VLConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_layers(self, text_layers: int | None = None, vision_depth: int | None = None) -> Qwen2VLConfig:
+        """A copy with fewer (or more) layers: the shape of a preset, cheap to run (benchmarks, selfcheck)."""
+        text = self.text_config if text_layers is None else dataclasses.replace(
+            self.text_config, num_hidden_layers=text_layers, max_window_layers=text_layers)
+        vision = self.vision_config if vision_depth is None else dataclasses.replace(
+            self.vision_config, depth=vision_depth)
+        return dataclasses.replace(self, text_config=text, vision_config=vision)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+# Values: reference §1.3 (the Instruct checkpoints' config.json files).
+def _preset(hidden, layers, heads, kv_heads, inter, vocab, tie) -> Qwen2VLConfig:
+    return Qwen2VLConfig(
+        text_config=Qwen2VLTextConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=1000000.0,
+            mrope_section=(16, 24, 24), max_position_embeddings=32768, sliding_window=32768,
+            max_window_layers=layers,
+        ),
+        vision_config=Qwen2VLVisionConfig(hidden_size=hidden),
+        tie_word_embeddings=tie,
+    )
+
+
+def qwen2_vl_2b() -> Qwen2VLConfig:
+    """Qwen2-VL-2B-Instruct (tied embeddings)."""
+    return _preset(1536, 28, 12, 2, 8960, 151936, True)
+
+
+def qwen2_vl_7b() -> Qwen2VLConfig:
+    """Qwen2-VL-7B-Instruct."""
+    return _preset(3584, 28, 28, 4, 18944, 152064, False)
+
+
+def qwen2_vl_72b() -> Qwen2VLConfig:
+    """Qwen2-VL-72B-Instruct."""
+    return _preset(8192, 80, 64, 8, 29568, 152064, False)
+
+
+PRESETS = {"2b": qwen2_vl_2b, "7b": qwen2_vl_7b, "72b": qwen2_vl_72b}

