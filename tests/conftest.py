@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# fp32 parity needs true fp32 matmuls (on GPU/TPU the default is a faster, less precise pass).
+jax.config.update("jax_default_matmul_precision", "highest")
 
 import helpers  # noqa: E402
 import qwen_tokenizer_files  # noqa: E402
@@ -73,3 +77,17 @@ def video_file() -> Path:
     path = helpers.video_path()
     assert path.is_file(), path
     return path
+
+
+@pytest.fixture(scope="session")
+def slice_2b_checkpoint(checkpoint_factory) -> Path:
+    """A real-width Qwen2-VL-2B slice (text 1536 wide, 12/2 heads of 128; vision 1280 wide, 16 heads of 80;
+    2 decoder layers, 2 vision blocks), tied like the 2B."""
+    return checkpoint_factory(tied=True, size="2b-slice")
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -166,3 +166,84 @@ def rel_err(ours, ref) -> float:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+# ------------------------------------------------------------------------------------ HF-side (oracle) inputs
+def hf_image_processor(min_pixels=56 * 56, max_pixels=256 * 28 * 28):
+    """transformers' slow (PIL) Qwen2VLImageProcessor; a small max_pixels keeps test inputs cheap."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def expand_placeholders(text: str, image_grids, video_grids, merge: int = 2) -> str:
+    """The processor's placeholder rule: each <|image_pad|> / <|video_pad|> -> prod(grid) // merge**2 copies."""
+    out = []
+    images, videos = list(image_grids if image_grids is not None else []), list(
+        video_grids if video_grids is not None else [])
+    parts = text.split("<|")
+    out.append(parts[0])
+    for part in parts[1:]:
+        if part.startswith("image_pad|>"):
+            n = int(np.prod(images.pop(0))) // merge**2
+            out.append("<|image_pad|>" * n + part[len("image_pad|>"):])
+        elif part.startswith("video_pad|>"):
+            n = int(np.prod(videos.pop(0))) // merge**2
+            out.append("<|video_pad|>" * n + part[len("video_pad|>"):])
+        else:
+            out.append("<|" + part)
+    assert not images and not videos, "more grids than placeholders"
+    return "".join(out)
+
+
+def hf_inputs(tokenizer, texts, images=None, videos=None, image_processor=None):
+    """input_ids / attention_mask / pixel values built only from HF parts (tokenizer + slow image processor),
+    left-padded. `texts` already contain <|vision_start|><|image_pad|><|vision_end|> placeholders."""
+    image_processor = image_processor or hf_image_processor()
+    out = {}
+    image_grids = video_grids = None
+    if images:
+        r = image_processor(images=images, return_tensors="np")
+        out["pixel_values"], out["image_grid_thw"] = r["pixel_values"], r["image_grid_thw"]
+        image_grids = list(r["image_grid_thw"])
+    if videos:
+        r = image_processor(images=None, videos=videos, return_tensors="np")
+        out["pixel_values_videos"], out["video_grid_thw"] = r["pixel_values_videos"], r["video_grid_thw"]
+        video_grids = list(r["video_grid_thw"])
+    expanded = []
+    for t in texts:
+        n_img, n_vid = t.count("<|image_pad|>"), t.count("<|video_pad|>")
+        expanded.append(expand_placeholders(t, image_grids[:n_img] if n_img else None,
+                                            video_grids[:n_vid] if n_vid else None))
+        if n_img:
+            image_grids = image_grids[n_img:]
+        if n_vid:
+            video_grids = video_grids[n_vid:]
+    tokenizer.padding_side = "left"
+    enc = tokenizer(expanded, padding=True, return_tensors="np")
+    out["input_ids"], out["attention_mask"] = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    return out
+
+
+def chat(text: str, n_images: int = 0, n_videos: int = 0, system: str | None = None) -> str:
+    """A rendered Qwen2-VL-Instruct prompt (the chat template's output) with vision placeholders first."""
+    sys_text = system if system is not None else "You are a helpful assistant."
+    vision = "<|vision_start|><|image_pad|><|vision_end|>" * n_images + \
+        "<|vision_start|><|video_pad|><|vision_end|>" * n_videos
+    return (f"<|im_start|>system\n{sys_text}<|im_end|>\n<|im_start|>user\n{vision}{text}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def video_frames(n: int = 6, size=(168, 308), name: str = "bigbuckbunny.mp4", step: int = 11):
+    """`n` real RGB frames (uint8 [n, H, W, 3]) from a bundled video, resized with PIL to `size` (h, w)."""
+    import av
+    from PIL import Image
+
+    frames = []
+    with av.open(str(video_path(name))) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i % step == 0:
+                frames.append(np.asarray(frame.to_image().resize((size[1], size[0]), Image.BICUBIC)))
+            if len(frames) == n:
+                break
+    return np.stack(frames)

@@ -5,12 +5,11 @@ import json
 
 import numpy as np
 import pytest
+import qwen_tokenizer_files
 from safetensors import safe_open
 
-import qwen_tokenizer_files
-
 # Reference §12.1 (transformers tests/models/qwen2/test_tokenization_qwen2.py).
-PUBLISHED = {
+PUBLISHED = {  # noqa: E501
     "Hello, world!": [9707, 11, 1879, 0],
     "🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。使用预训练模型可以减少计算消耗和碳排放，并且节省从头训练所需要的时间和资源。": [
         144834, 80532, 93685, 83744, 34187, 73670, 104261, 29490, 62189, 103937, 104034, 102830, 98841, 104034,
@@ -64,7 +63,8 @@ def test_real_photos_are_asymmetric(photos):
     for im in photos.values():
         a = np.asarray(im, dtype=np.float32)
         assert a.ndim == 3 and a.shape[2] == 3 and a.std() > 20  # real content, not a flat fill
-        assert not np.allclose(a, a.transpose(1, 0, 2)[: a.shape[0], : a.shape[1]]) if a.shape[0] == a.shape[1] else True
+        if a.shape[0] == a.shape[1]:  # square photos must still not be transpose-symmetric (h/w swap bugs)
+            assert np.abs(a - a.transpose(1, 0, 2)).mean() > 10
 
 
 def test_real_video_decodes(video_file):

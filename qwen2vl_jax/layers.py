@@ -1,0 +1,122 @@
+"""Building blocks shared by both towers: Linear, Embed, LayerNorm, RMSNorm, and the one dot recipe they use.
+
+Why a shared file: the vision tower and the decoder use the same Linear, and how a dot is issued decides speed on
+XLA:CPU (see docs/BENCHMARKS.md and ../shared/reference/xla_cpu_performance.md), so that recipe lives in one place:
+
+* weights are stored like PyTorch's nn.Linear, `[out, in]`, and contracted on their minor axis (`x @ w.T`): the
+  fastest matrix-vector layout on XLA:CPU, and HF conversion is a plain copy;
+* bf16 weights are fed to the dot as bf16 with `preferred_element_type=float32`: a bf16-result dot makes XLA:CPU
+  materialise an fp32 copy of the weight on every call;
+* a single bf16 row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
+
+Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadata for `nnx.get_partition_spec`
+and logical axis rules); `sharding.py` maps them to a device mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# lax.dot_general dimension numbers for x[M, K] . w[N, K]^T (the PyTorch Linear layout).
+_CONTRACT_MINOR = (((1,), (1,)), ((), ()))
+
+
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with logical axis names (sharding is applied later, by `sharding.shard_model`)."""
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x_MI = x.reshape(-1, n_in)
+    rows = x_MI.shape[0]
+    if w_OI.dtype != jnp.float32:
+        x_MI = x_MI.astype(w_OI.dtype)
+        if rows == 1:  # YNNPACK rejects m == 1; two rows are as cheap as one and 10x faster than the fallback
+            x_MI = jnp.pad(x_MI, ((0, 1), (0, 0)))
+    y_MO = jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)[:rows]
+    if b_O is not None:
+        y_MO = y_MO + b_O.astype(jnp.float32)
+    return y_MO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
+
+
+class Linear(nnx.Module):
+    """nn.Linear with the PyTorch weight layout `[out, in]` (so the HF key map is a copy, not a transpose)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = param(init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype),
+                            axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return dense(x, self.weight[...], None if self.bias is None else self.bias[...])
+
+
+class Embed(nnx.Module):
+    """Token embedding `[V, D]`; `attend` reuses it as a tied output projection (2B)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
+        self.weight = param(init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype),
+                            ("vocab", "embed"))
+
+    def __call__(self, ids_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids_BT, axis=0)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        return dense(x_BTD, self.weight[...])
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm (biased variance, eps inside the sqrt), computed in fp32 and cast back."""
+
+    def __init__(self, features: int, *, eps: float, axis_name: str, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
+        self.bias = param(jnp.zeros((features,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, *then* multiply by the weight (reference §5.1)."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = param(jnp.ones((features,), param_dtype), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """cat(-x2, x1) over the last axis: the non-interleaved rotary layout of the reference (pairs j, j + H/2)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def rope_inv_freq(dim: int, theta: float):
+    """1 / theta^(2i/dim), i < dim/2, in fp32 as the reference computes it (host NumPy, a constant under jit)."""
+    import numpy as np
+
+    exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+
+
+def sow(module: nnx.Module, name: str, value) -> None:
+    """Record `value` for interpretability, only when the caller runs under `nnx.capture(...)` (free otherwise)."""
+    if getattr(module, "__captures__", None) is not None:
+        module.sow(nnx.Intermediate, name, value)

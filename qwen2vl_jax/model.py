@@ -1,0 +1,207 @@
+"""`Qwen2VLForConditionalGeneration`: vision tower + decoder, the embedding merge, and `from_pretrained`.
+
+Data flow of one forward (reference §5.0), host steps in NumPy, device steps jitted:
+
+    host:   input_ids [B,T] -> get_rope_index -> position_ids [3,B,T], rope_deltas [B,1]
+            image/video grids -> VisionLayout (positions, segments, bucket padding); token -> feature index
+    device: visual(pixels) -> features [M,D]; embed(ids) with features scattered into the <|image_pad|> /
+            <|video_pad|> slots in order -> decoder with M-RoPE -> final norm -> lm_head -> logits [B,T,V]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from . import params as params_lib
+from .config import Qwen2VLConfig
+from .layers import Linear
+from .rope_index import get_rope_index
+from .text import KVCache, TextModel
+from .vision import VisionLayout, VisionTransformer
+
+log = logging.getLogger(__name__)
+
+TRACE_COUNTS: dict[str, int] = {"forward": 0}
+
+
+@dataclasses.dataclass
+class Qwen2VLOutput:
+    """What a forward returns (HF `Qwen2VLCausalLMOutputWithPast` names)."""
+
+    logits: jax.Array  # [B, T, V]
+    rope_deltas: np.ndarray  # [B, 1]
+    cache: KVCache | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None  # embeddings, each layer's output, final norm (HF order)
+    attentions: tuple[jax.Array, ...] | None = None  # per layer [B, N, T, S]
+
+
+@dataclasses.dataclass
+class PreparedInputs:
+    """Host-side NumPy inputs of one forward / prefill."""
+
+    input_ids_BT: np.ndarray  # int32
+    attention_mask_BT: np.ndarray  # int32
+    position_ids_ZBT: np.ndarray  # int32
+    rope_deltas_B1: np.ndarray  # int64
+    vision_pixels: np.ndarray | None = None  # padded patch rows, images then videos
+    vision_layout: VisionLayout | None = None
+    vision_index_BT: np.ndarray | None = None  # int32: row of the vision features for each slot, -1 for text
+
+
+def _as_2d_ids(input_ids, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer array [batch, seq], got {ids.dtype} {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), found min {ids.min()} max {ids.max()}")
+    return ids
+
+
+class Qwen2VLForConditionalGeneration(nnx.Module):
+    def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.visual = VisionTransformer(config.vision_config, param_dtype=param_dtype, rngs=rngs)
+        self.language_model = TextModel(config.text_config, param_dtype=param_dtype, rngs=rngs)
+        t = config.text_config
+        self.lm_head = None if config.tie_word_embeddings else Linear(
+            t.hidden_size, t.vocab_size, use_bias=False, axes=("vocab", "embed"), param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def dtype(self):
+        return self.language_model.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, *, dtype=None, local_files_only: bool | None = None,
+                        revision: str | None = None, progress: bool = False) -> Qwen2VLForConditionalGeneration:
+        """Load an HF checkpoint directory (Hub or >= 4.52 key layout, single file or sharded), a directory
+        written by our converter, or a Hub model id. `dtype`: None / "float32" (default, like transformers),
+        "bfloat16", or "auto" (the checkpoint's own dtype)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, source, dtype=dtype, local_files_only=local_files_only, revision=revision,
+                               progress=progress)
+
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+        return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)
+
+    def num_params(self) -> dict[str, int]:
+        counts = {"visual": 0, "language_model": 0, "lm_head": 0}
+        for path, p in params_lib.model_params(self).items():
+            counts[path.split(".")[0]] += int(np.prod(p.shape))
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # --------------------------------------------------------------------------------------- host inputs
+    def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
+        return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, self.config)
+
+    def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                       pixel_values_videos=None, video_grid_thw=None, position_ids=None) -> PreparedInputs:
+        """Validate and lay out everything on the host: rope positions, vision layout, feature scatter index."""
+        cfg = self.config
+        ids = _as_2d_ids(input_ids, cfg.text_config.vocab_size)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+        if position_ids is None:
+            pos, deltas = get_rope_index(ids, image_grid_thw, video_grid_thw, mask, cfg)
+        else:
+            pos = np.asarray(position_ids)
+            if pos.ndim == 2:  # 1-D positions for all three axes
+                pos = np.broadcast_to(pos, (3, *pos.shape))
+            if pos.shape != (3, *ids.shape):
+                raise ValueError(f"position_ids must be [3, {ids.shape[0]}, {ids.shape[1]}], got {pos.shape}")
+            deltas = pos.max(axis=(0, 2))[:, None] + 1 - ids.shape[1]
+        prep = PreparedInputs(ids.astype(np.int32), mask.astype(np.int32), pos.astype(np.int32), deltas)
+
+        merge2 = cfg.vision_config.spatial_merge_size ** 2
+        pixels, grids = [], []
+        index = np.full(ids.shape, -1, np.int64)
+        offset = 0
+        for kind, pv, grid, token in (("Image", pixel_values, image_grid_thw, cfg.image_token_id),
+                                      ("Video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+            if pv is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind.lower()} pixel values were given without {kind.lower()}_grid_thw")
+            grid = np.asarray(grid).reshape(-1, 3)
+            n_features = int((np.prod(grid, axis=-1) // merge2).sum())
+            slots = ids == token
+            n_tokens = int(slots.sum())
+            if n_tokens != n_features:  # the reference's get_placeholder_mask check, same wording
+                noun = "Image features and image" if kind == "Image" else "Videos features and video"
+                raise ValueError(f"{noun} tokens do not match: tokens: {n_tokens}, features {n_features}")
+            index[slots] = offset + np.arange(n_tokens)  # row-major over (B, T): masked_scatter order
+            offset += n_features
+            pixels.append(np.asarray(pv))
+            grids.append(grid)
+        if pixels:
+            prep.vision_pixels, prep.vision_layout = self.visual.prepare(np.concatenate(pixels), np.concatenate(grids))
+            prep.vision_index_BT = index.astype(np.int32)
+        return prep
+
+    # ---------------------------------------------------------------------------------------- the math
+    def forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD=None, vision_index_BT=None,
+                cache: KVCache | None = None, *, output_hidden_states=False, output_attentions=False,
+                last_only=False):
+        """Pure device math: embeddings (+ scattered vision features), decoder, logits."""
+        x_BTD = self.language_model.embed_tokens(input_ids_BT)
+        if vision_MD is not None:
+            features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
+            x_BTD = jnp.where(vision_index_BT[..., None] >= 0, features_BTD, x_BTD)
+        h_BTD, cache, hidden, attentions = self.language_model(
+            x_BTD, position_ids_ZBT, attention_mask_BT, cache, output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions)
+        if last_only:  # generation needs one row of logits, not [T, V]
+            h_BTD = h_BTD[:, -1:]
+        logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
+        return logits_BTV, cache, hidden, attentions
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: KVCache | None = None,
+                 *, output_hidden_states: bool = False, output_attentions: bool = False) -> Qwen2VLOutput:
+        """HF-style forward. With `cache`, this call's tokens are appended to it (prefill when it is empty,
+        then one or more decode tokens whose positions continue from the cache: slot + rope_delta)."""
+        decoding = cache is not None and int(cache.length) > 0
+        if decoding and position_ids is None:
+            ids = _as_2d_ids(input_ids, self.config.text_config.vocab_size)
+            slots = int(cache.length) + np.arange(ids.shape[1])
+            deltas = np.asarray(cache.rope_deltas_B)[:, None]
+            position_ids = np.broadcast_to(slots[None, :] + deltas, (3, *ids.shape))
+        prep = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                                   video_grid_thw, position_ids)
+        if cache is not None and not decoding:
+            cache = dataclasses.replace(cache, rope_deltas_B=jnp.asarray(prep.rope_deltas_B1[:, 0], jnp.int32))
+        capture = getattr(self, "__captures__", None) is not None
+        vision = None
+        if prep.vision_pixels is not None:
+            vision, _ = self.visual.run_padded(prep.vision_pixels, prep.vision_layout, capture=capture)
+        fn = _forward_capture if capture else _forward_jit
+        logits, cache, hidden, attentions = fn(
+            self, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT,
+            cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        return Qwen2VLOutput(logits=logits, rope_deltas=prep.rope_deltas_B1, cache=cache,
+                             hidden_states=hidden if output_hidden_states else None,
+                             attentions=attentions if output_attentions else None)
+
+
+def _forward_apply(model: Qwen2VLForConditionalGeneration, ids, mask, pos, vision, vision_index, cache, *,
+                   output_hidden_states=False, output_attentions=False, last_only=False):
+    TRACE_COUNTS["forward"] += 1  # runs once per compile
+    return model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, last_only=last_only)
+
+
+_STATIC = ("output_hidden_states", "output_attentions", "last_only")
+_forward_jit = jax.jit(_forward_apply, static_argnames=_STATIC, donate_argnames=("cache",))
+_forward_capture = nnx.jit(functools.partial(_forward_apply), static_argnames=_STATIC)

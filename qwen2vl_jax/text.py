@@ -1,0 +1,197 @@
+"""The Qwen2 decoder with multimodal rotary embeddings (M-RoPE), and its static KV cache.
+
+Reference: TF457 `modeling_qwen2_vl.py` `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` / `Qwen2VLAttention`
+(reference §5). One decoder layer:
+
+    h = h + o_proj(attn(mrope(q_proj(rms(h))), mrope(k_proj(rms(h))), v_proj(rms(h))))
+    h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+
+Attention scores and softmax are accumulated in fp32 whatever the weight dtype; rotary and norms run in fp32 too.
+The layer loop is a Python loop inside one jit (unrolled): `lax.scan` over stacked layers copies each weight slice
+on XLA:CPU and ran 4x slower (../shared/reference/xla_cpu_performance.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import Qwen2VLTextConfig
+from .layers import Embed, Linear, RMSNorm, rope_inv_freq, rotate_half, sow
+
+
+# ------------------------------------------------------------------------------------------------- KV cache
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """A static, preallocated cache: per layer `[B, S, K, H]` keys and values.
+
+    All rows share one write index (`length`): batches are left-padded, and `mask_BS` marks which slots hold
+    real tokens. `rope_deltas_B` (per row, from `get_rope_index`) places decoded tokens: position of the token
+    written at slot `s` is `s + rope_deltas[b]` on all three M-RoPE axes.
+    """
+
+    keys: list[jax.Array]
+    values: list[jax.Array]
+    mask_BS: jax.Array  # bool
+    length: jax.Array  # int32 scalar: slots filled so far
+    rope_deltas_B: jax.Array  # int32
+
+    @classmethod
+    def init(cls, cfg: Qwen2VLTextConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(
+            keys=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
+            values=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
+            mask_BS=jnp.zeros((batch, max_length), bool),
+            length=jnp.zeros((), jnp.int32),
+            rope_deltas_B=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.mask_BS.shape[1]
+
+
+# ------------------------------------------------------------------------------------------------- M-RoPE
+def mrope_cos_sin(position_ids_ZBT, cfg: Qwen2VLTextConfig):
+    """cos/sin `[B, T, head_dim]` in fp32 for 3-axis positions `[3, B, T]`.
+
+    Frequency slot j (of head_dim/2) takes its position from the temporal axis if j < s0, the height axis if
+    j < s0 + s1, else the width axis (mrope_section [s0, s1, s2], chunked, not interleaved); slot j + head_dim/2
+    repeats slot j for rotate_half. Same numbers as TF457 apply_multimodal_rotary_pos_emb's split/cat.
+    """
+    inv_freq_J = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta))
+    axis_of_slot = np.repeat(np.arange(3), cfg.mrope_section)  # [head_dim/2] static
+    pos_BTJ = jnp.moveaxis(position_ids_ZBT, 0, -1)[..., axis_of_slot].astype(jnp.float32)
+    angles_BTJ = pos_BTJ * inv_freq_J
+    emb_BTH = jnp.concatenate([angles_BTJ, angles_BTJ], axis=-1)
+    return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
+
+
+def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
+    x32 = x_BTNH.astype(jnp.float32)
+    out = x32 * cos_BTH[:, :, None, :] + rotate_half(x32) * sin_BTH[:, :, None, :]
+    return out.astype(x_BTNH.dtype)
+
+
+# ------------------------------------------------------------------------------------------------- modules
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+        D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(D, N * H, use_bias=True, axes=("q_heads", "embed"), **kw)
+        self.k_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
+        self.o_proj = Linear(N * H, D, use_bias=False, axes=("embed", "q_heads"), **kw)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, start=None, *, output_attentions=False):
+        """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first."""
+        B, T, _ = x_BTD.shape
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        q_BTNH = apply_rotary(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
+        k_BTKH = apply_rotary(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH)
+        v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+        if kv is None:
+            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+        else:
+            k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), (0, start, 0, 0))
+            v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), (0, start, 0, 0))
+        # Query head n uses kv head n // G (TF457 repeat_kv), so split N into (K, G).
+        q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+        s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
+                             preferred_element_type=jnp.float32) * (H**-0.5)
+        s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+        p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+        sow(self, "attn_probs", p_BKGTS.reshape(B, N, T, -1))
+        o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(x_BTD.dtype), v_BSKH.astype(x_BTD.dtype),
+                             preferred_element_type=jnp.float32).astype(x_BTD.dtype)
+        out = self.o_proj(o_BTKGH.reshape(B, T, N * H))
+        probs = p_BKGTS.reshape(B, N, T, -1) if output_attentions else None
+        return out, (k_BSKH, v_BSKH), probs
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
+        self.up_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
+        self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
+
+    def __call__(self, x_BTD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, start=None, *, output_attentions=False):
+        attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv, start,
+                                             output_attentions=output_attentions)
+        x_BTD = x_BTD + attn_out
+        sow(self, "after_attention", x_BTD)
+        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+        sow(self, "hidden", x_BTD)
+        return x_BTD, kv, probs
+
+
+class TextModel(nnx.Module):
+    """`Qwen2VLTextModel`: embeddings, decoder layers, final RMSNorm (the LM head lives on the top model)."""
+
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+                                for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
+                 output_hidden_states=False, output_attentions=False):
+        """Run the decoder on embeddings. Returns (normed hidden [B,T,D], cache, hidden_states, attentions).
+
+        Without a cache, keys are this call's tokens. With a cache, this call's k/v are written at slots
+        [cache.length, cache.length + T) and the queries attend to every filled, unmasked slot up to their own.
+        """
+        B, T, _ = x_BTD.shape
+        cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
+        valid_BT = attention_mask_BT.astype(bool)
+        if cache is None:
+            start = 0
+            key_valid_BS, S = valid_BT, T
+        else:
+            start = cache.length
+            key_valid_BS = jax.lax.dynamic_update_slice(cache.mask_BS, valid_BT, (0, start))
+            S = cache.max_length
+        # Causal over absolute slots: query t sits at slot start + t and sees slots <= its own.
+        query_slot_T = start + jnp.arange(T)
+        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+        mask_BTS = causal_TS[None] & key_valid_BS[:, None, :]
+
+        hidden_states, attentions, new_keys, new_values = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                hidden_states.append(x_BTD)
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, start,
+                                         output_attentions=output_attentions)
+            new_keys.append(k)
+            new_values.append(v)
+            if output_attentions:
+                attentions.append(probs)
+        x_BTD = self.norm(x_BTD)
+        if output_hidden_states:
+            hidden_states.append(x_BTD)  # like HF: the last entry is after the final norm
+        if cache is not None:
+            cache = dataclasses.replace(cache, keys=new_keys, values=new_values, mask_BS=key_valid_BS,
+                                        length=cache.length + T)
+        return x_BTD, cache, tuple(hidden_states), tuple(attentions)
