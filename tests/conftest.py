@@ -18,8 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# fp32 parity needs true fp32 matmuls (on GPU/TPU the default is a faster, less precise pass).
+from qwen2vl_jax.runtime import use_exact_cpu_fp32_matmuls  # noqa: E402
+
+# fp32 parity needs true fp32 matmuls: on GPU/TPU the default is a faster, less precise pass, and on XLA:CPU the
+# default YNNPACK fp32 GEMM accumulates sequentially (4x PyTorch's error; see qwen2vl_jax/runtime.py). Set
+# QWEN2VL_JAX_TEST_DEFAULT_CPU_DOTS=1 to run the suite on XLA:CPU's default path instead.
 jax.config.update("jax_default_matmul_precision", "highest")
+if not os.environ.get("QWEN2VL_JAX_TEST_DEFAULT_CPU_DOTS"):
+    use_exact_cpu_fp32_matmuls()
 
 import helpers  # noqa: E402
 import qwen_tokenizer_files  # noqa: E402
@@ -91,3 +97,13 @@ def hf_tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Write every parity number measured in this run (input of `python docs/make_parity.py`)."""
+    import json
+
+    if helpers.PARITY_RECORDS:
+        out = Path(os.environ.get("QWEN2VL_JAX_PARITY_JSON", Path(session.config.rootpath) / "parity_results.json"))
+        out.write_text(json.dumps({"exact_cpu_fp32_matmuls": not os.environ.get("QWEN2VL_JAX_TEST_DEFAULT_CPU_DOTS"),
+                                   "records": helpers.PARITY_RECORDS}, indent=1))

@@ -164,6 +164,15 @@ def rel_err(ours, ref) -> float:
     return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+PARITY_RECORDS: list[dict] = []
+
+
+def record(test: str, **values) -> None:
+    """Keep a measured parity number; conftest writes them to parity_results.json for docs/PARITY.md."""
+    PARITY_RECORDS.append({"test": test, **{k: (float(v) if isinstance(v, (np.floating, float)) else v)
+                                             for k, v in values.items()}})
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
 

@@ -49,12 +49,14 @@ def _hf_visual(hf, pixels, grid):
     return merged, blocks
 
 
-def _check_parity(ours_model, hf, pixels, grid):
+def _check_parity(ours_model, hf, pixels, grid, name):
     ref, ref_blocks = _hf_visual(hf, pixels, grid)
     merged, hidden = ours_model.visual(pixels, grid, output_hidden_states=True)
     assert merged.shape == ref.shape == (int(np.prod(grid, -1).sum()) // 4, ours_model.config.text_config.hidden_size)
     errs = [helpers.rel_err(h, r) for h, r in zip(hidden, ref_blocks, strict=True)]
     errs.append(helpers.rel_err(merged, ref))
+    helpers.record(f"vision/{name}", max_block_rel_err=max(errs[:-1]), merger_rel_err=errs[-1],
+                   patches=int(pixels.shape[0]), grid=np.asarray(grid).tolist())
     assert max(errs) <= TOL, errs
     return errs
 
@@ -67,7 +69,7 @@ def tiny_pair(tiny_checkpoint):
 @pytest.mark.parametrize("case", ["one_photo", "three_images", "video", "images_and_video"])
 def test_tiny_vision_parity(tiny_pair, vision_inputs, case):
     ours, hf = tiny_pair
-    _check_parity(ours, hf, *vision_inputs[case])
+    _check_parity(ours, hf, *vision_inputs[case], name=f"tiny/{case}")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_real_width_2b_slice_vision_parity(slice_pair, vision_inputs, case):
     ours, hf = slice_pair
     v = ours.config.vision_config
     assert (v.embed_dim, v.num_heads, v.mlp_dim, v.hidden_size, v.depth) == (1280, 16, 5120, 1536, 2)
-    _check_parity(ours, hf, *vision_inputs[case])
+    _check_parity(ours, hf, *vision_inputs[case], name=f"2b-slice/{case}")
 
 
 def test_positions_and_rotary_match_reference(tiny_pair):
