@@ -5,13 +5,16 @@ import json
 
 import numpy as np
 import pytest
-import qwen_tokenizer_files
 from safetensors import safe_open
 
+import qwen_tokenizer_files
+
 # Reference §12.1 (transformers tests/models/qwen2/test_tokenization_qwen2.py).
-PUBLISHED = {  # noqa: E501
+CHINESE = ("🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。"
+           "使用预训练模型可以减少计算消耗和碳排放，并且节省从头训练所需要的时间和资源。")
+PUBLISHED = {
     "Hello, world!": [9707, 11, 1879, 0],
-    "🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。使用预训练模型可以减少计算消耗和碳排放，并且节省从头训练所需要的时间和资源。": [
+    CHINESE: [
         144834, 80532, 93685, 83744, 34187, 73670, 104261, 29490, 62189, 103937, 104034, 102830, 98841, 104034,
         104949, 9370, 5333, 58143, 102011, 1773, 37029, 98841, 104034, 104949, 73670, 101940, 100768, 104997,
         33108, 100912, 105054, 90395, 100136, 106831, 45181, 64355, 104034, 113521, 101975, 33108, 85329, 1773],

@@ -7,12 +7,12 @@ compared with transformers' slow `Qwen2VLImageProcessor(videos=...)` on the same
 
 from __future__ import annotations
 
-import helpers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import helpers
 from qwen2vl_jax.processing import Qwen2VLProcessor
 from qwen2vl_jax.video import (
     FRAME_FACTOR,

@@ -1,12 +1,12 @@
 """Vision tower + merger vs transformers 4.57 `model.visual` (fp32, per-block hidden states and merger output)."""
 
-import helpers
 import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
+import helpers
 from qwen2vl_jax import vision as vision_lib
 from qwen2vl_jax.config import qwen2_vl_2b
 from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
