@@ -93,6 +93,14 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         return load_pretrained(cls, source, dtype=dtype, local_files_only=local_files_only, revision=revision,
                                progress=progress)
 
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, **kwargs):
+        """transformers-style generation; see `qwen2vl_jax.generation.generate` for the arguments."""
+        from .generation import generate  # generation builds on the model, not the other way round
+
+        return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                        video_grid_thw, **kwargs)
+
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)
 
