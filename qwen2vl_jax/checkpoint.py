@@ -1,8 +1,11 @@
 """Where checkpoints come from and how a model is built from one (`from_pretrained`).
 
 Sources: a local Hugging Face checkpoint directory (Hub or >= 4.52 key layout, one file or sharded), a directory
-written by our converter (`conversion/`, parameter paths as tensor names, marked by `qwen2vl_jax.json`), or a Hub
-model id (resolved with huggingface_hub, only the files needed; `local_files_only` / HF_HUB_OFFLINE honoured).
+written by our converter (`qwen2vl_jax.convert`: parameter paths as tensor names, marked by `qwen2vl_jax.json`),
+or a Hub model id (resolved with huggingface_hub, only the files needed; `local_files_only` / HF_HUB_OFFLINE
+honoured, so an offline machine fails at once with a message instead of hanging on the network).
+
+Only safetensors are read (never pickle), and never through torch.
 """
 
 from __future__ import annotations
@@ -11,32 +14,41 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import params as params_lib
 from .config import Qwen2VLConfig
+from .safetensors_io import SafetensorsFile
 
 log = logging.getLogger(__name__)
 
 OURS_MARKER = "qwen2vl_jax.json"
+FORMAT_NAME = "qwen2vl_jax"
+FORMAT_VERSION = 1
+# What a Hub snapshot needs: config, weights, tokenizer / processor / chat / generation files. Never *.bin.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+# Files that travel with the weights through conversions (whichever exist).
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+              "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
+              "chat_template.jinja", "generation_config.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
-def resolve_dtype(dtype, files: list[Path] | None = None):
+def resolve_dtype(dtype, files: list | None = None):
+    """`None` -> float32 (transformers' default too), "bfloat16" / "float32", or "auto": the checkpoint's dtype."""
     if dtype is None:
-        return jnp.float32  # transformers' default too (unless torch_dtype="auto")
+        return jnp.float32
     if isinstance(dtype, str):
         if dtype == "auto":
-            from .safetensors_io import SafetensorsFile
-
-            f = SafetensorsFile(files[0])
-            return jnp.dtype(f.dtype(f.keys()[0]))
+            return checkpoint_dtype(files)
         if dtype in ("float16", "fp16", "half"):
             raise ValueError("float16 is not supported: Qwen2-VL produces garbage in fp16 (transformers #33294); "
                              "use bfloat16 or float32")
@@ -46,12 +58,32 @@ def resolve_dtype(dtype, files: list[Path] | None = None):
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float16:
         return resolve_dtype("float16")
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"unsupported parameter dtype {dtype}; use float32 or bfloat16")
     return dtype
 
 
+def checkpoint_dtype(files: list) -> np.dtype:
+    """The dtype that holds most of a checkpoint's bytes (headers only)."""
+    by_dtype: dict[np.dtype, int] = {}
+    for sf in params_lib.open_files(files):
+        for name in sf.keys():
+            by_dtype[sf.dtype(name)] = by_dtype.get(sf.dtype(name), 0) + sf.nbytes(name)
+    return jnp.dtype(max(by_dtype, key=by_dtype.get))
+
+
+def _offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve_source(source: str | os.PathLike, *, local_files_only: bool | None = None,
-                   revision: str | None = None) -> Path:
-    """A local directory for `source` (downloading a Hub snapshot when it is a model id)."""
+                   revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local directory for `source`: the directory itself, or the Hub snapshot of a model id.
+
+    For a model id, only config / safetensors / tokenizer files are fetched. `local_files_only` (default: on
+    when HF_HUB_OFFLINE is set) uses the local Hugging Face cache only, so an offline run never waits on the
+    network; a miss raises FileNotFoundError that says what to do.
+    """
     path = Path(os.fspath(source)).expanduser()
     if path.is_dir():
         return path
@@ -61,57 +93,120 @@ def resolve_source(source: str | os.PathLike, *, local_files_only: bool | None =
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"checkpoint directory not found: {text}")
     if local_files_only is None:
-        local_files_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        local_files_only = _offline_env()
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS,
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir,
                                       local_files_only=local_files_only))
     except Exception as e:  # huggingface_hub raises many types; all mean "not available here"
-        how = ("it is not in the local Hugging Face cache and downloads are off (local_files_only / "
-               "HF_HUB_OFFLINE=1)" if local_files_only else f"the download failed ({type(e).__name__}: {e})")
-        raise FileNotFoundError(
-            f"cannot load model id {text!r}: {how}. Pass a local checkpoint directory instead, or allow "
-            "downloads (unset HF_HUB_OFFLINE) on a machine with Hugging Face Hub access.") from None
-
-
-def is_ours(directory: Path) -> bool:
-    return (directory / OURS_MARKER).is_file()
-
-
-def load_pretrained(cls, source, *, dtype=None, local_files_only=None, revision=None, progress=False):
-    directory = resolve_source(source, local_files_only=local_files_only, revision=revision)
-    config = Qwen2VLConfig.from_hf(directory)
-    files = params_lib.safetensors_files(directory)
-    ours = is_ours(directory)
-    # Follow the tensors, not only the flag (reference §10, mlx-vlm #459): an lm_head present means untied.
-    has_head = params_lib.checkpoint_has(files, "lm_head.weight") if not ours else any(
-        "lm_head.weight" in params_lib.SafetensorsFile(f).keys() for f in files)
-    if has_head == config.tie_word_embeddings:
-        log.warning("checkpoint %s: tie_word_embeddings=%s but lm_head.weight is %s; following the tensors",
-                    directory, config.tie_word_embeddings, "present" if has_head else "absent")
-        config = config.replace(tie_word_embeddings=not has_head)
-    param_dtype = resolve_dtype(dtype, files)
-    model = nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        total = sum(f.stat().st_size for f in files)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {directory.name}")
-    try:
-        if ours:
-            params_lib.load_into(model, files, dtype=param_dtype, name_map=lambda n: n,
-                                 transform=lambda p, a: a, progress=bar)
+        if local_files_only:
+            why = ("it is not in the local Hugging Face cache and downloads are off (local_files_only=True or "
+                   "HF_HUB_OFFLINE=1)")
+            fix = ("download it once on a machine with Hub access (e.g. `huggingface-cli download "
+                   f"{text}`) and copy the cache, or unset HF_HUB_OFFLINE / pass local_files_only=False")
         else:
-            params_lib.load_into(model, files, dtype=param_dtype, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    model.source_dir = str(directory)
-    return model
+            why = f"the download failed ({type(e).__name__}: {e})"
+            fix = "check the model id and your network access, or set HF_HUB_OFFLINE=1 to use only the local cache"
+        raise FileNotFoundError(
+            f"cannot load {text!r}: no local directory by that name, and as a Hugging Face model id {why}. "
+            f"Pass the path of a local checkpoint directory instead, or {fix}.") from None
 
 
 def read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+# -------------------------------------------------------------------------------------------------- opening
+@dataclass
+class Checkpoint:
+    """An opened checkpoint directory: its format, effective config and tensor headers (no data read yet)."""
+
+    directory: Path
+    format: str  # "hf" or FORMAT_NAME
+    config: Qwen2VLConfig  # tie_word_embeddings follows the tensors, not only the flag
+    files: list[SafetensorsFile]
+    layout: params_lib.KeyLayout
+    marker: dict | None = None
+
+    def match(self, expected: dict[str, tuple[int, ...]]) -> dict[str, params_lib.TensorRef]:
+        """`{our path: TensorRef}` for every expected parameter, or one CheckpointError listing every problem."""
+        return params_lib.match_checkpoint(expected, self.files, self.layout, where=self.directory)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(sf.nbytes(n) for sf in self.files for n in sf.keys())
+
+
+def is_ours(directory: Path) -> bool:
+    return (Path(directory) / OURS_MARKER).is_file()
+
+
+def _read_marker(directory: Path) -> dict:
+    marker = read_json(directory / OURS_MARKER)
+    if marker.get("format") != FORMAT_NAME or not isinstance(marker.get("format_version"), int):
+        raise params_lib.CheckpointError(f"{directory / OURS_MARKER} is not a qwen2vl_jax marker file")
+    if marker["format_version"] > FORMAT_VERSION:
+        raise params_lib.CheckpointError(
+            f"{directory} was written in qwen2vl_jax format version {marker['format_version']}; this version "
+            f"reads up to {FORMAT_VERSION}. Upgrade qwen2vl_jax or convert again from the HF checkpoint.")
+    return marker
+
+
+def open_checkpoint(source, *, local_files_only: bool | None = None, revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> Checkpoint:
+    """Resolve `source`, read its config and every tensor header, and decide tying from the tensors."""
+    directory = resolve_source(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+    config = Qwen2VLConfig.from_hf(directory)
+    files = params_lib.open_files(params_lib.safetensors_files(directory))
+    if is_ours(directory):
+        fmt, marker, layout = FORMAT_NAME, _read_marker(directory), params_lib.OURS_LAYOUT
+    else:
+        fmt, marker, layout = "hf", None, params_lib.hf_layout(config.vision_config)
+    # Follow the tensors, not only the flag (reference §10, mlx-vlm #459): an lm_head present means untied.
+    has_head = any(layout.to_path(n) == "lm_head.weight" for n in params_lib.tensor_names(files))
+    if has_head == config.tie_word_embeddings:
+        log.warning("checkpoint %s: tie_word_embeddings=%s but lm_head.weight is %s; following the tensors",
+                    directory, config.tie_word_embeddings, "present" if has_head else "absent")
+        config = config.replace(tie_word_embeddings=not has_head)
+    return Checkpoint(directory, fmt, config, files, layout, marker)
+
+
+def abstract_model(cls, config: Qwen2VLConfig, param_dtype=jnp.float32):
+    """The model with shapes and dtypes but no values (`nnx.eval_shape`): nothing is allocated."""
+    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def _unfilled(model) -> list[str]:
+    return [params_lib.param_path(p) for p, v in nnx.iter_graph(model)
+            if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+
+
+def load_pretrained(cls, source, *, dtype=None, local_files_only: bool | None = None, revision: str | None = None,
+                    progress: bool = False, cache_dir: str | os.PathLike | None = None, place=None):
+    """Build `cls` from a checkpoint (any source `open_checkpoint` accepts), streaming tensor by tensor.
+
+    The model is created abstract (`nnx.eval_shape`), so the only weight memory is the loaded parameters plus
+    one tensor in flight. `dtype`: None / "float32", "bfloat16", or "auto" (the checkpoint's dtype). `place`:
+    optional `(path, array) -> jax.Array` to place each tensor (e.g. with its sharding).
+    """
+    ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
+    param_dtype = resolve_dtype(dtype, ckpt.files)
+    model = abstract_model(cls, ckpt.config, param_dtype)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc=f"loading {ckpt.directory.name}")
+    try:
+        kwargs = {} if place is None else {"place": place}
+        params_lib.load_into(model, ckpt.files, ckpt.layout, progress=bar.update if bar else None, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+    left = _unfilled(model)
+    if left:  # a model attribute that is neither a parameter nor computed at init (should never happen)
+        raise params_lib.CheckpointError(f"model state not filled by the checkpoint: {left}")
+    model.source_dir = str(ckpt.directory)
+    return model

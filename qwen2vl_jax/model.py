@@ -84,14 +84,16 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, dtype=None, local_files_only: bool | None = None,
-                        revision: str | None = None, progress: bool = False) -> Qwen2VLForConditionalGeneration:
+                        revision: str | None = None, progress: bool = False, cache_dir=None,
+                        place=None) -> Qwen2VLForConditionalGeneration:
         """Load an HF checkpoint directory (Hub or >= 4.52 key layout, single file or sharded), a directory
         written by our converter, or a Hub model id. `dtype`: None / "float32" (default, like transformers),
-        "bfloat16", or "auto" (the checkpoint's own dtype)."""
+        "bfloat16", or "auto" (the checkpoint's own dtype). `place(path, array)` may put each parameter on
+        devices with its own sharding as it streams in (see `qwen2vl_jax.sharding`)."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, source, dtype=dtype, local_files_only=local_files_only, revision=revision,
-                               progress=progress)
+                               progress=progress, cache_dir=cache_dir, place=place)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, **kwargs):
@@ -100,6 +102,13 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
 
         return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                         video_grid_thw, **kwargs)
+
+    def save_pretrained(self, out_dir, **kwargs):
+        """Write this model as an HF checkpoint (`format="hf"`, default) or in our format (`format="flax"`);
+        research edits made in JAX then load in transformers. See `qwen2vl_jax.convert.save_pretrained`."""
+        from .convert import save_pretrained
+
+        return save_pretrained(self, out_dir, **kwargs)
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)

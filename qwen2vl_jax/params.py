@@ -5,26 +5,27 @@ is `weight` / `bias`. Linear weights keep PyTorch's `[out, in]` layout, so every
 patch-embedding Conv3d kernel `[E, C, T, P, P]`, which is flattened to `[E, C*T*P*P]` (same numbers, reference
 §2.2). Names written by transformers >= 4.52 (`model.language_model.*`, `model.visual.*`) are folded into the Hub
 names first (`canonical_hf_name`), like transformers' own `_checkpoint_conversion_mapping`.
+
+Loading has two phases. `match_checkpoint` reads only the safetensors headers and pairs every tensor with a
+parameter, collecting every problem (unknown, duplicate, mis-shaped, missing tensors) into one `CheckpointError`
+before any data is read. `load_into` then streams: read one tensor, reshape, cast, place it on the device, drop
+the host copy, next tensor.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .safetensors_io import SafetensorsError, SafetensorsFile
-
-log = logging.getLogger(__name__)
+from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile
 
 KEY_MAP: list[tuple[str, str]] = [
     # vision tower
@@ -101,12 +102,50 @@ def to_ours_layout(path: str, array: np.ndarray) -> np.ndarray:
 
 
 def to_hf_layout(path: str, array: np.ndarray, conv_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Our layout -> HF tensor (the flattened patch-embedding kernel goes back to its Conv3d shape)."""
     return array.reshape(conv_shape) if path == CONV_KEY else array
 
 
 def conv_kernel_shape(vision_cfg) -> tuple[int, ...]:
+    """The HF Conv3d patch-embedding kernel shape `[E, C, T, P, P]`."""
     v = vision_cfg
     return (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How a checkpoint names and shapes its tensors, relative to our parameter paths and shapes."""
+
+    name: str
+    to_path: Callable[[str], str | None]  # tensor name in a file -> our parameter path (None: not ours)
+    to_name: Callable[[str], str]  # our parameter path -> the name this layout writes
+    file_shape: Callable[[str, tuple], tuple]  # (path, our shape) -> the shape stored in files
+    to_ours: Callable[[str, np.ndarray], np.ndarray]  # (path, stored array) -> our layout (a view, no copy)
+    to_file: Callable[[str, np.ndarray], np.ndarray]  # (path, our array) -> the stored layout (a view)
+
+
+def hf_layout(vision_cfg) -> KeyLayout:
+    """Hugging Face names (either key layout when reading, the Hub layout when writing) and shapes."""
+    conv_shape = conv_kernel_shape(vision_cfg)
+    return KeyLayout(
+        name="hf",
+        to_path=hf_to_ours,
+        to_name=ours_to_hf,
+        file_shape=lambda path, shape: conv_shape if path == CONV_KEY else tuple(shape),
+        to_ours=to_ours_layout,
+        to_file=lambda path, array: to_hf_layout(path, array, conv_shape),
+    )
+
+
+# Our converted format: tensors named by parameter path, stored exactly as the parameters are.
+OURS_LAYOUT = KeyLayout(
+    name="qwen2vl_jax",
+    to_path=lambda name: name,
+    to_name=lambda path: path,
+    file_shape=lambda path, shape: tuple(shape),
+    to_ours=lambda path, array: array,
+    to_file=lambda path, array: array,
+)
 
 
 # ------------------------------------------------------------------------------------------- model parameters
@@ -121,10 +160,20 @@ def model_params(model: nnx.Module) -> dict[str, nnx.Param]:
 
 # --------------------------------------------------------------------------------------------- checkpoints
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_INDEXES = ("pytorch_model.bin.index.json",)
+MAX_LISTED_PROBLEMS = 200  # a wholly wrong checkpoint (another architecture) would otherwise print thousands
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message lists every problem found."""
+
+
+def _pickle_refusal(d: Path, names: list[str]) -> CheckpointError:
+    return CheckpointError(
+        f"{d} holds only pickle checkpoints ({', '.join(names)}). qwen2vl_jax loads safetensors only and never "
+        "unpickles weights (unpickling can run arbitrary code). Convert them to safetensors first in a trusted "
+        "environment, e.g. with transformers: `Qwen2VLForConditionalGeneration.from_pretrained(src)"
+        ".save_pretrained(dst, safe_serialization=True)`.")
 
 
 def safetensors_files(directory: str | os.PathLike) -> list[Path]:
@@ -132,24 +181,109 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {d}")
-    index = d / "model.safetensors.index.json"
+    index = d / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({type(e).__name__}: {e})") from None
         files = [d / f for f in dict.fromkeys(weight_map.values())]
-        missing = [str(f) for f in files if not f.is_file()]
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
         return files
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
     files = sorted(d.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(str(p.name) for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES or p.name in PICKLE_INDEXES)
     if pickles:
-        raise CheckpointError(
-            f"{d} holds only pickle checkpoints ({', '.join(pickles)}). qwen2vl_jax never unpickles weights "
-            "(pickle can run arbitrary code); convert them to safetensors first, e.g. with transformers: "
-            "`Qwen2VLForConditionalGeneration.from_pretrained(src).save_pretrained(dst, safe_serialization=True)`.")
-    raise CheckpointError(f"no *.safetensors files in {d}")
+        raise _pickle_refusal(d, pickles)
+    raise CheckpointError(f"no *.safetensors files in {d} (a checkpoint directory holds config.json and "
+                          "model.safetensors or model-*-of-*.safetensors shards)")
+
+
+def open_files(files: list[Path]) -> list[SafetensorsFile]:
+    """Parse every header up front, so a corrupt or truncated file fails before any data is read."""
+    try:
+        return [f if isinstance(f, SafetensorsFile) else SafetensorsFile(f) for f in files]
+    except SafetensorsError as e:
+        raise CheckpointError(f"corrupt checkpoint file: {e}") from None
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: a file and its name there. Reading it is deferred until it is needed."""
+
+    file: SafetensorsFile
+    name: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.shape(self.name)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.file.dtype(self.name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.file.nbytes(self.name)
+
+    def read(self) -> np.ndarray:
+        return self.file.read(self.name)
+
+
+def _problem_report(where, problems: list[str]) -> str:
+    kinds: dict[str, int] = {}
+    for p in problems:
+        kind = p.split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counts = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    tail = f"\n  ... and {more} more" if more else ""
+    return (f"checkpoint {where} does not match the model ({len(problems)} problem{'s' if len(problems) > 1 else ''}"
+            f": {counts}):\n  - " + "\n  - ".join(shown) + tail)
+
+
+def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: KeyLayout,
+                     where: str | os.PathLike | None = None) -> dict[str, TensorRef]:
+    """Pair every expected parameter (`{path: our shape}`) with exactly one tensor of the checkpoint.
+
+    Reads headers only. Every problem is collected and raised as one `CheckpointError`:
+    `unexpected` (a tensor that is no parameter of this model), `duplicate` (two tensors for one parameter),
+    `wrong shape`, `wrong dtype` (not floating point) and `missing`. Returns `{path: TensorRef}` in file order,
+    so streaming through it reads each file front to back.
+    """
+    opened = open_files(files)
+    where = where if where is not None else (opened[0].path.parent if opened else "?")
+    refs: dict[str, TensorRef] = {}
+    problems: list[str] = []
+    for sf in opened:
+        for name in sorted(sf.keys(), key=sf.offset):
+            path = layout.to_path(name)
+            found = sf.shape(name)
+            if path is None or path not in expected:
+                problems.append(f"unexpected: {name} {list(found)} is not a parameter of this model")
+                continue
+            if path in refs:
+                problems.append(f"duplicate: {name} and {refs[path].name} ({refs[path].file.path.name}) are both "
+                                f"{path}")
+                continue
+            want = layout.file_shape(path, expected[path])
+            if found != tuple(want):
+                problems.append(f"wrong shape: {name} expected {list(want)}, found {list(found)}")
+            elif not np.issubdtype(sf.dtype(name), np.floating) and sf.dtype(name).name != "bfloat16":
+                problems.append(f"wrong dtype: {name} is {sf.dtype(name)}, expected a floating-point tensor")
+            refs[path] = TensorRef(sf, name)
+    for path, shape in expected.items():
+        if path not in refs:
+            problems.append(f"missing: {layout.to_name(path)} {list(layout.file_shape(path, shape))}")
+    if problems:
+        raise CheckpointError(_problem_report(where, problems))
+    return refs
 
 
 @dataclass
@@ -158,68 +292,41 @@ class LoadReport:
     bytes_read: int = 0
 
 
-def iter_checkpoint(files: list[Path], name_map: Callable[[str], str | None]) -> Iterator[tuple[str, str,
-                                                                                                SafetensorsFile]]:
-    """(file tensor name, our path or None, file) for every tensor of every file."""
-    for f in files:
-        sf = SafetensorsFile(f)
-        for name in sf.keys():
-            yield name, name_map(name), sf
+def place_on_default_device(path: str, array: np.ndarray) -> jax.Array:
+    return jax.device_put(array)
 
 
-def load_into(model: nnx.Module, files: list[Path], *, dtype=None, name_map: Callable[[str], str | None] = hf_to_ours,
-              transform: Callable[[str, np.ndarray], np.ndarray] = to_ours_layout, progress=None) -> LoadReport:
+def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *,
+              place: Callable[[str, np.ndarray], jax.Array] = place_on_default_device,
+              progress: Callable[[int], object] | None = None) -> LoadReport:
     """Fill every parameter of an abstract (`nnx.eval_shape`) model from safetensors files, tensor by tensor.
 
-    Each tensor is read, reshaped, cast to `dtype` (default: the parameter's dtype) and placed on the device
-    before the next one is read, so the host never holds more than one tensor in flight. All problems (unknown,
-    duplicate, mis-shaped and missing tensors) are collected and raised together as one `CheckpointError`.
+    All headers are checked first (`match_checkpoint`: one error listing every problem, before any data is
+    read). Then each tensor is read, reshaped to our layout, cast to its parameter's dtype and placed with
+    `place(path, array)` (default: the default device; pass a function to place each tensor with its
+    sharding), and the host copy is dropped before the next read. Host memory therefore holds the placed
+    parameters plus one tensor in flight. `layout` defaults to Hugging Face names for `model.config`.
     """
     params = model_params(model)
-    filled: set[str] = set()
-    problems: list[str] = []
+    layout = layout if layout is not None else hf_layout(model.config.vision_config)
+    refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout)
     report = LoadReport()
-    try:
-        entries = list(iter_checkpoint(files, name_map))
-    except SafetensorsError as e:
-        raise CheckpointError(str(e)) from None
-    for name, path, sf in entries:
-        if path is None or path not in params:
-            problems.append(f"unexpected tensor {name} {list(sf.shape(name))}: not a parameter of this model")
-            continue
-        if path in filled:
-            problems.append(f"duplicate tensor for {path} ({name})")
-            continue
-        target = params[path]
-        expected = tuple(target.shape)
-        found = sf.shape(name)
-        if int(np.prod(found)) != int(np.prod(expected)) or (path != CONV_KEY and found != expected):
-            problems.append(f"wrong shape for {name}: expected {list(expected)}, found {list(found)}")
-            continue
-        if problems:  # keep scanning for the full error report, but stop reading data
-            filled.add(path)
-            continue
-        array = transform(path, sf.read(name))
-        target_dtype = dtype if dtype is not None else target.dtype
-        target.set_value(jax.device_put(jnp.asarray(array, dtype=target_dtype)))
-        del array
-        filled.add(path)
+    for path, ref in refs.items():
+        param = params[path]
+        array = layout.to_ours(path, ref.read()).astype(param.dtype, copy=False)  # ml_dtypes: round to nearest even
+        placed = place(path, array)
+        # device_put may copy asynchronously and keep `array` alive until it finishes; waiting here is what keeps
+        # a single tensor in flight on the host (otherwise reads could run ahead of slow transfers).
+        jax.block_until_ready(placed)
+        param.set_value(placed)
+        del array, placed
         report.tensors += 1
-        report.bytes_read += sf.nbytes(name)
+        report.bytes_read += ref.nbytes
         if progress is not None:
-            progress.update(sf.nbytes(name))
-    missing = [p for p in params if p not in filled]
-    for p in missing:
-        problems.append(f"missing tensor for {p} {list(params[p].shape)}")
-    if problems:
-        raise CheckpointError(f"checkpoint {files[0].parent} does not match the model ({len(problems)} problem"
-                              f"{'s' if len(problems) > 1 else ''}):\n  - " + "\n  - ".join(problems))
+            progress(ref.nbytes)
     return report
 
 
-def checkpoint_has(files: list[Path], hf_name: str) -> bool:
-    """Whether any file holds `hf_name` (either key layout)."""
-    for f in files:
-        if any(canonical_hf_name(k) == hf_name for k in SafetensorsFile(f).keys()):
-            return True
-    return False
+def tensor_names(files: list) -> set[str]:
+    """Every tensor name stored in `files` (headers only)."""
+    return {name for sf in open_files(files) for name in sf.keys()}

@@ -2,18 +2,22 @@
 
 Why not `safetensors.numpy`: it cannot represent bfloat16 (every Qwen2-VL checkpoint is bf16), and `safe_open`
 memory-maps the whole file, whose touched pages then count in the loader's RSS. Here each tensor is read with one
-positioned read into a fresh buffer and released after it is placed, so loading holds one tensor in flight.
-The format (https://github.com/huggingface/safetensors): 8-byte little-endian header size, a JSON header
-`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the raw little-endian bytes.
+positioned read into a fresh buffer and released after it is placed, so loading holds one tensor in flight; the
+writer likewise asks for one tensor at a time. Nothing here can execute code from a file: the format is a JSON
+header plus raw bytes (https://github.com/huggingface/safetensors): an 8-byte little-endian header size, a JSON
+header `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the raw little-endian
+bytes, offsets relative to the end of the header.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -24,40 +28,79 @@ DTYPES = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's limit
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 
 
 class SafetensorsError(ValueError):
-    pass
+    """A file that is not valid safetensors (corrupt header, truncated data, unsupported dtype)."""
 
 
+class TensorSpec(NamedTuple):
+    """What a writer needs to know about a tensor before seeing its data."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+# -------------------------------------------------------------------------------------------------- reading
 class SafetensorsFile:
-    """Random access to the tensors of one `.safetensors` file without mapping it."""
+    """Random access to the tensors of one `.safetensors` file without mapping it.
+
+    The constructor reads and validates only the header, so listing names, shapes and dtypes of a whole
+    checkpoint costs a few kilobytes of I/O; `read` then fetches one tensor.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) != 8:
-                raise SafetensorsError(f"{self.path}: not a safetensors file (too short)")
+                raise SafetensorsError(f"{self.path}: not a safetensors file (only {len(head)} bytes)")
             (size,) = struct.unpack("<Q", head)
             if size > _MAX_HEADER:
-                raise SafetensorsError(f"{self.path}: not a safetensors file (header size {size})")
-            try:
-                header = json.loads(f.read(size))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise SafetensorsError(f"{self.path}: not a safetensors file ({e})") from None
-        self.metadata = header.pop("__metadata__", {}) or {}
+                raise SafetensorsError(f"{self.path}: not a safetensors file (header size {size} is implausible)")
+            raw = f.read(size)
+        if len(raw) != size:
+            raise SafetensorsError(f"{self.path}: truncated header ({len(raw)} of {size} bytes)")
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SafetensorsError(f"{self.path}: not a safetensors file (header is not JSON: {e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: not a safetensors file (header is not a JSON object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self.data_start = 8 + size
-        self.entries = header
-        file_size = self.path.stat().st_size
+        self.entries: dict[str, dict] = header
+        self._validate(self.path.stat().st_size - self.data_start)
+
+    def _validate(self, data_size: int) -> None:
         for name, e in self.entries.items():
-            if e.get("dtype") not in DTYPES:
-                raise SafetensorsError(f"{self.path}: tensor {name} has unsupported dtype {e.get('dtype')!r}")
-            begin, end = e["data_offsets"]
-            expected = int(np.prod(e["shape"], dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
-            if end - begin != expected or self.data_start + end > file_size:
-                raise SafetensorsError(f"{self.path}: tensor {name} is truncated or malformed")
+            where = f"{self.path}: tensor {name}"
+            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= e.keys():
+                raise SafetensorsError(f"{where}: malformed header entry {e!r}")
+            if e["dtype"] not in DTYPES:
+                raise SafetensorsError(f"{where}: unsupported dtype {e['dtype']!r}")
+            shape, offsets = e["shape"], e["data_offsets"]
+            if not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise SafetensorsError(f"{where}: malformed shape {shape!r}")
+            if len(offsets) != 2 or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+                raise SafetensorsError(f"{where}: malformed data_offsets {offsets!r}")
+            begin, end = offsets
+            expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[e["dtype"]].itemsize
+            if end - begin != expected:
+                raise SafetensorsError(f"{where}: {end - begin} bytes for shape {shape} {e['dtype']} "
+                                       f"(needs {expected})")
+            if end > data_size:
+                raise SafetensorsError(f"{where}: data ends at byte {end} but the file holds only {data_size} "
+                                       "bytes of data (truncated file?)")
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -68,11 +111,18 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return DTYPES[self.entries[name]["dtype"]]
 
+    def offset(self, name: str) -> int:
+        return self.entries[name]["data_offsets"][0]
+
     def nbytes(self, name: str) -> int:
         begin, end = self.entries[name]["data_offsets"]
         return end - begin
 
+    def spec(self, name: str) -> TensorSpec:
+        return TensorSpec(name, self.dtype(name), self.shape(name))
+
     def read(self, name: str) -> np.ndarray:
+        """One tensor, read straight into a fresh array (no intermediate bytes object)."""
         e = self.entries[name]
         begin, end = e["data_offsets"]
         out = np.empty(e["shape"], DTYPES[e["dtype"]])
@@ -80,34 +130,112 @@ class SafetensorsFile:
             f.seek(self.data_start + begin)
             n = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
         if n != end - begin:
-            raise SafetensorsError(f"{self.path}: short read for {name}")
+            raise SafetensorsError(f"{self.path}: short read for {name} ({n} of {end - begin} bytes; "
+                                   "was the file truncated while reading?)")
         return out
 
 
-def iter_tensors(paths: list[Path]) -> Iterator[tuple[str, SafetensorsFile]]:
-    for p in paths:
-        f = SafetensorsFile(p)
-        for name in f.keys():
-            yield name, f
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a (small) file; for tests and tools. Loaders should use `SafetensorsFile.read`."""
+    f = SafetensorsFile(path)
+    return {name: f.read(name) for name in f.keys()}
 
 
-def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None):
-    """Write `tensors` (NumPy, any dtype in DTYPES) as one safetensors file, streaming tensor by tensor."""
+# -------------------------------------------------------------------------------------------------- writing
+def write_file(path: str | os.PathLike, specs: list[TensorSpec], read: Callable[[str], np.ndarray],
+               metadata: dict[str, str] | None = None, on_tensor: Callable[[TensorSpec], None] | None = None) -> int:
+    """Write one safetensors file, fetching each tensor's data with `read(name)` only when it is written.
+
+    The header (which needs every shape and dtype) comes from `specs`, so a whole checkpoint can be written
+    while holding a single tensor. Each array `read` returns must match its spec. Returns the bytes written.
+    """
     header, offset = {}, 0
-    for name, arr in tensors.items():
-        dtype = np.dtype(arr.dtype)
+    for s in specs:
+        dtype = np.dtype(s.dtype)
         if dtype not in DTYPE_NAMES:
-            raise SafetensorsError(f"cannot store dtype {dtype} for {name}")
-        nbytes = int(arr.size) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset,
-                                                                                               offset + nbytes]}
-        offset += nbytes
+            raise SafetensorsError(f"cannot store dtype {dtype} for {s.name}")
+        header[s.name] = {"dtype": DTYPE_NAMES[dtype], "shape": [int(d) for d in s.shape],
+                          "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes
+    blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes (aligned data)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+        for s in specs:
+            array = read(s.name)
+            if np.dtype(array.dtype) != np.dtype(s.dtype) or tuple(array.shape) != tuple(s.shape):
+                raise SafetensorsError(f"{s.name}: got {array.dtype} {list(array.shape)}, the header says "
+                                       f"{np.dtype(s.dtype)} {list(s.shape)}")
+            f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            del array
+            if on_tensor is not None:
+                on_tensor(s)
+    return 8 + len(blob) + offset
+
+
+def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> int:
+    """Write in-memory `tensors` (NumPy, any dtype in DTYPES) as one safetensors file."""
+    specs = [TensorSpec(name, np.dtype(a.dtype), tuple(a.shape)) for name, a in tensors.items()]
+    return write_file(path, specs, tensors.__getitem__, metadata)
+
+
+# --------------------------------------------------------------------------------------- sharded checkpoints
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes for `2GB` / `500MB` / `1.5GiB` / an int (decimal units like transformers' `max_shard_size`)."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE.match(size)
+    unit = m.group(2).upper() if m else None
+    if unit is not None and unit not in _UNITS and unit + "B" in _UNITS:
+        unit += "B"  # "2G" means 2GB
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. '2GB', '500MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def plan_shards(specs: Iterable[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own shard)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """transformers' names: `model.safetensors`, or `model-00001-of-00003.safetensors`, ... plus an index."""
+    return [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_checkpoint(directory: str | os.PathLike, specs: list[TensorSpec], read: Callable[[str], np.ndarray], *,
+                     max_shard_size: int | str = "2GB", metadata: dict[str, str] | None = None,
+                     on_tensor: Callable[[TensorSpec], None] | None = None) -> list[Path]:
+    """Write tensors as `model.safetensors`, or as shards + `model.safetensors.index.json` when they exceed
+    `max_shard_size`, streaming one tensor at a time. Returns the files written."""
+    directory = Path(directory)
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    names = shard_file_names(len(shards))
+    for shard, name in zip(shards, names):
+        write_file(directory / name, shard, read, metadata, on_tensor)
+    files = [directory / n for n in names]
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s.nbytes for s in specs),
+                         "total_parameters": sum(int(np.prod(s.shape, dtype=np.int64)) for s in specs)},
+            "weight_map": {s.name: name for shard, name in zip(shards, names) for s in shard},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        files.append(directory / INDEX_FILE)
+    return files
