@@ -1,1 +1,59 @@
-"""qwen2vl_jax"""
+"""qwen2vl_jax: a readable, parity-tested JAX / Flax NNX implementation of Qwen2-VL (2B / 7B / 72B).
+
+    from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained("Qwen/Qwen2-VL-2B-Instruct", dtype="bfloat16")
+    processor = Qwen2VLProcessor.from_pretrained("Qwen/Qwen2-VL-2B-Instruct")
+
+Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
+
+    B  batch                         T  tokens in this call (query length)
+    S  key / cache slots             D  decoder width (hidden_size)
+    N  query heads                   K  key/value heads            G  query heads per kv head (N / K)
+    H  head dim                      F  MLP width                  V  vocabulary
+    Z  the three M-RoPE axes (temporal, height, width)             J  rotary frequency slots (H / 2)
+    P  vision patch rows (padded)    C  patch features (C*T*P*P = 1176)     E  vision width (embed_dim)
+    M  merged vision tokens (P / 4)  Q  vision attention segments  L  rows per segment (padded)
+    O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
+
+Modules: config (dataclasses, presets) · vision (ViT + merger) · text (decoder, M-RoPE, KV cache) · model (the
+whole model, embedding merge) · rope_index (host NumPy positions) · params / checkpoint / safetensors_io (HF
+names, loading) · processing / video (preprocessing) · generation (sampler, decode loop) · cli.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Qwen2VLConfig": ".config",
+    "Qwen2VLTextConfig": ".config",
+    "Qwen2VLVisionConfig": ".config",
+    "qwen2_vl_2b": ".config",
+    "qwen2_vl_7b": ".config",
+    "qwen2_vl_72b": ".config",
+    "get_rope_index": ".rope_index",
+    "Qwen2VLForConditionalGeneration": ".model",
+    "Qwen2VLProcessor": ".processing",
+    "GenerationConfig": ".generation",
+    "TextStreamer": ".generation",
+    "stream_generate": ".generation",
+    "use_exact_cpu_fp32_matmuls": ".runtime",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy: `import qwen2vl_jax` stays cheap, and processing-only users never import JAX.
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qwen2vl_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
