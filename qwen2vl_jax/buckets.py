@@ -1,6 +1,7 @@
 """Shape buckets: pad dynamic sizes (patch rows, prompt lengths) to a small set so jit compiles once per bucket.
 
-Buckets are multiples of a granule that grow geometrically (x1.25 by default): at most ~25% padding, and the
+Buckets are multiples of a granule that grow geometrically (x1.25 by default), plus the powers of two (common
+image sides give power-of-two patch counts: 448x448 -> 1024, 896x896 -> 4096): at most ~25% padding, and the
 number of distinct shapes (compiles) grows with the log of the size range, not linearly.
 """
 
@@ -15,7 +16,8 @@ def _ladder(granule: int, growth: float, limit: int) -> tuple[int, ...]:
     while sizes[-1] < limit:
         # x growth rounded *down* to the granule (never below one granule more): waste stays under `growth`.
         sizes.append(max(sizes[-1] + granule, int(sizes[-1] * growth) // granule * granule))
-    return tuple(sizes)
+    powers = [1 << i for i in range(granule.bit_length(), limit.bit_length() + 1) if (1 << i) % granule == 0]
+    return tuple(sorted(set(sizes) | set(powers)))
 
 
 def bucket(n: int, granule: int = 256, growth: float = 1.25) -> int:

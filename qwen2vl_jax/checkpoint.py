@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from flax import nnx
 
 from . import params as params_lib
 from .config import Qwen2VLConfig
+from .hub import HUB_PATTERNS, resolve_source  # noqa: F401  (re-exported: the loader's public entry points)
 from .safetensors_io import SafetensorsFile
 
 log = logging.getLogger(__name__)
@@ -31,13 +31,10 @@ log = logging.getLogger(__name__)
 OURS_MARKER = "qwen2vl_jax.json"
 FORMAT_NAME = "qwen2vl_jax"
 FORMAT_VERSION = 1
-# What a Hub snapshot needs: config, weights, tokenizer / processor / chat / generation files. Never *.bin.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 # Files that travel with the weights through conversions (whichever exist).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
               "added_tokens.json", "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.json",
               "chat_template.jinja", "generation_config.json")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
@@ -70,47 +67,6 @@ def checkpoint_dtype(files: list) -> np.dtype:
         for name in sf.keys():
             by_dtype[sf.dtype(name)] = by_dtype.get(sf.dtype(name), 0) + sf.nbytes(name)
     return jnp.dtype(max(by_dtype, key=by_dtype.get))
-
-
-def _offline_env() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def resolve_source(source: str | os.PathLike, *, local_files_only: bool | None = None,
-                   revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local directory for `source`: the directory itself, or the Hub snapshot of a model id.
-
-    For a model id, only config / safetensors / tokenizer files are fetched. `local_files_only` (default: on
-    when HF_HUB_OFFLINE is set) uses the local Hugging Face cache only, so an offline run never waits on the
-    network; a miss raises FileNotFoundError that says what to do.
-    """
-    path = Path(os.fspath(source)).expanduser()
-    if path.is_dir():
-        return path
-    text = os.fspath(source)
-    if path.exists():
-        raise NotADirectoryError(f"{text} is a file; pass the checkpoint directory that holds config.json")
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"checkpoint directory not found: {text}")
-    if local_files_only is None:
-        local_files_only = _offline_env()
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS, cache_dir=cache_dir,
-                                      local_files_only=local_files_only))
-    except Exception as e:  # huggingface_hub raises many types; all mean "not available here"
-        if local_files_only:
-            why = ("it is not in the local Hugging Face cache and downloads are off (local_files_only=True or "
-                   "HF_HUB_OFFLINE=1)")
-            fix = ("download it once on a machine with Hub access (e.g. `huggingface-cli download "
-                   f"{text}`) and copy the cache, or unset HF_HUB_OFFLINE / pass local_files_only=False")
-        else:
-            why = f"the download failed ({type(e).__name__}: {e})"
-            fix = "check the model id and your network access, or set HF_HUB_OFFLINE=1 to use only the local cache"
-        raise FileNotFoundError(
-            f"cannot load {text!r}: no local directory by that name, and as a Hugging Face model id {why}. "
-            f"Pass the path of a local checkpoint directory instead, or {fix}.") from None
 
 
 def read_json(path: Path) -> dict:

@@ -74,10 +74,10 @@ def _choose_dtype(args, directory: Path) -> str:
         hint = " Try --dtype bfloat16." if dtype == "float32" else " Use a machine with more memory or a smaller model."
         raise UserError(f"not enough memory: the weights need {need / 1e9:.1f} GB in {dtype} but only "
                         f"{available / 1e9:.1f} GB is available.{hint}")
-    if dtype == "float32":
+    if dtype == "float32" and getattr(args, "exact_fp32", False):
         from .runtime import use_exact_cpu_fp32_matmuls
 
-        use_exact_cpu_fp32_matmuls()  # before JAX starts: exact fp32 dots on CPU, same speed
+        use_exact_cpu_fp32_matmuls()  # before JAX starts; PyTorch-level fp32 rounding, slower CPU prefill
     return dtype
 
 
@@ -314,6 +314,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights and activations (auto: float32 when it fits in memory, else bfloat16)")
     p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    p.add_argument("--exact-fp32", action="store_true",
+                   help="CPU float32: accumulate matmuls like PyTorch (4x smaller rounding error, ~2x slower prefill)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
 
 

@@ -34,7 +34,7 @@ from .text import KVCache
 
 TRACE_COUNTS: dict[str, int] = {"prefill": 0, "decode_loop": 0, "decode_step": 0}
 
-PROMPT_GRANULE = 128  # prompt lengths are padded (on the left) to buckets of this granule, x1.25 growth
+PROMPT_GRANULE = 64  # prompt lengths are padded (on the left) to buckets of this granule, x1.25 growth
 MIN_NEW_TOKENS_BUCKET = 32  # the new-token budget is a power of two >= this
 
 

@@ -36,7 +36,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
+from .hub import resolve_source
 from .video import fetch_video, load_image
+
+# A processor needs the tokenizer / preprocessor / chat-template files of a Hub snapshot, not the weights.
+PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.jinja"]
 
 __all__ = [
     "OPENAI_CLIP_MEAN",
@@ -843,8 +847,10 @@ class Qwen2VLProcessor:
                          "video_grid_thw"]
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> Qwen2VLProcessor:
-        """Load from a checkpoint directory.
+    def from_pretrained(cls, path: str | os.PathLike, *, local_files_only: bool | None = None,
+                        revision: str | None = None, **overrides: Any) -> Qwen2VLProcessor:
+        """Load from a checkpoint directory or a Hugging Face Hub model id (only the small files are fetched;
+        `local_files_only` / HF_HUB_OFFLINE keep it offline).
 
         Files: `tokenizer.json` (required), `tokenizer_config.json`, `preprocessor_config.json`,
         `video_preprocessor_config.json` (videos; TF457 falls back to preprocessor_config.json), and the chat
@@ -856,9 +862,7 @@ class Qwen2VLProcessor:
         always honoured); `video_min_pixels` / `video_max_pixels` / `video_size` apply to videos only;
         `padding_side` and `chat_template` configure the text side.
         """
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint directory not found: {str(path)!r}")
+        path = resolve_source(path, local_files_only=local_files_only, revision=revision, patterns=PROCESSOR_PATTERNS)
         unknown = sorted(set(overrides) - set(_IMAGE_PROCESSOR_KEYS) - set(_PROCESSOR_ONLY_KEYS))
         if unknown:
             raise ValueError(f"unknown Qwen2VLProcessor.from_pretrained option(s): {', '.join(unknown)}")

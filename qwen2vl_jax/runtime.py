@@ -4,8 +4,9 @@ Why this exists: on XLA:CPU (jaxlib 0.10) fp32 matmuls with more than one row go
 the whole contraction sequentially in fp32 registers. Its error grows with depth: 1.5e-6 relative on a
 [1024, 5120] x [5120, 1280] product, 4x what OpenBLAS / MKL (and PyTorch) give (3.7e-7), enough to move logits of
 a real-width 2-layer Qwen2-VL slice 1.5e-5 away from PyTorch. With the flag below the same dots go to Eigen
-(blocked accumulation, 3.4e-7) at the same fp32 speed, but bf16 matmuls lose YNNPACK's AVX512-BF16 kernels
-(~2x slower). So: exact fp32 for fp32 runs, the default for bf16 runs. Numbers: docs/PARITY.md.
+(blocked accumulation, 3.4e-7), which is as accurate as PyTorch but slower for short, wide products (a 128-token
+2B prefill took 2.4x longer on the project's CPU) and loses YNNPACK's bf16 kernels. So it is opt-in: the parity
+tests, `selfcheck` and `qwen2vl-jax --exact-fp32` use it; the default favours speed. Numbers: docs/PARITY.md.
 """
 
 from __future__ import annotations

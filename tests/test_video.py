@@ -188,6 +188,10 @@ def test_video_pixel_values_match_hf_slow(proc, bunny):
     np.testing.assert_array_equal(ours["video_grid_thw"], ref["video_grid_thw"])
     diff = np.abs(ours["pixel_values_videos"] - ref["pixel_values_videos"]).max()
     print(f"\nbigbuckbunny pixel_values_videos max |ours - HF| = {diff}")
+    import helpers
+
+    helpers.record("processor/video_bigbuckbunny", max_abs_diff=float(diff),
+                   video_grid_thw=ours["video_grid_thw"].tolist())
     assert diff <= 1e-6
     # Frames are T-interleaved per row: row feature order (C, T, ph, pw) with different T slices for a video.
     rows = ours["pixel_values_videos"].reshape(-1, 3, 2, 14, 14)
