@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import cpu_kernels
+
 # lax.dot_general dimension numbers for x[M, K] . w[N, K]^T (the PyTorch Linear layout).
 _CONTRACT_MINOR = (((1,), (1,)), ((), ()))
 
@@ -28,16 +30,24 @@ def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
-    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype."""
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    x_MI = x.reshape(-1, n_in)
+def _xla_dot(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
     rows = x_MI.shape[0]
     if w_OI.dtype != jnp.float32:
         x_MI = x_MI.astype(w_OI.dtype)
         if rows == 1:  # YNNPACK rejects m == 1; two rows are as cheap as one and 10x faster than the fallback
             x_MI = jnp.pad(x_MI, ((0, 1), (0, 0)))
-    y_MO = jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)[:rows]
+    return jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)[:rows]
+
+
+def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x_MI = x.reshape(-1, n_in)
+    if w_OI.dtype == jnp.bfloat16 and x_MI.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.available():
+        # decode-sized products with bf16 weights: the native CPU kernel on the CPU platform, XLA's dot elsewhere
+        y_MO = jax.lax.platform_dependent(x_MI, w_OI, cpu=cpu_kernels.bf16_gemv, default=_xla_dot)
+    else:
+        y_MO = _xla_dot(x_MI, w_OI)
     if b_O is not None:
         y_MO = y_MO + b_O.astype(jnp.float32)
     return y_MO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
