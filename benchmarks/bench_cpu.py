@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py                 # fp32 and bf16, medians of 3, ~40 minutes on 2 cores
     python benchmarks/bench_cpu.py --quick         # skip the 896x896 input
     python benchmarks/bench_cpu.py --dtypes bfloat16 --repeats 5
+    python benchmarks/bench_cpu.py --repeats-896 1 # one run of the 896x896 case (HF bf16 takes minutes per run)
 
 One checkpoint (benchmarks/common.py, built once with transformers, reused). The parent process preprocesses the
 inputs once (our processor, identical to HF's) and every (implementation, dtype) pair runs in its own fresh
@@ -88,7 +89,7 @@ def load_inputs(path: Path) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def worker_ours(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: list[str]) -> dict:
+def worker_ours(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: list[str], big_repeats: int) -> dict:
     import jax
 
     from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
@@ -100,21 +101,21 @@ def worker_ours(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: 
     gen_kw = dict(do_sample=False, repetition_penalty=1.0)
     for case in cases:
         x = inputs[case]
-        r = {}
+        r = {"repeats": (reps := big_repeats if case == "img896" else repeats)}
         if "pixel_values" in x:
             def vision():
                 pixels, layout = model.visual.prepare(x["pixel_values"], x["image_grid_thw"])
                 return jax.block_until_ready(model.visual.run_padded(pixels, layout)[0])
             first, _ = _timed(vision)
-            r["vision_s"] = _median([_timed(vision)[0] for _ in range(repeats)])
+            r["vision_s"] = _median([_timed(vision)[0] for _ in range(reps)])
             r["vision_compile_s"] = first - r["vision_s"]
 
         def prefill():
             return model.generate(**x, max_new_tokens=1, return_dict=True, **gen_kw)
         first, _ = _timed(prefill)
-        runs = [_timed(prefill) for _ in range(repeats)]
-        r["prefill_s"] = _median([o.prefill_seconds for _, o in runs])
-        r["ttft_s"] = _median([t for t, _ in runs])
+        runs = [_timed(prefill) for _ in range(reps)]
+        r["prefill_s"] = _median([o.prefill_seconds for _, o in runs])  # vision + LM prefill + first token pick
+        r["ttft_s"] = _median([t for t, _ in runs])  # the whole generate(max_new_tokens=1) call
         r["compile_s"] = first - r["ttft_s"]
         if case == "img448":
             def decode():
@@ -122,7 +123,7 @@ def worker_ours(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: 
             first, out = _timed(decode)
             assert out.new_tokens == N_NEW
             r["decode_compile_s"] = first - out.prefill_seconds - out.decode_seconds
-            outs = [decode() for _ in range(repeats)]
+            outs = [decode() for _ in range(reps)]
             r["decode_tok_s"] = _median([(N_NEW - 1) / o.decode_seconds for o in outs])
             r["tokens"] = outs[-1].sequences[0, -N_NEW:].tolist()
         res[case] = r
@@ -143,7 +144,7 @@ class _StepClock:
         pass
 
 
-def worker_hf(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: list[str]) -> dict:
+def worker_hf(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: list[str], big_repeats: int) -> dict:
     import torch
     import transformers
     from transformers import Qwen2VLForConditionalGeneration
@@ -157,19 +158,22 @@ def worker_hf(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: li
     gen_kw = dict(do_sample=False, repetition_penalty=1.0)
     for case in cases:
         x = {k: torch.from_numpy(v) for k, v in inputs[case].items()}
-        r = {}
+        r = {"repeats": (reps := big_repeats if case == "img896" else repeats)}
         with torch.inference_mode():
+            small = case != "img896"  # PyTorch needs no compile; skip its warm-up where one run takes minutes
             if "pixel_values" in x:
                 vision = lambda: model.model.visual(x["pixel_values"].to(model.dtype), x["image_grid_thw"])  # noqa: E731
-                vision()  # warm-up
-                r["vision_s"] = _median([_timed(vision)[0] for _ in range(repeats)])
-            model(**x)  # warm-up
-            r["prefill_s"] = _median([_timed(lambda: model(**x))[0] for _ in range(repeats)])
+                if small:
+                    vision()
+                r["vision_s"] = _median([_timed(vision)[0] for _ in range(reps)])
+            if small:
+                model(**x)
+            r["prefill_s"] = _median([_timed(lambda: model(**x))[0] for _ in range(reps)])  # a full forward
             r["ttft_s"] = _median([_timed(lambda: model.generate(**x, max_new_tokens=1, **gen_kw))[0]
-                                   for _ in range(repeats)])
+                                   for _ in range(reps)]) if small else None
             if case == "img448":
                 rates = []
-                for _ in range(repeats):  # time the decode steps themselves: prefill noise would swamp them
+                for _ in range(reps):  # time the decode steps themselves: prefill noise would swamp them
                     clock = _StepClock()
                     out = model.generate(**x, max_new_tokens=N_NEW, min_new_tokens=N_NEW, streamer=clock, **gen_kw)
                     rates.append((N_NEW - 1) / (clock.stamps[-1] - clock.stamps[1]))
@@ -245,7 +249,8 @@ def report(results: dict, costs: dict, roof: dict) -> list[str]:
             if "vision_s" in o:
                 rows.append((f"vision encoder s ({label[:4]})", o["vision_s"], h.get("vision_s")))
             rows.append((f"prefill s ({label})", o["prefill_s"], h.get("prefill_s")))
-            rows.append((f"TTFT s ({label})", o["ttft_s"], h.get("ttft_s")))
+            if h.get("ttft_s") is not None:
+                rows.append((f"TTFT s ({label})", o["ttft_s"], h.get("ttft_s")))
             rows.append((f"our compile s ({label})", o["compile_s"], None))
         if "img448" in ours and "decode_tok_s" in ours["img448"]:
             rows.append(("decode tok/s (32 forced)", ours["img448"]["decode_tok_s"], hf.get("img448", {}).get(
@@ -279,7 +284,8 @@ def report(results: dict, costs: dict, roof: dict) -> list[str]:
 
 def _run_worker(args, impl: str, dtype: str, inputs: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--dtype-worker", dtype, "--inputs", str(inputs),
-           "--out", str(out), "--repeats", str(args.repeats), "--cases", args.cases]
+           "--out", str(out), "--repeats", str(args.repeats), "--repeats-896", str(args.repeats_896),
+           "--cases", args.cases]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     print(f"== {impl} {dtype}", flush=True)
     subprocess.run(cmd, check=True, env=env)
@@ -291,6 +297,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--impls", default="hf,ours")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats-896", type=int, default=None,
+                    help="runs of the 896x896 case (default: --repeats); an HF bf16 run takes minutes here")
     ap.add_argument("--quick", action="store_true", help="skip the 896x896 input")
     ap.add_argument("--cases", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker", choices=["ours", "hf", "roofline"], help=argparse.SUPPRESS)
@@ -298,6 +306,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     args = ap.parse_args(argv)
+    args.repeats_896 = args.repeats_896 or args.repeats
     from benchmarks.common import build_random_2b_checkpoint, default_2b_path
 
     ckpt = build_random_2b_checkpoint(default_2b_path())
@@ -305,7 +314,7 @@ def main(argv=None) -> int:
         cases = args.cases.split(",") if args.cases else []
         fn = {"ours": worker_ours, "hf": worker_hf}.get(args.worker)
         result = worker_roofline(args.repeats) if args.worker == "roofline" else fn(
-            ckpt, args.dtype_worker, Path(args.inputs), args.repeats, cases)
+            ckpt, args.dtype_worker, Path(args.inputs), args.repeats, cases, args.repeats_896)
         Path(args.out).write_text(json.dumps(result))
         return 0
 
