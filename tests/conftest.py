@@ -99,6 +99,14 @@ def hf_tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def proc(tokenizer_dir):
+    """Our processor over the real Qwen2 tokenizer files."""
+    from qwen2vl_jax.processing import Qwen2VLProcessor
+
+    return Qwen2VLProcessor.from_pretrained(tokenizer_dir)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Write every parity number measured in this run (input of `python docs/make_parity.py`)."""
     import json

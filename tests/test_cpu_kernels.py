@@ -1,5 +1,9 @@
 """The native bf16 gemv kernel (decode with bf16 weights on AVX2 CPUs) against float64 and XLA's own dot."""
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +30,36 @@ def test_bf16_gemv_matches_float64(M, N, K):
     x16 = jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)
     xla = np.asarray(jax.jit(_xla_dot)(x16, w))
     assert helpers.rel_err(np.asarray(jax.jit(cpu_kernels.bf16_gemv)(x16, w)), xla) <= 1e-6
+
+
+def test_rows_are_batch_invariant():
+    """Row m of a batch gets the same bits as that row alone (same FMA chains for every batch size)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 1536)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((700, 1536)).astype(np.float32)).astype(jnp.bfloat16)
+    gemv = jax.jit(cpu_kernels.bf16_gemv)
+    alone = np.concatenate([np.asarray(gemv(x[m:m + 1], w)) for m in range(4)])
+    for M in (2, 3, 4):
+        np.testing.assert_array_equal(np.asarray(gemv(x[:M], w)), alone[:M])
+
+
+def test_many_concurrent_calls_finish():
+    """XLA may run independent kernel calls at once on its pool threads (q/k/v projections are independent);
+    a kernel that waited there for work it had queued to the same pool deadlocked. Run in a subprocess so a
+    regression fails on the timeout instead of hanging the suite."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from qwen2vl_jax import cpu_kernels
+        assert cpu_kernels.available()
+        ws = [jnp.full((2048, 256), i, jnp.bfloat16) for i in range(24)]
+        f = jax.jit(lambda x, ws: [cpu_kernels.bf16_gemv(x, w) for w in ws])
+        for _ in range(20):
+            out = jax.block_until_ready(f(jnp.ones((1, 256), jnp.float32), ws))
+        assert all(float(o[0, 0]) == 256.0 * i for i, o in enumerate(out))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_dense_uses_the_kernel_for_decode_rows_only():

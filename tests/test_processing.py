@@ -32,18 +32,6 @@ MAX_ABS_DIFF = {}  # largest |ours - HF| seen per test case, reported by test_re
 
 
 # ------------------------------------------------------------------------------------------------ oracles
-@pytest.fixture(scope="module")
-def proc(tokenizer_dir):
-    return Qwen2VLProcessor.from_pretrained(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
 def hf_image_processor(min_pixels=HUB_MIN, max_pixels=HUB_MAX):
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor as HFSlow
 
@@ -63,9 +51,9 @@ def hf_expand(texts, grid_thw, token, merge_length=4):
     return texts
 
 
-def hf_processor_call(hf_tok, texts, images, min_pixels=HUB_MIN, max_pixels=HUB_MAX):
+def hf_processor_call(hf_tokenizer, texts, images, min_pixels=HUB_MIN, max_pixels=HUB_MAX):
     vision = hf_image_processor(min_pixels, max_pixels)(images=images, return_tensors="np")
-    text_inputs = hf_tok(hf_expand(texts, vision["image_grid_thw"], "<|image_pad|>"), padding=True,
+    text_inputs = hf_tokenizer(hf_expand(texts, vision["image_grid_thw"], "<|image_pad|>"), padding=True,
                          return_tensors="np")
     return {**text_inputs, **vision}
 
@@ -176,12 +164,12 @@ CASES = _case_images()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_pixel_values_grid_and_ids_match_hf(case, tokenizer_dir, hf_tok):
+def test_pixel_values_grid_and_ids_match_hf(case, tokenizer_dir, hf_tokenizer):
     name, image, lo, hi = case
     proc = Qwen2VLProcessor.from_pretrained(tokenizer_dir, min_pixels=lo, max_pixels=hi)
     text = image_prompt(proc)
     ours = proc(text=text, images=[image])
-    ref = hf_processor_call(hf_tok, [text], [image], lo, hi)
+    ref = hf_processor_call(hf_tokenizer, [text], [image], lo, hi)
     np.testing.assert_array_equal(ours["image_grid_thw"], ref["image_grid_thw"])
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
     assert ours["pixel_values"].dtype == ref["pixel_values"].dtype == np.float32
@@ -397,11 +385,11 @@ def _messages():
 @pytest.mark.parametrize("name", list(_messages()))
 @pytest.mark.parametrize("add_vision_id", [False, True])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_text_matches_hf(proc, hf_tok, name, add_vision_id, add_generation_prompt):
+def test_chat_template_text_matches_hf(proc, hf_tokenizer, name, add_vision_id, add_generation_prompt):
     messages = _messages()[name]
     ours = proc.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                     add_vision_id=add_vision_id)
-    ref = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+    ref = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                      add_vision_id=add_vision_id)
     assert ours == ref
     assert ours.count("<|image_pad|>") == sum(
@@ -409,23 +397,23 @@ def test_chat_template_text_matches_hf(proc, hf_tok, name, add_vision_id, add_ge
 
 
 @pytest.mark.parametrize("name", list(_messages()))
-def test_chat_template_ids_match_hf(proc, hf_tok, name):
+def test_chat_template_ids_match_hf(proc, hf_tokenizer, name):
     messages = _messages()[name]
-    ref = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ref = hf_tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     assert proc.tokenizer.apply_chat_template(messages, add_generation_prompt=True) == ref
     if name != "payload-keys":  # items without media: the processor only tokenizes
         ours = proc.apply_chat_template(messages, tokenize=True)
         np.testing.assert_array_equal(ours, [ref])
 
 
-def test_chat_template_tokenize_with_media_runs_the_processor(proc, hf_tok, photos):
+def test_chat_template_tokenize_with_media_runs_the_processor(proc, hf_tokenizer, photos):
     """Like TF457's processor `apply_chat_template(tokenize=True)`: media in the content items are processed and
     the placeholders expanded."""
     image = photos["chelsea"].resize((150, 100))
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
     out = proc.apply_chat_template(messages, tokenize=True, return_dict=True)
     text = proc.apply_chat_template(messages)
-    ref = hf_processor_call(hf_tok, [text], [image])
+    ref = hf_processor_call(hf_tokenizer, [text], [image])
     assert list(out) == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
     np.testing.assert_array_equal(out["input_ids"], ref["input_ids"])
     np.testing.assert_array_equal(out["pixel_values"], ref["pixel_values"])
@@ -447,17 +435,17 @@ def test_chat_template_reference_rendering(proc):
                          198]
 
 
-def test_chat_template_batched_and_continue_final_message(proc, hf_tok):
+def test_chat_template_batched_and_continue_final_message(proc, hf_tokenizer):
     batch = [_messages()["no-system"], _messages()["multi-turn"]]
-    assert proc.apply_chat_template(batch) == hf_tok.apply_chat_template(batch, tokenize=False,
+    assert proc.apply_chat_template(batch) == hf_tokenizer.apply_chat_template(batch, tokenize=False,
                                                                         add_generation_prompt=True)
     partial = _messages()["no-system"] + [{"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
     ours = proc.apply_chat_template(partial, add_generation_prompt=False, continue_final_message=True)
-    ref = hf_tok.apply_chat_template(partial, tokenize=False, continue_final_message=True)
+    ref = hf_tokenizer.apply_chat_template(partial, tokenize=False, continue_final_message=True)
     assert ours == ref and ours.endswith("It is a")
 
 
-def test_chat_template_jinja_features_match_hf(proc, hf_tok):
+def test_chat_template_jinja_features_match_hf(proc, hf_tokenizer):
     """Sandbox helpers HF registers: raise_exception, tojson (no HTML escaping), special tokens, loop controls."""
     template = ("{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
                 "{% if loop.index > 2 %}{% break %}{% endif %}{{ m | tojson }}{{ eos_token }}\n  {% endfor %}"
@@ -465,7 +453,7 @@ def test_chat_template_jinja_features_match_hf(proc, hf_tok):
     messages = [{"role": "user", "content": "<a&b>"}, {"role": "assistant", "content": "é"},
                 {"role": "user", "content": "x"}]
     ours = proc.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
-    assert ours == hf_tok.apply_chat_template(messages, chat_template=template, tokenize=False)
+    assert ours == hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
     import jinja2
 
     with pytest.raises(jinja2.exceptions.TemplateError, match="bad role"):
@@ -473,14 +461,14 @@ def test_chat_template_jinja_features_match_hf(proc, hf_tok):
 
 
 # ------------------------------------------------------------------------------------------------ batching
-def test_batched_call_left_padding_matches_hf(proc, hf_tok, photos):
+def test_batched_call_left_padding_matches_hf(proc, hf_tokenizer, photos):
     texts = [image_prompt(proc, 1, "Short?"),
              image_prompt(proc, 2, "A much longer question about both of these two pictures, please.")]
     small = lambda name: photos[name].resize((photos[name].width // 3, photos[name].height // 3))
     images = [small("chelsea"), small("coffee"), small("rocket")]
     ours = proc(text=texts, images=images)
-    ref = hf_processor_call(hf_tok, texts, images)
-    assert hf_tok.padding_side == "left" and proc.tokenizer.padding_side == "left"
+    ref = hf_processor_call(hf_tokenizer, texts, images)
+    assert hf_tokenizer.padding_side == "left" and proc.tokenizer.padding_side == "left"
     assert list(ours) == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw"]
     np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"])
     np.testing.assert_array_equal(ours["attention_mask"], ref["attention_mask"])
@@ -492,19 +480,19 @@ def test_batched_call_left_padding_matches_hf(proc, hf_tok, photos):
     assert ours.input_ids is ours["input_ids"]  # attribute access
     # Right padding on request also matches HF.
     right = proc(text=texts, images=images, padding_side="right")
-    ref_right = hf_tok(hf_expand(texts, ref["image_grid_thw"], "<|image_pad|>"), padding=True,
+    ref_right = hf_tokenizer(hf_expand(texts, ref["image_grid_thw"], "<|image_pad|>"), padding=True,
                        padding_side="right", return_tensors="np")
     np.testing.assert_array_equal(right["input_ids"], ref_right["input_ids"])
 
 
-def test_text_only_and_unpadded_calls(proc, hf_tok):
+def test_text_only_and_unpadded_calls(proc, hf_tokenizer):
     texts = ["Hello, world!", "A longer sentence with 123 digits."]
     ours = proc(text=texts)
-    ref = hf_tok(texts, padding=True, return_tensors="np")
+    ref = hf_tokenizer(texts, padding=True, return_tensors="np")
     np.testing.assert_array_equal(ours["input_ids"], ref["input_ids"])
     assert list(ours) == ["input_ids", "attention_mask"]
     lists = proc(text=texts, padding=False, return_tensors=None)
-    assert lists["input_ids"] == hf_tok(texts)["input_ids"]
+    assert lists["input_ids"] == hf_tokenizer(texts)["input_ids"]
     with pytest.raises(ValueError, match="padding"):
         proc(text=texts, padding=False)
 
@@ -517,17 +505,17 @@ def test_mm_token_type_ids(proc, photos):
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
-def test_tokenizer_attributes_match_hf(proc, hf_tok):
+def test_tokenizer_attributes_match_hf(proc, hf_tokenizer):
     tok = proc.tokenizer
-    assert tok.vocab_size == hf_tok.vocab_size == 151643
-    assert len(tok) == len(hf_tok) == 151657
-    assert tok.pad_token_id == hf_tok.pad_token_id == 151643
-    assert tok.eos_token_id == hf_tok.eos_token_id == 151645
-    assert tok.bos_token_id is None and hf_tok.bos_token_id is None
-    assert tok.special_tokens_map == hf_tok.special_tokens_map
-    assert sorted(tok.all_special_ids) == sorted(hf_tok.all_special_ids)
+    assert tok.vocab_size == hf_tokenizer.vocab_size == 151643
+    assert len(tok) == len(hf_tokenizer) == 151657
+    assert tok.pad_token_id == hf_tokenizer.pad_token_id == 151643
+    assert tok.eos_token_id == hf_tokenizer.eos_token_id == 151645
+    assert tok.bos_token_id is None and hf_tokenizer.bos_token_id is None
+    assert tok.special_tokens_map == hf_tokenizer.special_tokens_map
+    assert sorted(tok.all_special_ids) == sorted(hf_tokenizer.all_special_ids)
     tokens = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "hello", "not-a-token"]
-    assert tok.convert_tokens_to_ids(tokens) == hf_tok.convert_tokens_to_ids(tokens)
+    assert tok.convert_tokens_to_ids(tokens) == hf_tokenizer.convert_tokens_to_ids(tokens)
     assert (proc.image_token_id, proc.video_token_id) == (151655, 151656)
     assert (proc.vision_start_token_id, proc.vision_end_token_id) == (151652, 151653)
 
@@ -538,25 +526,26 @@ DECODE_TEXTS = ["Hello, world!", "  leading spaces and trailing   ", "🤗 Trans
 
 
 @pytest.mark.parametrize("skip", [False, True])
-def test_decode_matches_hf(proc, hf_tok, skip):
-    ids = [hf_tok(t)["input_ids"] for t in DECODE_TEXTS]
+def test_decode_matches_hf(proc, hf_tokenizer, skip):
+    ids = [hf_tokenizer(t)["input_ids"] for t in DECODE_TEXTS]
     for seq in ids:
-        assert proc.tokenizer.decode(seq, skip_special_tokens=skip) == hf_tok.decode(seq, skip_special_tokens=skip)
-        assert proc.tokenizer.decode(np.array(seq), skip_special_tokens=skip) == hf_tok.decode(
+        expected = hf_tokenizer.decode(seq, skip_special_tokens=skip)
+        assert proc.tokenizer.decode(seq, skip_special_tokens=skip) == expected
+        assert proc.tokenizer.decode(np.array(seq), skip_special_tokens=skip) == hf_tokenizer.decode(
             seq, skip_special_tokens=skip)
-    assert proc.tokenizer.batch_decode(ids, skip_special_tokens=skip) == hf_tok.batch_decode(
+    assert proc.tokenizer.batch_decode(ids, skip_special_tokens=skip) == hf_tokenizer.batch_decode(
         ids, skip_special_tokens=skip)
     # A multi-byte character cut in half decodes with U+FFFD like HF (errors="replace").
-    emoji_ids = hf_tok("🤗")["input_ids"]
-    assert proc.tokenizer.decode(emoji_ids[:1]) == hf_tok.decode(emoji_ids[:1])
+    emoji_ids = hf_tokenizer("🤗")["input_ids"]
+    assert proc.tokenizer.decode(emoji_ids[:1]) == hf_tokenizer.decode(emoji_ids[:1])
 
 
-def test_processor_decode_defaults(proc, hf_tok):
+def test_processor_decode_defaults(proc, hf_tokenizer):
     ids = proc(text=["<|im_start|>assistant\nA cat.<|im_end|>", "Dog<|endoftext|>"])["input_ids"]
-    assert proc.batch_decode(ids) == hf_tok.batch_decode(ids, skip_special_tokens=True) == ["assistant\nA cat.",
+    assert proc.batch_decode(ids) == hf_tokenizer.batch_decode(ids, skip_special_tokens=True) == ["assistant\nA cat.",
                                                                                            "Dog"]
     assert proc.decode(ids[1]) == "Dog"
-    assert proc.batch_decode(ids, skip_special_tokens=False) == hf_tok.batch_decode(ids)
+    assert proc.batch_decode(ids, skip_special_tokens=False) == hf_tokenizer.batch_decode(ids)
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import helpers
-from qwen2vl_jax.processing import Qwen2VLProcessor
 from qwen2vl_jax.video import (
     FRAME_FACTOR,
     VIDEO_MAX_PIXELS,
@@ -34,18 +33,6 @@ REAL_VIDEOS = [
     ("bikes.mp4", 250, 25.0, 20, (280, 644), [10, 20, 46]),
     ("carphone_pristine.mp4", 120, 30000 / 1001, 8, (308, 364), [4, 22, 26]),
 ]
-
-
-@pytest.fixture(scope="module")
-def proc(tokenizer_dir):
-    return Qwen2VLProcessor.from_pretrained(tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def hf_tok(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -130,14 +117,14 @@ def test_real_video_sampling_and_grid(proc, name, total, fps, n, size, grid):
     assert out["pixel_values_videos"].shape == (np.prod(grid), 1176)
 
 
-def test_bigbuckbunny_end_to_end_tokens(proc, hf_tok, video_file):
+def test_bigbuckbunny_end_to_end_tokens(proc, hf_tokenizer, video_file):
     text = video_prompt(proc)
     out = proc(text=text, videos=[video_file])  # a path: decoded and sampled like qwen-vl-utils
     assert list(out) == ["input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw"]
     assert out["video_grid_thw"].tolist() == [[5, 40, 72]]
     assert int((out["input_ids"] == proc.video_token_id).sum()) == 3600  # reference §12.3
     expanded = text.replace("<|video_pad|>", "<|video_pad|>" * 3600)
-    np.testing.assert_array_equal(out["input_ids"], hf_tok([expanded], return_tensors="np")["input_ids"])
+    np.testing.assert_array_equal(out["input_ids"], hf_tokenizer([expanded], return_tensors="np")["input_ids"])
 
 
 def test_sampled_frames_are_the_decoded_frames(bunny, video_file):
@@ -221,12 +208,12 @@ def test_frame_list_and_array_inputs_agree(proc, bunny):
     assert as_array["video_grid_thw"].tolist() == [[2, 40, 72]]
 
 
-def test_image_and_video_together(proc, hf_tok, bunny, photos):
+def test_image_and_video_together(proc, hf_tokenizer, bunny, photos):
     frames, _ = bunny
     image = photos["chelsea"]
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "?"}]}]
     text = proc.apply_chat_template(messages)
-    assert text == hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     out = proc(text=text, images=[image], videos=[frames[:4]])
     assert list(out) == ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                          "video_grid_thw"]
@@ -234,7 +221,7 @@ def test_image_and_video_together(proc, hf_tok, bunny, photos):
     n_vid = int(np.prod(out["video_grid_thw"][0])) // 4
     expanded = text.replace("<|image_pad|>", "<|image_pad|>" * n_img).replace("<|video_pad|>",
                                                                               "<|video_pad|>" * n_vid)
-    np.testing.assert_array_equal(out["input_ids"], hf_tok([expanded], return_tensors="np")["input_ids"])
+    np.testing.assert_array_equal(out["input_ids"], hf_tokenizer([expanded], return_tensors="np")["input_ids"])
 
 
 def test_video_time_range(video_file):

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 
 #include "xla/ffi/api/ffi.h"
@@ -41,30 +42,32 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-constexpr int kMaxRows = 8;  // activation rows handled per pass over the weights (decode batches)
+constexpr int kMaxRows = 4;  // activation rows handled per pass over the weights (decode batches)
 
-// Rows [n0, n1) of w against x rows [m0, m0 + mc): 32 weights per step, 4 independent FMA chains per row.
+// Rows [n0, n1) of w against x rows [m0, m0 + MC): 32 weights per step, 4 independent FMA chains per row (the
+// same chains for every MC, so a row's result does not depend on the batch it is in). MC is a compile-time
+// constant so the 4 * MC accumulators live in registers (a runtime row count spilled them to the stack, which
+// halved the speed).
+template <int MC>
 void gemv_block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
-                int64_t m0, int64_t mc) {
+                int64_t m0) {
   const int64_t K32 = K - K % 32;
+  const float* xb = x + m0 * K;
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* wr = w + n * K;
-    __m256 acc[kMaxRows][4];
-    for (int64_t m = 0; m < mc; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
+    __m256 acc[MC][4];
+    for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
     for (int64_t k = 0; k < K32; k += 32) {
-      const __m256 w0 = widen_bf16(wr + k), w1 = widen_bf16(wr + k + 8);
-      const __m256 w2 = widen_bf16(wr + k + 16), w3 = widen_bf16(wr + k + 24);
-      for (int64_t m = 0; m < mc; ++m) {
-        const float* xr = x + (m0 + m) * K + k;
-        acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[m][1]);
-        acc[m][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[m][2]);
-        acc[m][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[m][3]);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 wj = widen_bf16(wr + k + 8 * j);
+        for (int m = 0; m < MC; ++m) {
+          acc[m][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xb + m * K + k + 8 * j), acc[m][j]);
+        }
       }
     }
-    for (int64_t m = 0; m < mc; ++m) {
+    for (int m = 0; m < MC; ++m) {
       float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
-      const float* xr = x + (m0 + m) * K;
+      const float* xr = xb + m * K;
       for (int64_t k = K32; k < K; ++k) s += widen1(wr[k]) * xr[k];
       y[(m0 + m) * N + n] = s;
     }
@@ -74,10 +77,37 @@ void gemv_block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t 
 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
                int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-    const int64_t mc = M - m0 < kMaxRows ? M - m0 : kMaxRows;
-    gemv_block(x, w, y, K, N, n0, n1, m0, mc);
+    switch (M - m0 < kMaxRows ? M - m0 : kMaxRows) {
+      case 1: gemv_block<1>(x, w, y, K, N, n0, n1, m0); break;
+      case 2: gemv_block<2>(x, w, y, K, N, n0, n1, m0); break;
+      case 3: gemv_block<3>(x, w, y, K, N, n0, n1, m0); break;
+      default: gemv_block<4>(x, w, y, K, N, n0, n1, m0); break;
+    }
   }
 }
+
+// Work shared by the calling thread and the pool tasks it schedules. Held by shared_ptr: a task may start after
+// the call has returned (it then finds no chunk left and only drops its reference).
+struct Job {
+  const float* x;
+  const uint16_t* w;
+  float* y;
+  int64_t M, K, N, rows_per_chunk, chunks;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void work() {
+    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+      const int64_t n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk < N ? n0 + rows_per_chunk : N;
+      gemv_rows(x, w, y, M, K, N, n0, n1);
+      if (done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
 
 ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                         ffi::ResultBuffer<ffi::F32> y) {
@@ -85,32 +115,25 @@ ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("bf16_gemv expects x[M, K] and w[N, K]");
   }
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
-  const float* xp = x.typed_data();
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-  float* yp = y->typed_data();
+  auto job = std::make_shared<Job>();
+  job->x = x.typed_data();
+  job->w = reinterpret_cast<const uint16_t*>(w.typed_data());
+  job->y = y->typed_data();
+  job->M = xd[0], job->K = xd[1], job->N = wd[0];
 
-  // As many chunks as pool threads (one per core), this thread taking the first; rows in multiples of 8.
-  int64_t parts = pool.num_threads();
-  if (parts < 1) parts = 1;
-  if (N < 64 * parts) parts = 1;
-  const int64_t step = ((N + parts - 1) / parts + 7) / 8 * 8;
-  std::atomic<int64_t> remaining{parts - 1};
-  std::mutex mu;
-  std::condition_variable cv;
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t n0 = p * step, n1 = (p + 1) * step < N ? (p + 1) * step : N;
-    pool.Schedule([=, &remaining, &mu, &cv] {
-      if (n0 < n1) gemv_rows(xp, wp, yp, M, K, N, n0, n1);
-      if (remaining.fetch_sub(1) == 1) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_one();
-      }
-    });
-  }
-  gemv_rows(xp, wp, yp, M, K, N, 0, step < N ? step : N);
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return remaining.load() == 0; });
+  // Rows go out in chunks (multiples of 8, ~4 per thread for balance) taken from a shared counter by this thread
+  // and by up to num_threads() pool tasks. This thread never waits on a task that has not started: XLA may run
+  // several of these calls at once on pool threads, and waiting for queued work there would deadlock the pool.
+  // It waits only for chunks other threads are already computing.
+  int64_t threads = pool.num_threads();
+  if (threads < 1 || job->N < 64 * threads) threads = 0;
+  const int64_t chunks_wanted = 4 * (threads + 1);
+  job->rows_per_chunk = ((job->N + chunks_wanted - 1) / chunks_wanted + 7) / 8 * 8;
+  job->chunks = (job->N + job->rows_per_chunk - 1) / job->rows_per_chunk;
+  for (int64_t t = 0; t < threads; ++t) pool.Schedule([job] { job->work(); });
+  job->work();
+  std::unique_lock<std::mutex> lock(job->mu);
+  job->cv.wait(lock, [&] { return job->done.load() == job->chunks; });
   return ffi::Error::Success();
 }
 
