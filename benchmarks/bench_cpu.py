@@ -1,6 +1,7 @@
 """CPU benchmark: qwen2vl_jax vs Hugging Face PyTorch on one random-weight Qwen2-VL-2B checkpoint, same inputs.
 
-    python benchmarks/bench_cpu.py                 # fp32 and bf16, medians of 3, ~40 minutes on 2 cores
+    python benchmarks/bench_cpu.py                 # fp32 and bf16, medians of 3: ~2 hours on 2 cores (HF bf16 is slow
+                                                   # where the CPU has no bf16 instructions)
     python benchmarks/bench_cpu.py --quick         # skip the 896x896 input
     python benchmarks/bench_cpu.py --dtypes bfloat16 --repeats 5
     python benchmarks/bench_cpu.py --repeats-896 1 # one run of the 896x896 case (HF bf16 takes minutes per run)
@@ -282,6 +283,17 @@ def report(results: dict, costs: dict, roof: dict) -> list[str]:
     return lines
 
 
+def _cpu_name() -> str:
+    """Model name and the SIMD extensions that decide the dot paths (AVX-512 / AVX512-BF16 or not)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith(key)), "")  # noqa: E731
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in field("flags").split()]
+    return f"{field('model name')} (family {field('cpu family')} model {field('model')}; {' '.join(simd)})"
+
+
 def _run_worker(args, impl: str, dtype: str, inputs: Path, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--dtype-worker", dtype, "--inputs", str(inputs),
            "--out", str(out), "--repeats", str(args.repeats), "--repeats-896", str(args.repeats_896),
@@ -332,7 +344,7 @@ def main(argv=None) -> int:
             results.setdefault(dtype, {})[impl] = _run_worker(args, impl, dtype, inputs, out)
     costs = model_costs(ckpt)
     lines = report(results, costs, roof)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(),
                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
                "wall_s": round(time.time() - t0)}
     print("\n".join(lines))

@@ -112,6 +112,13 @@ def main(argv: list[str]) -> int:
             name = f"**{k}**" if k.endswith("mean") else k
             out.append(f"| {name} | {cell(r, 'ours')} | {cell(r, 'hf_eager')} | {cell(r, 'hf_sdpa')} |")
         out.append("")
+    shard = by("sharding/")
+    if shard:
+        out += ["## Sharding (tensor parallel on 4 virtual CPU devices vs one device, tiny model, one photo)", "",
+                "| mesh | logits rel. err |", "|---|---|"]
+        for k, r in shard.items():
+            out.append(f"| {k} | {_e(r['max_rel'])} |")
+        out.append("")
     proc = by("processor/")
     if proc:
         worst = max(r["max_abs_diff"] for r in proc.values())

@@ -140,16 +140,25 @@ def _unfilled(model) -> list[str]:
 
 
 def load_pretrained(cls, source, *, dtype=None, local_files_only: bool | None = None, revision: str | None = None,
-                    progress: bool = False, cache_dir: str | os.PathLike | None = None, place=None):
+                    progress: bool = False, cache_dir: str | os.PathLike | None = None, place=None, mesh=None,
+                    sharding_rules=None):
     """Build `cls` from a checkpoint (any source `open_checkpoint` accepts), streaming tensor by tensor.
 
     The model is created abstract (`nnx.eval_shape`), so the only weight memory is the loaded parameters plus
     one tensor in flight. `dtype`: None / "float32", "bfloat16", or "auto" (the checkpoint's dtype). `place`:
-    optional `(path, array) -> jax.Array` to place each tensor (e.g. with its sharding).
+    optional `(path, array) -> jax.Array` to place each tensor. `mesh` (a `jax.sharding.Mesh`, e.g.
+    `sharding.make_mesh(model=4)`): stream each tensor straight to its shards per `sharding.LOGICAL_RULES` (or
+    `sharding_rules`).
     """
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
     param_dtype = resolve_dtype(dtype, ckpt.files)
     model = abstract_model(cls, ckpt.config, param_dtype)
+    if mesh is not None:
+        if place is not None:
+            raise ValueError("pass either `place` or `mesh`, not both")
+        from .sharding import LOGICAL_RULES, placer
+
+        place = placer(model, mesh, LOGICAL_RULES if sharding_rules is None else sharding_rules)
     bar = None
     if progress:
         from tqdm.auto import tqdm

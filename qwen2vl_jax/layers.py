@@ -7,10 +7,11 @@ XLA:CPU (see docs/BENCHMARKS.md and ../shared/reference/xla_cpu_performance.md),
   fastest matrix-vector layout on XLA:CPU, and HF conversion is a plain copy;
 * bf16 weights are fed to the dot as bf16 with `preferred_element_type=float32`: a bf16-result dot makes XLA:CPU
   materialise an fp32 copy of the weight on every call;
-* a single bf16 row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
+* decode-sized dots with bf16 weights go to a native kernel on x86 CPUs (`cpu_kernels`); elsewhere a single bf16
+  row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
 
-Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadata for `nnx.get_partition_spec`
-and logical axis rules); `sharding.py` maps them to a device mesh.
+Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadata for `nnx.get_partition_spec`);
+`sharding.LOGICAL_RULES` maps them to a device mesh.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _CONTRACT_MINOR = (((1,), (1,)), ((), ()))
 
 
 def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A parameter annotated with logical axis names (sharding is applied later, by `sharding.shard_model`)."""
+    """A parameter annotated with logical axis names (placed on a mesh by `sharding`)."""
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 

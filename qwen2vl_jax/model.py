@@ -85,15 +85,16 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *, dtype=None, local_files_only: bool | None = None,
                         revision: str | None = None, progress: bool = False, cache_dir=None,
-                        place=None) -> Qwen2VLForConditionalGeneration:
+                        place=None, mesh=None, sharding_rules=None) -> Qwen2VLForConditionalGeneration:
         """Load an HF checkpoint directory (Hub or >= 4.52 key layout, single file or sharded), a directory
         written by our converter, or a Hub model id. `dtype`: None / "float32" (default, like transformers),
-        "bfloat16", or "auto" (the checkpoint's own dtype). `place(path, array)` may put each parameter on
-        devices with its own sharding as it streams in (see `qwen2vl_jax.sharding`)."""
+        "bfloat16", or "auto" (the checkpoint's own dtype). `mesh`: stream each parameter straight to its shards
+        (`qwen2vl_jax.sharding`: logical axes -> mesh axes); `place(path, array)`: any other placement."""
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, source, dtype=dtype, local_files_only=local_files_only, revision=revision,
-                               progress=progress, cache_dir=cache_dir, place=place)
+                               progress=progress, cache_dir=cache_dir, place=place, mesh=mesh,
+                               sharding_rules=sharding_rules)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, **kwargs):

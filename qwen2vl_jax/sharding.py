@@ -1,0 +1,91 @@
+"""Sharding: one table from logical axis names to mesh axes, and the two ways to apply it.
+
+Every parameter carries logical axis names (`layers.param`, e.g. `("mlp", "embed")` for `down_proj`), so how the
+model is split over devices is decided here, by `LOGICAL_RULES`, and nowhere else (the jax-llm-examples pattern).
+The default is Megatron-style tensor parallelism over a mesh axis "model": attention heads, MLP width and the
+vocabulary are split, the residual width is replicated; a mesh axis "data" is left for the batch. XLA's SPMD
+partitioner derives the activations' shardings and the collectives from the parameters' under `jit`.
+
+    mesh = make_mesh(model=4)                                             # 4 devices, tensor parallel
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="bfloat16", mesh=mesh)  # streamed in place
+    model = shard_model(model, mesh)                                      # or: re-place a loaded model
+
+A dimension that a mesh axis does not divide (the 2B's two KV heads over 4 devices, say) stays replicated
+rather than failing: correct everywhere, and the table says what is split where it can be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from .params import model_params
+
+# logical axis (see the Linear/Embed/Norm definitions) -> mesh axis name, or None for replicated.
+LOGICAL_RULES: dict[str, str | None] = {
+    # decoder
+    "vocab": "model",  # embed_tokens / lm_head rows
+    "embed": None,  # residual width: replicated, so norms and the residual add need no communication
+    "q_heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    # vision tower
+    "vis_patch": None,
+    "vis_embed": None,
+    "vis_qkv": "model",
+    "vis_heads": "model",
+    "vis_mlp": "model",
+    "vis_merge_in": None,
+    "vis_merge": "model",
+}
+
+
+def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
+    """A `("data", "model")` mesh over the first `data * model` devices."""
+    devices = jax.devices() if devices is None else list(devices)
+    if data * model > len(devices):
+        raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
+                         f"{len(devices)} are available")
+    return Mesh(np.array(devices[:data * model]).reshape(data, model), ("data", "model"))
+
+
+def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                   rules: Mapping[str, str | None] = LOGICAL_RULES) -> PartitionSpec:
+    """The PartitionSpec for a parameter with logical `axes`; dims a mesh axis does not divide stay replicated."""
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no entry in the sharding rules")
+        mesh_axis = None if name is None else rules[name]
+        if mesh_axis is not None and mesh_axis not in mesh.shape:
+            raise ValueError(f"sharding rule {name!r} -> {mesh_axis!r}: the mesh has axes {tuple(mesh.shape)}")
+        if mesh_axis is not None and (size % mesh.shape[mesh_axis] or mesh_axis in spec):
+            mesh_axis = None
+        spec.append(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh,
+                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> dict[str, NamedSharding]:
+    """`{parameter path: NamedSharding}` for every parameter (abstract `nnx.eval_shape` models too)."""
+    return {path: NamedSharding(mesh, partition_spec(p.get_metadata()["out_sharding"], tuple(p.shape), mesh, rules))
+            for path, p in model_params(model).items()}
+
+
+def placer(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES
+           ) -> Callable[[str, np.ndarray], jax.Array]:
+    """A `place(path, array)` for `params.load_into`: each tensor goes straight to its shards as it streams in."""
+    shardings = param_shardings(model, mesh, rules)
+    return lambda path, array: jax.device_put(array, shardings[path])
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES) -> nnx.Module:
+    """Re-place every parameter of a loaded model with its sharding (in place; returns the model)."""
+    shardings = param_shardings(model, mesh, rules)
+    for path, p in model_params(model).items():
+        p.set_value(jax.device_put(p[...], shardings[path]))
+    return model
