@@ -181,5 +181,7 @@ def run_selfcheck(args) -> int:
         text = processor.decode(out.sequences[0, inputs["input_ids"].shape[1]:].tolist())
         print(f"  {'generated text':<{width}}  {text[:120]!r}")
     print("  The weights are random, so the text is noise: the check is that both implementations agree.")
+    print("  Timings: ours runs in exact-fp32 mode here (accuracy over speed: ~2x slower dots); the speed comparison"
+          " is benchmarks/bench_cpu.py (docs/BENCHMARKS.md).")
     print(f"RESULT: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
