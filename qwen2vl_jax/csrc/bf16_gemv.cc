@@ -46,8 +46,8 @@ constexpr int kMaxRows = 4;  // activation rows handled per pass over the weight
 
 // Rows [n0, n1) of w against x rows [m0, m0 + MC): 32 weights per step, 4 independent FMA chains per row (the
 // same chains for every MC, so a row's result does not depend on the batch it is in). MC is a compile-time
-// constant so the 4 * MC accumulators live in registers (a runtime row count spilled them to the stack, which
-// halved the speed).
+// constant so the 4 * MC accumulators can stay in registers (measured: 1 row unchanged at ~14 GB/s, 2-4 rows
+// 13.0 / 11.4 / 10.7 GB/s).
 template <int MC>
 void gemv_block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
                 int64_t m0) {
