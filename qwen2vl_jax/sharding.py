@@ -12,8 +12,9 @@ partitioner derives the activations' shardings and the collectives from the para
 
 A dimension that a mesh axis does not divide (the 2B's two KV heads over 4 devices, say) stays replicated
 rather than failing: correct everywhere, and the table says what is split where it can be. On a multi-device
-*CPU* mesh with bf16 weights, the native decode kernel (`cpu_kernels`) has no partitioning rule, so XLA gathers
-its weight first (correct, not fast); set QWEN2VL_JAX_CPU_KERNELS=0 there. GPU and TPU never use it.
+*CPU* mesh, the native kernels (`cpu_kernels`: bf16 decode gemv, vision attention) have no partitioning rule, so
+XLA gathers their operands first (correct, not fast); set QWEN2VL_JAX_CPU_KERNELS=0 there. GPU and TPU never use
+them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ Everything that depends on `grid_thw` (rotary positions in 2x2 merge order, whic
 is computed on the host in NumPy (`VisionLayout`); the device side is pure jitted math on padded, static shapes:
 patch rows are padded to a bucket (buckets.py) and each attention segment (one temporal slice of one image or
 video) is gathered into a `[Q, L]` segment-major layout, so attention never crosses images or frames and a new
-image size only recompiles when it leaves its bucket.
+image size only recompiles when it leaves its bucket. On x86 CPUs the attention itself runs in a fused native
+kernel (`cpu_kernels.segment_attention`, flash-attention style) that reads only each segment's (first row, length).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import cpu_kernels
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
 from .layers import LayerNorm, Linear, rope_inv_freq, rotate_half, sow
@@ -106,8 +108,9 @@ def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_buck
 
 
 # ------------------------------------------------------------------------------------------------- modules
-def segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Non-causal softmax attention inside each segment only (the reference's per-`cu_seqlens` chunks)."""
+def xla_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """Non-causal softmax attention inside each segment only (the reference's per-`cu_seqlens` chunks), in XLA ops:
+    every platform's path, and the CPU kernel's reference and gradient."""
     P, N, H = q_PNH.shape
     L = seg_rows_QL.shape[1]
     scale = H**-0.5
@@ -136,6 +139,37 @@ def segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P
     else:
         o_QLNH = jax.lax.map(maybe_attend, (seg_rows_QL, seg_valid_QL))
     return o_QLNH.reshape(-1, N, H)[row_slot_P]
+
+
+@jax.custom_vjp
+def _kernel_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """The fused CPU kernel (`csrc/segment_attention.cc`, head-major, fp32 inside) on the layout's segments."""
+    seg_Q2 = jnp.stack([seg_rows_QL[:, 0], seg_valid_QL.sum(axis=1)], axis=1)  # (first row, length); 0 = padding
+    head_major = lambda x: x.transpose(1, 0, 2)  # noqa: E731
+    o_NPH = cpu_kernels.segment_attention(head_major(q_PNH), head_major(k_PNH), head_major(v_PNH), seg_Q2,
+                                          q_PNH.shape[-1] ** -0.5)
+    return head_major(o_NPH).astype(v_PNH.dtype)
+
+
+def _kernel_fwd(*args):
+    return _kernel_segment_attention(*args), args
+
+
+def _kernel_bwd(args, g_PNH):  # gradients through the XLA formulation (the kernel is inference-only)
+    _, pullback = jax.vjp(lambda q, k, v: xla_segment_attention(q, k, v, *args[3:]), *args[:3])
+    return (*pullback(g_PNH), None, None, None)
+
+
+_kernel_segment_attention.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """Softmax attention inside each segment only: the fused kernel on x86 CPUs (2-3x faster than the XLA ops here,
+    docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math; the kernel keeps probabilities in fp32."""
+    args = (q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
+    if q_PNH.shape[-1] % 8 or not cpu_kernels.available():
+        return xla_segment_attention(*args)
+    return jax.lax.platform_dependent(*args, cpu=_kernel_segment_attention, default=xla_segment_attention)
 
 
 def apply_vision_rotary(x_PNH, cos_PH, sin_PH):

@@ -1,4 +1,5 @@
-"""The native bf16 gemv kernel (decode with bf16 weights on AVX2 CPUs) against float64 and XLA's own dot."""
+"""The native CPU kernels against float64 and XLA's own ops: the bf16 gemv (decode with bf16 weights on AVX2
+CPUs) and the fused block-diagonal attention of the vision tower."""
 
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import cpu_kernels
+from qwen2vl_jax import cpu_kernels, vision
 from qwen2vl_jax.layers import _xla_dot, dense
 from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
 
@@ -49,7 +50,7 @@ def test_many_concurrent_calls_finish():
     regression fails on the timeout instead of hanging the suite."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        from qwen2vl_jax import cpu_kernels
+        from qwen2vl_jax import cpu_kernels, vision
         assert cpu_kernels.available()
         ws = [jnp.full((2048, 256), i, jnp.bfloat16) for i in range(24)]
         f = jax.jit(lambda x, ws: [cpu_kernels.bf16_gemv(x, w) for w in ws])
@@ -80,3 +81,107 @@ def test_bf16_decode_steps_agree_with_the_bf16_full_forward(tiny_checkpoint, hf_
         full = np.asarray(full.astype(jnp.float32))
         assert helpers.rel_err(out.logits[:, step], full) <= 2e-2  # bf16 activations: ~1e-2 noise either way
         assert (out.logits[:, step].argmax(-1) == full.argmax(-1)).all()
+
+
+# ------------------------------------------------------------------------------------------ segment attention
+def _attention_f64(q, k, v, seg):
+    """float64 softmax attention inside each (first, length) segment; rows outside every segment are 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    out = np.zeros_like(q)
+    for first, length in np.asarray(seg).tolist():
+        if length == 0:  # a padded segment slot
+            continue
+        rows = slice(first, first + length)
+        s = np.einsum("lnh,mnh->nlm", q[rows], k[rows]) / np.sqrt(q.shape[-1])
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[rows] = np.einsum("nlm,mnh->lnh", p / p.sum(-1, keepdims=True), v[rows])
+    return out
+
+
+def _kernel_pnh(q, k, v, seg):
+    hm = lambda x: jnp.asarray(x).transpose(1, 0, 2)  # noqa: E731
+    return hm(cpu_kernels.segment_attention(hm(q), hm(k), hm(v), jnp.asarray(seg, jnp.int32), q.shape[-1] ** -0.5))
+
+
+@pytest.mark.parametrize("lengths, N, H", [
+    ([1024], 16, 80),  # a 448x448 image: 4 key blocks of 256, 21 full query blocks + one of 16
+    ([4096], 2, 80),  # an 896x896 image
+    ([77, 300, 5, 1, 0, 0], 3, 16),  # several images / frames of odd lengths, then two padded segments
+    ([259], 2, 8),  # one key past a block boundary
+])
+def test_segment_attention_matches_float64(lengths, N, H):
+    rng = np.random.default_rng(sum(lengths) + N + H)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    seg = np.stack([np.where(np.asarray(lengths) > 0, starts, 0), lengths], axis=1)
+    P = sum(lengths) + 13  # padded rows after the last segment
+    q = (3 * rng.standard_normal((P, N, H))).astype(np.float32)  # large scores: the softmax max matters
+    k, v = (rng.standard_normal((P, N, H)).astype(np.float32) for _ in range(2))
+    got = np.asarray(jax.jit(_kernel_pnh)(q, k, v, seg))
+    assert got.shape == (P, N, H) and got.dtype == np.float32
+    ref = _attention_f64(q, k, v, seg)
+    assert helpers.rel_err(got, ref) <= 3e-6
+    assert not got[sum(lengths):].any()  # rows outside every segment are 0
+
+
+def test_vision_attention_uses_the_kernel_and_agrees_with_xla():
+    """`vision.segment_attention` on the vision layout: the kernel on CPU, same numbers as the XLA formulation
+    (video frames as separate segments, padded segment slots, padded rows)."""
+    layout = vision.vision_layout(np.array([[1, 6, 4], [3, 4, 8], [1, 2, 2]]))
+    rng = np.random.default_rng(3)
+    P = layout.padded_patches
+    q, k, v = (jnp.asarray(rng.standard_normal((P, 4, 16)).astype(np.float32)) for _ in range(3))
+    args = (q, k, v, *map(jnp.asarray, layout.device_arrays()[1:]))
+    assert cpu_kernels.ATTENTION_TARGET in jax.jit(vision.segment_attention).lower(*args).as_text()
+    with jax.default_matmul_precision("highest"):
+        xla = np.asarray(jax.jit(vision.xla_segment_attention)(*args))[: layout.num_patches]
+    got = np.asarray(jax.jit(vision.segment_attention)(*args))[: layout.num_patches]
+    assert helpers.rel_err(got, xla) <= 2e-6
+    seg = np.stack([layout.seg_rows_QL[:, 0], layout.seg_valid_QL.sum(1)], 1)
+    assert helpers.rel_err(got, _attention_f64(q, k, v, seg)[: layout.num_patches]) <= 2e-6
+
+
+def test_vision_attention_gradient_goes_through_the_xla_formulation():
+    layout = vision.vision_layout(np.array([[2, 4, 4]]))
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((layout.padded_patches, 2, 8)).astype(np.float32)) for _ in range(3))
+    rest = tuple(map(jnp.asarray, layout.device_arrays()[1:]))
+    n = layout.num_patches
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *rest)[:n]))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        got = jax.grad(loss(vision.segment_attention), argnums=(0, 1, 2))(q, k, v)
+        ref = jax.grad(loss(vision.xla_segment_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, ref):
+        assert np.abs(np.asarray(r)).max() > 0
+        assert helpers.rel_err(g, r) <= 1e-5
+
+
+def test_segment_attention_rejects_bad_shapes():
+    q = jnp.ones((8, 2, 12), jnp.float32)  # head dim 12: not a multiple of 8
+    with pytest.raises(Exception, match="multiple of 8"):
+        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0))
+    q = jnp.ones((2, 8, 16), jnp.float32)
+    with pytest.raises(Exception, match="outside the rows"):
+        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[4, 8]], jnp.int32), 1.0))
+    # the model never sends such a head dim to the kernel: the XLA formulation takes it
+    layout = vision.vision_layout(np.array([[1, 2, 4]]))
+    x = jnp.ones((layout.padded_patches, 2, 12), jnp.float32)
+    lowered = jax.jit(vision.segment_attention).lower(x, x, x, *map(jnp.asarray, layout.device_arrays()[1:]))
+    assert cpu_kernels.ATTENTION_TARGET not in lowered.as_text()
+
+
+def test_concurrent_attention_calls_finish():
+    """Several independent attention calls in one jit may run at once on XLA's pool (see the gemv test)."""
+    code = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from qwen2vl_jax import cpu_kernels
+        assert cpu_kernels.available()
+        xs = [jnp.full((4, 300, 16), 0.01 * i, jnp.float32) for i in range(12)]
+        seg = jnp.asarray([[0, 300]], jnp.int32)
+        f = jax.jit(lambda xs: [cpu_kernels.segment_attention(x, x, x, seg, 0.25) for x in xs])
+        for _ in range(10):
+            out = jax.block_until_ready(f(xs))
+        assert all(np.allclose(np.asarray(o), 0.01 * i) for i, o in enumerate(out))
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
