@@ -15,7 +15,8 @@
 //
 // Work units are (segment, head, block of kBQ queries), taken from a shared counter by the calling thread and by
 // XLA's intra-op pool (the same scheme as bf16_gemv.cc: the caller never waits on queued tasks, so concurrent
-// calls cannot deadlock the pool). Both products use 6x16 register tiles with one FMA chain per output element.
+// calls cannot deadlock the pool). Scores use 6x16 register tiles, the probability-value product 4x24 ones (12
+// accumulators each), one FMA chain per output element within a key block.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -218,6 +219,8 @@ ffi::Error SegmentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   }
   if (job->units == 0) return ffi::Error::Success();
   job->unit_start.push_back(job->units);  // sentinel: upper_bound never runs past the last real entry
+  // Compute-bound: num_threads() or num_threads() - 1 pool tasks measured the same here (the gemv, which is
+  // bandwidth-bound, needs exactly one worker per core).
   int64_t threads = std::min<int64_t>(pool.num_threads(), job->units - 1);
   for (int64_t t = 0; t < threads; ++t) pool.Schedule([job] { job->work(); });
   job->work();
