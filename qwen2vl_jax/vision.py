@@ -164,7 +164,7 @@ _kernel_segment_attention.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Softmax attention inside each segment only: the fused kernel on x86 CPUs (2-3x faster than the XLA ops here,
+    """Softmax attention inside each segment only: the fused kernel on x86 CPUs (2.2x the XLA ops here,
     docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math; the kernel keeps probabilities in fp32."""
     args = (q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
     if q_PNH.shape[-1] % 8 or not cpu_kernels.available():
