@@ -11,7 +11,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
-    package_data={"qwen2vl_jax": ["csrc/*.cc"]},  # the optional bf16 CPU kernel, compiled on first use
+    package_data={"qwen2vl_jax": ["csrc/*.cc", "csrc/*.h"]},  # the optional CPU kernels, compiled on first use
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

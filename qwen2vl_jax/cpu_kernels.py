@@ -40,6 +40,7 @@ TARGET = "qwen2vl_jax_bf16_gemv"
 MAX_ROWS = 4  # decode batches up to 4 rows (measured: faster than XLA's bf16 dot up to 3-4 rows, slower at 8)
 ATTENTION_TARGET = "qwen2vl_jax_segment_attention"
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("bf16_gemv.cc", "segment_attention.cc")]
+_HEADER = Path(__file__).with_name("csrc") / "work_queue.h"  # the dispatch both kernels share
 
 
 def _cpu_has_avx2_fma() -> bool:
@@ -54,11 +55,11 @@ def _cpu_has_avx2_fma() -> bool:
 
 def _build() -> Path | None:
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None or not all(src.is_file() for src in _SOURCES):
+    if compiler is None or not all(src.is_file() for src in (*_SOURCES, _HEADER)):
         return None
     include = jax.ffi.include_dir()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    sources = b"".join(src.read_bytes() for src in _SOURCES)
+    sources = b"".join(src.read_bytes() for src in (*_SOURCES, _HEADER))
     key = hashlib.sha256(sources + repr((jax.__version__, version, include)).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("QWEN2VL_JAX_CACHE", Path.home() / ".cache" / "qwen2vl_jax")) / "kernels"
     lib = cache / f"cpu_kernels-{key}.so"

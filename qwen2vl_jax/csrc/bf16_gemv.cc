@@ -11,12 +11,10 @@
 // (a blocked order, like a BLAS), so results match a bf16 x bf16 -> f32 dot to fp32 rounding.
 #include <immintrin.h>
 
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -86,26 +84,18 @@ void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K
   }
 }
 
-// Work shared by the calling thread and the pool tasks it schedules. Held by shared_ptr: a task may start after
-// the call has returned (it then finds no chunk left and only drops its reference).
 struct Job {
   const float* x;
   const uint16_t* w;
   float* y;
-  int64_t M, K, N, rows_per_chunk, chunks;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable cv;
+  int64_t M, K, N, rows_per_chunk;
+  qwen2vl_jax::WorkQueue queue;  // one item per chunk of weight rows
 
   void work() {
-    for (int64_t c; (c = next.fetch_add(1)) < chunks;) {
+    queue.drain([&](int64_t c) {
       const int64_t n0 = c * rows_per_chunk, n1 = n0 + rows_per_chunk < N ? n0 + rows_per_chunk : N;
       gemv_rows(x, w, y, M, K, N, n0, n1);
-      if (done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
+    });
   }
 };
 
@@ -121,22 +111,16 @@ ffi::Error Bf16GemvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   job->y = y->typed_data();
   job->M = xd[0], job->K = xd[1], job->N = wd[0];
 
-  // Rows go out in chunks (multiples of 8, ~4 per thread for balance) taken from a shared counter by this thread
-  // and by up to num_threads() - 1 pool tasks. This thread never waits on a task that has not started: XLA may run
-  // several of these calls at once on pool threads, and waiting for queued work there would deadlock the pool.
-  // It waits only for chunks other threads are already computing.
-  // The calling thread works too, so it schedules num_threads() - 1 tasks: one worker per core. One more worker
-  // than cores (the first version) lost 10-14% of the bandwidth here (measured A/B, 197-call decode chain:
-  // 15.0-17.2 vs 16.9-17.8 GB/s median): a worker descheduled mid-chunk holds up the end of every call.
+  // Rows go out in chunks (multiples of 8, ~4 per worker for balance) through the shared work queue. The calling
+  // thread works too, so it schedules num_threads() - 1 tasks: one worker per core. One more worker than cores
+  // (the first version) lost 10-14% of the bandwidth here (measured A/B, 197-call decode chain: 15.0-17.2 vs
+  // 16.9-17.8 GB/s median): a worker descheduled mid-chunk holds up the end of every call.
   int64_t threads = pool.num_threads() - 1;
   if (threads < 1 || job->N < 64 * threads) threads = 0;
   const int64_t chunks_wanted = 4 * (threads + 1);
   job->rows_per_chunk = ((job->N + chunks_wanted - 1) / chunks_wanted + 7) / 8 * 8;
-  job->chunks = (job->N + job->rows_per_chunk - 1) / job->rows_per_chunk;
-  for (int64_t t = 0; t < threads; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load() == job->chunks; });
+  job->queue.count = (job->N + job->rows_per_chunk - 1) / job->rows_per_chunk;
+  qwen2vl_jax::run_on_pool(pool, job, threads);
   return ffi::Error::Success();
 }
 

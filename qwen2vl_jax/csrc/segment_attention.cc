@@ -14,21 +14,19 @@
 //   o:       f32[N, P, H]    rows that no segment covers are 0
 //
 // Work units are (segment, head, block of kBQ queries), taken from a shared counter by the calling thread and by
-// XLA's intra-op pool (the same scheme as bf16_gemv.cc: the caller never waits on queued tasks, so concurrent
+// XLA's intra-op pool (work_queue.h, shared with bf16_gemv.cc: the caller never waits on queued tasks, so concurrent
 // calls cannot deadlock the pool). Scores use 6x16 register tiles, the probability-value product 4x24 ones (12
 // accumulators each), one FMA chain per output element within a key block.
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <vector>
 
+#include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -107,22 +105,13 @@ struct Job {
   int64_t P, N, H, S;
   float scale;
   std::vector<int64_t> unit_start;  // first unit of each (segment, head)
-  int64_t units = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable cv;
+  qwen2vl_jax::WorkQueue queue;     // one item per unit
 
   void run_unit(int64_t u, std::vector<float>& buf) const;
 
   void work() {
-    std::vector<float> buf;
-    for (int64_t u; (u = next.fetch_add(1)) < units;) {
-      run_unit(u, buf);
-      if (done.fetch_add(1) + 1 == units) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
-      }
-    }
+    std::vector<float> buf;  // per-thread scratch, reused across units
+    queue.drain([&](int64_t u) { run_unit(u, buf); });
   }
 };
 
@@ -210,22 +199,20 @@ ffi::Error SegmentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   }
   std::memset(job->o, 0, sizeof(float) * job->P * job->N * job->H);  // rows outside every segment
   job->unit_start.reserve(job->S * job->N + 1);
+  int64_t units = 0;
   for (int64_t s = 0; s < job->S; ++s) {
     const int64_t blocks = (job->seg[2 * s + 1] + kBQ - 1) / kBQ;
     for (int64_t n = 0; n < job->N; ++n) {
-      job->unit_start.push_back(job->units);
-      job->units += blocks;
+      job->unit_start.push_back(units);
+      units += blocks;
     }
   }
-  if (job->units == 0) return ffi::Error::Success();
-  job->unit_start.push_back(job->units);  // sentinel: upper_bound never runs past the last real entry
+  if (units == 0) return ffi::Error::Success();
+  job->unit_start.push_back(units);  // sentinel: upper_bound never runs past the last real entry
+  job->queue.count = units;
   // Compute-bound: num_threads() or num_threads() - 1 pool tasks measured the same here (the gemv, which is
   // bandwidth-bound, needs exactly one worker per core).
-  int64_t threads = std::min<int64_t>(pool.num_threads(), job->units - 1);
-  for (int64_t t = 0; t < threads; ++t) pool.Schedule([job] { job->work(); });
-  job->work();
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load() == job->units; });
+  qwen2vl_jax::run_on_pool(pool, job, std::min<int64_t>(pool.num_threads(), units - 1));
   return ffi::Error::Success();
 }
 
