@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import cpu_kernels
 from .config import Qwen2VLTextConfig
 from .layers import Embed, Linear, RMSNorm, rope_inv_freq, rotate_half, sow
 
@@ -79,6 +80,58 @@ def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
     return out.astype(x_BTNH.dtype)
 
 
+# ------------------------------------------------------------------------------------------------- attention core
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+    """Masked GQA softmax attention in XLA ops (every platform, and the decode kernel's reference and gradient).
+
+    Query head n uses kv head n // G (TF457 repeat_kv), so N splits into (K, G). Scores and softmax in fp32; the
+    probabilities are cast to the activation dtype (q's) before the value product, as TF457's eager attention.
+    Returns (o [B, T, N, H] in q's dtype, probabilities [B, K, G, T, S] fp32).
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    dtype = q_BTNH.dtype
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dtype),
+                         preferred_element_type=jnp.float32) * (H**-0.5)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(dtype), v_BSKH.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(dtype)
+    return o_BTKGH.reshape(B, T, N, H), p_BKGTS
+
+
+@jax.custom_vjp
+def _kernel_decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S):
+    """The fused CPU kernel (`csrc/decode_attention.cc`) for one query per row: reads the cache in place."""
+    o_BNH = cpu_kernels.decode_attention(q_B1NH[:, 0], k_BSKH, v_BSKH, mask_B1S[:, 0], q_B1NH.shape[-1] ** -0.5,
+                                         probs_bf16=q_B1NH.dtype == jnp.bfloat16)
+    return o_BNH[:, None].astype(q_B1NH.dtype)
+
+
+def _decode_kernel_fwd(*args):
+    return _kernel_decode_attention(*args), args
+
+
+def _decode_kernel_bwd(args, g_B1NH):  # gradients through the XLA formulation (the kernel is inference-only)
+    _, pullback = jax.vjp(lambda q, k, v: xla_attention(q, k, v, args[3])[0], *args[:3])
+    return (*pullback(g_B1NH), None)
+
+
+_kernel_decode_attention.defvjp(_decode_kernel_fwd, _decode_kernel_bwd)
+
+
+def decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S):
+    """Attention of one new token per row over the cache: the fused kernel on x86 CPUs (one call per layer instead
+    of ~10 small XLA ops, docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math to fp32 rounding."""
+    dtype = q_B1NH.dtype
+    if (q_B1NH.shape[1] != 1 or q_B1NH.shape[-1] % 8 or k_BSKH.dtype != dtype
+            or dtype not in (jnp.float32, jnp.bfloat16) or not cpu_kernels.available()):
+        return xla_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S)[0]
+    return jax.lax.platform_dependent(q_B1NH, k_BSKH, v_BSKH, mask_B1S, cpu=_kernel_decode_attention,
+                                      default=lambda *a: xla_attention(*a)[0])
+
+
 # ------------------------------------------------------------------------------------------------- modules
 class Attention(nnx.Module):
     def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
@@ -102,16 +155,13 @@ class Attention(nnx.Module):
         else:
             k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), (0, start, 0, 0))
             v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), (0, start, 0, 0))
-        # Query head n uses kv head n // G (TF457 repeat_kv), so split N into (K, G).
-        q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-        s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
-                             preferred_element_type=jnp.float32) * (H**-0.5)
-        s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-        p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-        sow(self, "attn_probs", p_BKGTS.reshape(B, N, T, -1))
-        o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(x_BTD.dtype), v_BSKH.astype(x_BTD.dtype),
-                             preferred_element_type=jnp.float32).astype(x_BTD.dtype)
-        out = self.o_proj(o_BTKGH.reshape(B, T, N * H))
+        if T == 1 and kv is not None and not output_attentions and getattr(self, "__captures__", None) is None:
+            o_BTNH = decode_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)  # one decode step: the fused CPU kernel
+            p_BKGTS = None
+        else:
+            o_BTNH, p_BKGTS = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+            sow(self, "attn_probs", p_BKGTS.reshape(B, N, T, -1))
+        out = self.o_proj(o_BTNH.reshape(B, T, N * H))
         probs = p_BKGTS.reshape(B, N, T, -1) if output_attentions else None
         return out, (k_BSKH, v_BSKH), probs
 

@@ -8,8 +8,9 @@ Everything that depends on `grid_thw` (rotary positions in 2x2 merge order, whic
 is computed on the host in NumPy (`VisionLayout`); the device side is pure jitted math on padded, static shapes:
 patch rows are padded to a bucket (buckets.py) and each attention segment (one temporal slice of one image or
 video) is gathered into a `[Q, L]` segment-major layout, so attention never crosses images or frames and a new
-image size only recompiles when it leaves its bucket. On x86 CPUs the attention itself runs in a fused native
-kernel (`cpu_kernels.segment_attention`, flash-attention style) that reads only each segment's (first row, length).
+image size only recompiles when it leaves its bucket. On x86 CPUs the rotary and the attention run in one fused
+native kernel (`cpu_kernels.segment_attention`, flash-attention style) that reads only each segment's (first row,
+length).
 """
 
 from __future__ import annotations
@@ -141,42 +142,47 @@ def xla_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_sl
     return o_QLNH.reshape(-1, N, H)[row_slot_P]
 
 
-@jax.custom_vjp
-def _kernel_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """The fused CPU kernel (`csrc/segment_attention.cc`, head-major, fp32 inside) on the layout's segments."""
-    seg_Q2 = jnp.stack([seg_rows_QL[:, 0], seg_valid_QL.sum(axis=1)], axis=1)  # (first row, length); 0 = padding
-    head_major = lambda x: x.transpose(1, 0, 2)  # noqa: E731
-    o_NPH = cpu_kernels.segment_attention(head_major(q_PNH), head_major(k_PNH), head_major(v_PNH), seg_Q2,
-                                          q_PNH.shape[-1] ** -0.5)
-    return head_major(o_NPH).astype(v_PNH.dtype)
-
-
-def _kernel_fwd(*args):
-    return _kernel_segment_attention(*args), args
-
-
-def _kernel_bwd(args, g_PNH):  # gradients through the XLA formulation (the kernel is inference-only)
-    _, pullback = jax.vjp(lambda q, k, v: xla_segment_attention(q, k, v, *args[3:]), *args[:3])
-    return (*pullback(g_PNH), None, None, None)
-
-
-_kernel_segment_attention.defvjp(_kernel_fwd, _kernel_bwd)
-
-
-def segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Softmax attention inside each segment only: the fused kernel on x86 CPUs (2.2x the XLA ops here,
-    docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math; the kernel keeps probabilities in fp32."""
-    args = (q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
-    if q_PNH.shape[-1] % 8 or not cpu_kernels.available():
-        return xla_segment_attention(*args)
-    return jax.lax.platform_dependent(*args, cpu=_kernel_segment_attention, default=xla_segment_attention)
-
-
 def apply_vision_rotary(x_PNH, cos_PH, sin_PH):
     """q/k rotation in fp32, cast back (TF457 apply_rotary_pos_emb_vision)."""
     x32 = x_PNH.astype(jnp.float32)
     out = x32 * cos_PH[:, None, :] + rotate_half(x32) * sin_PH[:, None, :]
     return out.astype(x_PNH.dtype)
+
+
+def xla_rotary_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """Rotary on q and k, then attention inside each segment, in XLA ops (the kernel's reference and gradient)."""
+    q_PNH, k_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH), apply_vision_rotary(k_PNH, cos_PH, sin_PH)
+    return xla_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
+
+
+@jax.custom_vjp
+def _kernel_rotary_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """The fused CPU kernel (`csrc/segment_attention.cc`: rotary, then attention, fp32 inside) on the segments."""
+    seg_Q2 = jnp.stack([seg_rows_QL[:, 0], seg_valid_QL.sum(axis=1)], axis=1)  # (first row, length); 0 = padding
+    o_PNH = cpu_kernels.segment_attention(q_PNH, k_PNH, v_PNH, seg_Q2, q_PNH.shape[-1] ** -0.5, cos_PH, sin_PH)
+    return o_PNH.astype(v_PNH.dtype)
+
+
+def _kernel_fwd(*args):
+    return _kernel_rotary_attention(*args), args
+
+
+def _kernel_bwd(args, g_PNH):  # gradients through the XLA formulation (the kernel is inference-only)
+    _, pullback = jax.vjp(lambda q, k, v: xla_rotary_attention(q, k, v, *args[3:]), *args[:3])
+    return (*pullback(g_PNH), None, None, None, None, None)
+
+
+_kernel_rotary_attention.defvjp(_kernel_fwd, _kernel_bwd)
+
+
+def rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    """Rotary on q and k, then softmax attention inside each segment only: one fused kernel on x86 CPUs (2.2x
+    the XLA ops, docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math; the kernel stays in fp32 (a bf16
+    model's rotated q and k are not rounded back to bf16 there)."""
+    args = (q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
+    if q_PNH.shape[-1] % 8 or not cpu_kernels.available():
+        return xla_rotary_attention(*args)
+    return jax.lax.platform_dependent(*args, cpu=_kernel_rotary_attention, default=xla_rotary_attention)
 
 
 class VisionAttention(nnx.Module):
@@ -191,9 +197,7 @@ class VisionAttention(nnx.Module):
         # qkv output features are [q | k | v], each head-major (reference §3 step 5).
         qkv_P3NH = self.qkv(x_PE).reshape(P, 3, self.num_heads, self.head_dim)
         q_PNH, k_PNH, v_PNH = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
-        q_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH)
-        k_PNH = apply_vision_rotary(k_PNH, cos_PH, sin_PH)
-        o_PNH = segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
+        o_PNH = rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
         return self.proj(o_PNH.reshape(P, -1))
 
 

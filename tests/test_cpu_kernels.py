@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import cpu_kernels, vision
+from qwen2vl_jax import cpu_kernels, text, vision
 from qwen2vl_jax.layers import _xla_dot, dense
 from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
 
@@ -99,8 +99,7 @@ def _attention_f64(q, k, v, seg):
 
 
 def _kernel_pnh(q, k, v, seg):
-    hm = lambda x: jnp.asarray(x).transpose(1, 0, 2)  # noqa: E731
-    return hm(cpu_kernels.segment_attention(hm(q), hm(k), hm(v), jnp.asarray(seg, jnp.int32), q.shape[-1] ** -0.5))
+    return cpu_kernels.segment_attention(q, k, v, jnp.asarray(seg, jnp.int32), q.shape[-1] ** -0.5)
 
 
 @pytest.mark.parametrize("lengths, N, H", [
@@ -123,33 +122,60 @@ def test_segment_attention_matches_float64(lengths, N, H):
     assert not got[sum(lengths):].any()  # rows outside every segment are 0
 
 
+def _rotate_f64(x_PNH, cos_PH, sin_PH):
+    x, c, s = (np.asarray(a, np.float64) for a in (x_PNH, cos_PH, sin_PH))
+    half = x.shape[-1] // 2
+    return x * c[:, None] + np.concatenate([-x[..., half:], x[..., :half]], -1) * s[:, None]
+
+
+def _rotary_tables(P, H, rng):
+    angles = rng.uniform(0, 30, (P, H // 2))
+    angles = np.concatenate([angles, angles], -1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def test_segment_attention_applies_the_rotary_when_given():
+    rng = np.random.default_rng(9)
+    P, N, H = 150, 3, 16
+    q, k, v = (rng.standard_normal((P, N, H)).astype(np.float32) for _ in range(3))
+    cos, sin = _rotary_tables(P, H, rng)
+    seg = np.array([[0, 100], [100, 50]])
+    got = np.asarray(jax.jit(cpu_kernels.segment_attention, static_argnums=4)(
+        q, k, v, jnp.asarray(seg, jnp.int32), H**-0.5, cos, sin))
+    ref = _attention_f64(_rotate_f64(q, cos, sin), _rotate_f64(k, cos, sin), v, seg)
+    assert helpers.rel_err(got, ref) <= 3e-6
+    assert helpers.rel_err(got, _attention_f64(q, k, v, seg)) > 1e-2  # the rotation is really applied
+
+
 def test_vision_attention_uses_the_kernel_and_agrees_with_xla():
-    """`vision.segment_attention` on the vision layout: the kernel on CPU, same numbers as the XLA formulation
-    (video frames as separate segments, padded segment slots, padded rows)."""
+    """`vision.rotary_segment_attention` on the vision layout: the kernel on CPU, same numbers as the XLA
+    formulation (video frames as separate segments, padded segment slots, padded rows)."""
     layout = vision.vision_layout(np.array([[1, 6, 4], [3, 4, 8], [1, 2, 2]]))
     rng = np.random.default_rng(3)
     P = layout.padded_patches
     q, k, v = (jnp.asarray(rng.standard_normal((P, 4, 16)).astype(np.float32)) for _ in range(3))
-    args = (q, k, v, *map(jnp.asarray, layout.device_arrays()[1:]))
-    assert cpu_kernels.ATTENTION_TARGET in jax.jit(vision.segment_attention).lower(*args).as_text()
+    cos, sin = _rotary_tables(P, 16, rng)
+    args = (q, k, v, cos, sin, *map(jnp.asarray, layout.device_arrays()[1:]))
+    assert cpu_kernels.ATTENTION_TARGET in jax.jit(vision.rotary_segment_attention).lower(*args).as_text()
     with jax.default_matmul_precision("highest"):
-        xla = np.asarray(jax.jit(vision.xla_segment_attention)(*args))[: layout.num_patches]
-    got = np.asarray(jax.jit(vision.segment_attention)(*args))[: layout.num_patches]
+        xla = np.asarray(jax.jit(vision.xla_rotary_attention)(*args))[: layout.num_patches]
+    got = np.asarray(jax.jit(vision.rotary_segment_attention)(*args))[: layout.num_patches]
     assert helpers.rel_err(got, xla) <= 2e-6
     seg = np.stack([layout.seg_rows_QL[:, 0], layout.seg_valid_QL.sum(1)], 1)
-    assert helpers.rel_err(got, _attention_f64(q, k, v, seg)[: layout.num_patches]) <= 2e-6
+    ref = _attention_f64(_rotate_f64(q, cos, sin), _rotate_f64(k, cos, sin), v, seg)
+    assert helpers.rel_err(got, ref[: layout.num_patches]) <= 2e-6
 
 
 def test_vision_attention_gradient_goes_through_the_xla_formulation():
     layout = vision.vision_layout(np.array([[2, 4, 4]]))
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((layout.padded_patches, 2, 8)).astype(np.float32)) for _ in range(3))
-    rest = tuple(map(jnp.asarray, layout.device_arrays()[1:]))
+    rest = (*_rotary_tables(layout.padded_patches, 8, rng), *map(jnp.asarray, layout.device_arrays()[1:]))
     n = layout.num_patches
     loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *rest)[:n]))  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        got = jax.grad(loss(vision.segment_attention), argnums=(0, 1, 2))(q, k, v)
-        ref = jax.grad(loss(vision.xla_segment_attention), argnums=(0, 1, 2))(q, k, v)
+        got = jax.grad(loss(vision.rotary_segment_attention), argnums=(0, 1, 2))(q, k, v)
+        ref = jax.grad(loss(vision.xla_rotary_attention), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, ref):
         assert np.abs(np.asarray(r)).max() > 0
         assert helpers.rel_err(g, r) <= 1e-5
@@ -159,13 +185,18 @@ def test_segment_attention_rejects_bad_shapes():
     q = jnp.ones((8, 2, 12), jnp.float32)  # head dim 12: not a multiple of 8
     with pytest.raises(Exception, match="multiple of 8"):
         jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0))
+    q, bad = jnp.ones((8, 2, 16), jnp.float32), jnp.ones((7, 16), jnp.float32)  # rotary tables for 7 rows, not 8
+    with pytest.raises(Exception, match="cos and sin"):
+        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0, bad, bad))
     q = jnp.ones((2, 8, 16), jnp.float32)
     with pytest.raises(Exception, match="outside the rows"):
         jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[4, 8]], jnp.int32), 1.0))
     # the model never sends such a head dim to the kernel: the XLA formulation takes it
     layout = vision.vision_layout(np.array([[1, 2, 4]]))
     x = jnp.ones((layout.padded_patches, 2, 12), jnp.float32)
-    lowered = jax.jit(vision.segment_attention).lower(x, x, x, *map(jnp.asarray, layout.device_arrays()[1:]))
+    cs = jnp.ones((layout.padded_patches, 12), jnp.float32)
+    lowered = jax.jit(vision.rotary_segment_attention).lower(x, x, x, cs, cs,
+                                                             *map(jnp.asarray, layout.device_arrays()[1:]))
     assert cpu_kernels.ATTENTION_TARGET not in lowered.as_text()
 
 
@@ -175,7 +206,7 @@ def test_concurrent_attention_calls_finish():
         import jax, jax.numpy as jnp, numpy as np
         from qwen2vl_jax import cpu_kernels
         assert cpu_kernels.available()
-        xs = [jnp.full((4, 300, 16), 0.01 * i, jnp.float32) for i in range(12)]
+        xs = [jnp.full((300, 4, 16), 0.01 * i, jnp.float32) for i in range(12)]
         seg = jnp.asarray([[0, 300]], jnp.int32)
         f = jax.jit(lambda xs: [cpu_kernels.segment_attention(x, x, x, seg, 0.25) for x in xs])
         for _ in range(10):
@@ -185,3 +216,109 @@ def test_concurrent_attention_calls_finish():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------- decode attention
+def _decode_attention_f64(q_BNH, k_BSKH, v_BSKH, valid_BS, probs_bf16=False):
+    """float64 GQA attention of one query per row and head over the valid cache slots (probabilities rounded to
+    bf16 first when asked, as the bf16 model does)."""
+    q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q_BNH, k_BSKH, v_BSKH))
+    B, N, H = q.shape
+    G = N // k.shape[2]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for n in range(N):
+            s = k[b, :, n // G] @ q[b, n] / np.sqrt(H)
+            s = np.where(valid_BS[b], s, -np.inf)
+            p = np.exp(s - s.max())
+            p = p / p.sum()
+            if probs_bf16:
+                p = np.asarray(jnp.asarray(p, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+            out[b, n] = p @ v[b, :, n // G]
+    return out
+
+
+@pytest.mark.parametrize("B, S, K, G, H", [
+    (1, 352, 2, 6, 128),  # the 2B decode step (GQA 6) at the benchmark's cache length
+    (3, 37, 4, 7, 64),  # the 7B's GQA ratio; a cache length with a tail past the 8-lane blocks
+    (2, 300, 1, 9, 16),  # more query heads per kv head than one register pass (8)
+    (2, 20, 3, 1, 8),  # no GQA
+])
+def test_decode_attention_matches_float64(B, S, K, G, H):
+    rng = np.random.default_rng(B * S + K * G + H)
+    q = (3 * rng.standard_normal((B, K * G, H))).astype(np.float32)  # large scores: the softmax max matters
+    k, v = (rng.standard_normal((B, S, K, H)).astype(np.float32) for _ in range(2))
+    valid = rng.random((B, S)) < 0.8  # scattered holes, like left padding and masked rows
+    valid[:, 0] = True
+    got = np.asarray(jax.jit(cpu_kernels.decode_attention, static_argnums=(4, 5))(q, k, v, valid, H**-0.5, False))
+    assert got.shape == q.shape and got.dtype == np.float32
+    assert helpers.rel_err(got, _decode_attention_f64(q, k, v, valid)) <= 2e-6
+
+
+def test_decode_attention_rounds_probabilities_to_bf16_when_asked():
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(2 * rng.standard_normal((2, 12, 64)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, 90, 2, 64)), jnp.bfloat16) for _ in range(2))
+    valid = np.ones((2, 90), bool)
+    fn = jax.jit(cpu_kernels.decode_attention, static_argnums=(4, 5))
+    rounded, exact = (np.asarray(fn(q, k, v, valid, 0.125, flag)) for flag in (True, False))
+    assert helpers.rel_err(rounded, _decode_attention_f64(q, k, v, valid, probs_bf16=True)) <= 2e-6
+    assert helpers.rel_err(exact, _decode_attention_f64(q, k, v, valid)) <= 2e-6
+    assert helpers.rel_err(rounded, exact) > 1e-4  # the rounding is really there
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_in_the_layer_agrees_with_xla(dtype):
+    """`text.decode_attention` (the kernel on CPU) vs the XLA formulation the layer uses for prefill: same
+    numbers for an fp32 and a bf16 cache (bf16: probabilities rounded to bf16 before the value product, exactly
+    like the XLA ops), a row with no valid slot (both average every slot), and gradients through XLA."""
+    rng = np.random.default_rng(7)
+    B, S, K, G, H = 3, 70, 2, 6, 32
+    q = jnp.asarray(2 * rng.standard_normal((B, 1, K * G, H)), dtype)
+    k, v = (jnp.asarray(rng.standard_normal((B, S, K, H)), dtype) for _ in range(2))
+    mask = rng.random((B, 1, S)) < 0.6
+    mask[2] = False  # a row with nothing to attend to
+    mask = jnp.asarray(mask)
+    assert cpu_kernels.DECODE_ATTENTION_TARGET in jax.jit(text.decode_attention).lower(q, k, v, mask).as_text()
+    with jax.default_matmul_precision("highest"):
+        ref = jax.jit(lambda *a: text.xla_attention(*a)[0])(q, k, v, mask)
+        got = jax.jit(text.decode_attention)(q, k, v, mask)
+        assert got.dtype == dtype
+        got, ref = (np.asarray(x.astype(jnp.float32)) for x in (got, ref))
+        if dtype == jnp.float32:
+            assert helpers.rel_err(got, ref) <= 2e-6
+        else:  # bf16 output rounding: equal or one bf16 step apart
+            assert np.abs(got - ref).max() <= 2**-7 * np.abs(ref).max()
+        assert np.allclose(got[2, 0], np.asarray(v.astype(jnp.float32))[2].mean(0).repeat(G, 0), atol=2e-2)
+        loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask).astype(jnp.float32)))  # noqa: E731
+        g_got = jax.grad(loss(text.decode_attention), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.grad(loss(lambda *a: text.xla_attention(*a)[0]), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_ref):
+        a, b = (np.asarray(x.astype(jnp.float32)) for x in (a, b))
+        assert np.abs(b).max() > 0 and helpers.rel_err(a, b) <= (1e-5 if dtype == jnp.float32 else 2e-2)
+
+
+def test_decode_attention_is_used_only_for_single_token_steps():
+    rng = np.random.default_rng(1)
+    k = jnp.asarray(rng.standard_normal((1, 16, 2, 8)), jnp.float32)
+    for T, expected in ((1, True), (2, False)):
+        q = jnp.ones((1, T, 4, 8), jnp.float32)
+        mask = jnp.ones((1, T, 16), bool)
+        hlo = jax.jit(text.decode_attention).lower(q, k, k, mask).as_text()
+        assert (cpu_kernels.DECODE_ATTENTION_TARGET in hlo) is expected, T
+    # a bf16 query over an fp32 cache would round the keys first in XLA: the kernel is not used there
+    hlo = jax.jit(text.decode_attention).lower(jnp.ones((1, 1, 4, 8), jnp.bfloat16), k, k, mask[:, :1]).as_text()
+    assert cpu_kernels.DECODE_ATTENTION_TARGET not in hlo
+
+
+def test_decode_attention_rejects_bad_shapes():
+    q = jnp.ones((1, 4, 12), jnp.float32)  # head dim 12: not a multiple of 8
+    k = jnp.ones((1, 5, 2, 12), jnp.float32)
+    with pytest.raises(Exception, match="multiple of 8"):
+        jax.block_until_ready(cpu_kernels.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
+    q, k = jnp.ones((1, 5, 8), jnp.float32), jnp.ones((1, 5, 2, 8), jnp.float32)  # 5 heads over 2 kv heads
+    with pytest.raises(Exception, match="multiple of K"):
+        jax.block_until_ready(cpu_kernels.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
+    with pytest.raises(Exception, match="dtypes differ"):
+        jax.block_until_ready(cpu_kernels.decode_attention(jnp.ones((1, 4, 8)), k, k.astype(jnp.bfloat16),
+                                                           jnp.ones((1, 5), bool), 1.0, False))

@@ -9,9 +9,18 @@
 //
 //   o[n, p, :] = sum_j softmax_j(q[n, p, :] . k[n, j, :] * scale) v[n, j, :],   j in the segment holding p
 //
-//   q, k, v: f32[N, P, H] (head-major: each head's rows contiguous, so keys stream without TLB misses)
+//   q, k, v: f32[P, N, H] (the qkv projection's layout)
+//   cos, sin: f32[P, H]      with `rotate`, q and k are first rotated (the vision rotary, see below); else unused
 //   segments: i32[S, 2] = (first row, length); a length of 0 is a padded segment
-//   o:       f32[N, P, H]    rows that no segment covers are 0
+//   o:       f32[P, N, H]    rows that no segment covers are 0
+//
+// Rotary: x * cos + rotate_half(x) * sin per row, rotate_half(x) = cat(-x[H/2:], x[:H/2]) (TF457
+// apply_rotary_pos_emb_vision, in fp32). Keys and values are first copied head-major ([N, P, H], each head's rows
+// contiguous: read in place from [P, N, H] their rows are N * H apart and the key loop misses the TLB on every row,
+// 38 GFLOP/s in a first version); the keys are rotated on the way. That copy runs on the pool, one (tensor, head)
+// per item, into per-thread buffers that are reused (fresh 5 MB buffers cost ~10 ms of page faults per call).
+// Queries are rotated as each block is gathered. Done in XLA instead, the rotary and the transposes before and
+// after the call were single-threaded element-wise ops: 17 ms of a ~400 ms fp32 vision block at 448x448 (2B).
 //
 // Work units are (segment, head, block of kBQ queries), taken from a shared counter by the calling thread and by
 // XLA's intra-op pool (work_queue.h, shared with bf16_gemv.cc: the caller never waits on queued tasks, so concurrent
@@ -26,6 +35,7 @@
 #include <memory>
 #include <vector>
 
+#include "avx2_math.h"
 #include "work_queue.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -33,30 +43,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using qwen2vl_jax::exp256;
+
 constexpr int kBQ = 48;    // queries per work unit: 6 vectors of 8 lanes (a multiple of 16 and of 24)
 constexpr int kBK = 128;   // keys per block: the [kBK, kBQ] score tile (24 KB) stays in L1 (best of 64-512 here)
-
-// exp(x) for 8 lanes: Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), ~1 ulp over the
-// range that matters here (x <= 0 after subtracting the row max); below -87.3 (and -inf) it returns 0.
-inline __m256 exp256(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.37626f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
 
 // c[MR][NV*8] (row stride ldc) = sum_k a(r, k) * b[k][:]   with a(r, k) = a[r * ars + k * aks], b row stride ldb.
 // Element (r, k) of `a` is broadcast, so `a` can be read in place with any strides: the keys straight from k
@@ -98,9 +88,19 @@ inline void scores(const float* k, int64_t row, const float* QT, int64_t H, int6
   }
 }
 
+// dst[h] = x[h] * cos[h] + rotate_half(x)[h] * sin[h] in fp32 (separate multiplies and add, like the XLA ops).
+inline void rotate_row(const float* x, const float* cos, const float* sin, int64_t H, float* dst) {
+  const int64_t half = H / 2;
+  for (int64_t h = 0; h < half; ++h) dst[h] = x[h] * cos[h] + (-x[h + half]) * sin[h];
+  for (int64_t h = half; h < H; ++h) dst[h] = x[h] * cos[h] + x[h - half] * sin[h];
+}
+
 struct Job {
-  const float *q, *k, *v;
-  float* o;
+  const float *q, *k, *v;  // [P, N, H]
+  const float *cos, *sin;  // [P, H] when rotate
+  bool rotate;
+  float* o;                // [P, N, H]
+  float *kt, *vt;          // k (rotated) and v head-major [N, P, H]: the calling thread's scratch (phase 1)
   const int32_t* seg;
   int64_t P, N, H, S;
   float scale;
@@ -115,6 +115,25 @@ struct Job {
   }
 };
 
+// Phase 1: item i copies head i % N of k (i < N) or v into the head-major scratch.
+struct HeadMajorCopy {
+  std::shared_ptr<Job> job;
+  qwen2vl_jax::WorkQueue queue;
+
+  void work() {
+    queue.drain([&](int64_t i) {
+      const int64_t N = job->N, P = job->P, H = job->H, n = i % N;
+      const float* src = (i < N ? job->k : job->v) + n * H;
+      float* dst = (i < N ? job->kt : job->vt) + n * P * H;
+      if (i < N && job->rotate) {
+        for (int64_t p = 0; p < P; ++p) rotate_row(src + p * N * H, job->cos + p * H, job->sin + p * H, H, dst + p * H);
+      } else {
+        for (int64_t p = 0; p < P; ++p) std::memcpy(dst + p * H, src + p * N * H, sizeof(float) * H);
+      }
+    });
+  }
+};
+
 // One block of kBQ queries of one head of one segment, in the transposed layout (queries along the vector lanes):
 // every softmax reduction then runs down columns, lane-parallel, with no horizontal sums.
 void Job::run_unit(int64_t u, std::vector<float>& buf) const {
@@ -122,20 +141,26 @@ void Job::run_unit(int64_t u, std::vector<float>& buf) const {
   const int64_t s = sh / N, n = sh % N, qb = u - unit_start[sh];
   const int64_t first = seg[2 * s], L = seg[2 * s + 1];
   const int64_t q0 = qb * kBQ, nq = std::min<int64_t>(kBQ, L - q0);
-  const int64_t row = H;  // head-major: row j of head n at (n * P + j) * H
-  const float* kh = k + (n * P + first) * H;  // key j, dim h at kh[j * H + h]
-  const float* vh = v + (n * P + first) * H;
+  const int64_t row = H;  // head-major scratch: row j of head n at (n * P + j) * H
+  const float* kh = kt + (n * P + first) * H;  // key j, dim h at kh[j * H + h]
+  const float* vh = vt + (n * P + first) * H;
 
-  buf.resize(H * kBQ + kBK * kBQ + 2 * H * kBQ + 2 * kBQ);
+  buf.resize(H * kBQ + kBK * kBQ + 2 * H * kBQ + 2 * kBQ + H);
   float* QT = buf.data();       // [H][kBQ]: scaled queries, transposed (padded queries are 0)
   float* ST = QT + H * kBQ;     // [kBK][kBQ]: scores^T, then probabilities^T
   float* OT = ST + kBK * kBQ;   // [H][kBQ]: unnormalised output^T
   float* BT = OT + H * kBQ;     // [H][kBQ]: this key block's contribution
   float* m = BT + H * kBQ;      // [kBQ] running max per query
   float* l = m + kBQ;           // [kBQ] running sum per query
+  float* rq = l + kBQ;          // [H] one rotated query
 
   for (int64_t i = 0; i < kBQ; ++i) {
-    const float* src = q + (n * P + first + q0 + i) * H;
+    const int64_t p = first + q0 + i;
+    const float* src = q + (p * N + n) * H;
+    if (i < nq && rotate) {
+      rotate_row(src, cos + p * H, sin + p * H, H, rq);
+      src = rq;
+    }
     for (int64_t h = 0; h < H; ++h) QT[h * kBQ + i] = i < nq ? src[h] * scale : 0.0f;
     m[i] = -INFINITY;
     l[i] = 0.0f;
@@ -171,26 +196,33 @@ void Job::run_unit(int64_t u, std::vector<float>& buf) const {
       }
   }
   for (int64_t i = 0; i < nq; ++i) {
-    float* dst = o + (n * P + first + q0 + i) * H;
+    float* dst = o + ((first + q0 + i) * N + n) * H;
     const float inv = 1.0f / l[i];
     for (int64_t h = 0; h < H; ++h) dst[h] = OT[h * kBQ + i] * inv;
   }
 }
 
 ffi::Error SegmentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> o,
-                                float scale) {
+                                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> o, float scale, bool rotate) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
   bool same = qd.size() == 3 && kd.size() == 3 && vd.size() == 3;
   for (size_t i = 0; same && i < 3; ++i) same = kd[i] == qd[i] && vd[i] == qd[i];
   if (!same || sd.size() != 2 || sd[1] != 2) {
-    return ffi::Error::InvalidArgument("segment_attention expects q, k, v f32[N, P, H] and segments i32[S, 2]");
+    return ffi::Error::InvalidArgument("segment_attention expects q, k, v f32[P, N, H] and segments i32[S, 2]");
   }
   auto job = std::make_shared<Job>();
   job->q = q.typed_data(), job->k = k.typed_data(), job->v = v.typed_data(), job->o = o->typed_data();
   job->seg = seg.typed_data();
-  job->N = qd[0], job->P = qd[1], job->H = qd[2], job->S = sd[0], job->scale = scale;
+  job->P = qd[0], job->N = qd[1], job->H = qd[2], job->S = sd[0], job->scale = scale;
   if (job->H % 8 != 0) return ffi::Error::InvalidArgument("segment_attention needs a head dim multiple of 8");
+  auto cd = cos.dimensions(), nd = sin.dimensions();
+  job->rotate = rotate;
+  if (rotate && (cd.size() != 2 || nd.size() != 2 || cd[0] != job->P || cd[1] != job->H || nd[0] != job->P ||
+                 nd[1] != job->H)) {
+    return ffi::Error::InvalidArgument("segment_attention: rotary cos and sin must be f32[P, H]");
+  }
+  job->cos = cos.typed_data(), job->sin = sin.typed_data();
   for (int64_t s = 0; s < job->S; ++s) {
     const int64_t first = job->seg[2 * s], len = job->seg[2 * s + 1];
     if (len < 0 || first < 0 || first + len > job->P) {
@@ -209,6 +241,16 @@ ffi::Error SegmentAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   }
   if (units == 0) return ffi::Error::Success();
   job->unit_start.push_back(units);  // sentinel: upper_bound never runs past the last real entry
+  // Scratch owned by this thread (concurrent calls run on different threads; pool tasks that start after the call
+  // returned find no work left and never touch it), grown as needed and kept: no page faults after the first call.
+  thread_local std::vector<float> scratch;
+  const size_t elems = static_cast<size_t>(job->P * job->N * job->H);
+  if (scratch.size() < 2 * elems) scratch.resize(2 * elems);
+  job->kt = scratch.data(), job->vt = scratch.data() + elems;
+  auto copy = std::make_shared<HeadMajorCopy>();
+  copy->job = job;
+  copy->queue.count = 2 * job->N;
+  qwen2vl_jax::run_on_pool(pool, copy, std::min<int64_t>(pool.num_threads() - 1, copy->queue.count - 1));
   job->queue.count = units;
   // Compute-bound: num_threads() or num_threads() - 1 pool tasks measured the same here (the gemv, which is
   // bandwidth-bound, needs exactly one worker per core).
@@ -224,6 +266,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SegmentAttention, SegmentAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<bool>("rotate"));
