@@ -34,10 +34,12 @@ def test_bf16_gemv_matches_float64(M, N, K):
 
 
 def test_rows_are_batch_invariant():
-    """Row m of a batch gets the same bits as that row alone (same FMA chains for every batch size)."""
+    """Row m of a batch gets the same bits as that row alone: the same summation order for every batch size,
+    although 1-2 rows read the weights as 4 streams and 3-4 rows as 2 (N = 701 and K = 1539 leave odd rows and a
+    K % 8 tail)."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((4, 1536)).astype(np.float32)
-    w = jnp.asarray(rng.standard_normal((700, 1536)).astype(np.float32)).astype(jnp.bfloat16)
+    x = rng.standard_normal((4, 1539)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((701, 1539)).astype(np.float32)).astype(jnp.bfloat16)
     gemv = jax.jit(cpu_kernels.bf16_gemv)
     alone = np.concatenate([np.asarray(gemv(x[m:m + 1], w)) for m in range(4)])
     for M in (2, 3, 4):

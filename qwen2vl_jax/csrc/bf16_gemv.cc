@@ -8,7 +8,7 @@
 //   y[m, n] = sum_k x[m, k] * w[n, k]      x: f32[M, K], w: bf16[N, K] (PyTorch Linear layout), y: f32[M, N]
 //
 // Rows of w are split across XLA's intra-op thread pool. Products are exact in fp32; sums use 8-lane partials
-// (a blocked order, like a BLAS), so results match a bf16 x bf16 -> f32 dot to fp32 rounding.
+// over 256-wide blocks (a blocked order, like a BLAS), so results match a bf16 x bf16 -> f32 dot to fp32 rounding.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -41,35 +41,66 @@ inline float hsum(__m256 v) {
 }
 
 constexpr int kMaxRows = 4;  // activation rows handled per pass over the weights (decode batches)
+constexpr int64_t kBlock = 256;  // k per partial sum: each lane adds <= 32 products, then the block sums are added
 
-// Rows [n0, n1) of w against x rows [m0, m0 + MC): 32 weights per step, 4 independent FMA chains per row (the
-// same chains for every MC, so a row's result does not depend on the batch it is in). MC is a compile-time
-// constant so the 4 * MC accumulators can stay in registers (measured: 1 row unchanged at ~14 GB/s, 2-4 rows
-// 13.0 / 11.4 / 10.7 GB/s).
+// Weight streams per pass for MC activation rows: R * MC accumulators must stay in registers (16 on AVX2).
+// 4 streams read as fast as 8 (bf16 decode shapes, alternating runs: 13.2-21.3 vs 13.3-20.5 GB/s).
+template <int MC>
+constexpr int kStreams = MC <= 2 ? 4 : 2;
+
+// Rows [n0, n1) of w against x rows [m0, m0 + MC). The rows are read as R concurrent streams from R distant parts
+// of the range (row n0 + r * S + i for stream r), where XLA's own fp32 gemv reads 8 adjacent rows: one
+// sequential stream per core left the bf16 kernel at 12-16 GB/s where XLA's fp32 gemv reached 18-21; 8 adjacent
+// rows did not help where a row is short (K = 1536: 8 rows are one 24 KB stream); 8 streams in different pages
+// reach 16-19 (measured in the decode chain shapes, medians of 11 alternating runs: q 12.6 -> 18.6, gate
+// 15.8 -> 19.3, down 14.3 -> 19.1, k 11.7 -> 15.8 GB/s). A sequential stream is prefetched one 4 KB page at a
+// time; separate pages give the core several misses in flight.
+//
+// Summation order, the same for every (MC, R, chunk), so a row's result does not depend on its batch: lane j of
+// an output's accumulator adds w[n, k] * x[m, k] for k = j mod 8 in increasing k within each 256-wide block; the
+// block's 8 lanes are added (hsum) to the running sum in block order; the K % 8 tail is added last.
+template <int MC, int R>
+void gemv_streams(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
+                  int64_t m0) {
+  const int64_t K8 = K - K % 8;
+  const int64_t S = (n1 - n0) / R;  // rows per stream; the (n1 - n0) % R left over are done with R = 1
+  const float* xb = x + m0 * K;
+  for (int64_t i = 0; i < S; ++i) {
+    const uint16_t* wr[R];
+    for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r * S + i) * K;
+    float sum[R][MC] = {};
+    for (int64_t k0 = 0; k0 < K8; k0 += kBlock) {
+      const int64_t k1 = k0 + kBlock < K8 ? k0 + kBlock : K8;
+      __m256 acc[R][MC];
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_setzero_ps();
+      for (int64_t k = k0; k < k1; k += 8) {
+        __m256 xv[MC];
+        for (int m = 0; m < MC; ++m) xv[m] = _mm256_loadu_ps(xb + m * K + k);
+        for (int r = 0; r < R; ++r) {
+          const __m256 wv = widen_bf16(wr[r] + k);
+          for (int m = 0; m < MC; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < MC; ++m) sum[r][m] += hsum(acc[r][m]);
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int m = 0; m < MC; ++m) {
+        float s = sum[r][m];
+        const float* xr = xb + m * K;
+        for (int64_t k = K8; k < K; ++k) s += widen1(wr[r][k]) * xr[k];
+        y[(m0 + m) * N + n0 + r * S + i] = s;
+      }
+    }
+  }
+  if (R > 1 && n0 + R * S < n1) gemv_streams<MC, 1>(x, w, y, K, N, n0 + R * S, n1, m0);
+}
+
 template <int MC>
 void gemv_block(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1,
                 int64_t m0) {
-  const int64_t K32 = K - K % 32;
-  const float* xb = x + m0 * K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint16_t* wr = w + n * K;
-    __m256 acc[MC][4];
-    for (int m = 0; m < MC; ++m) acc[m][0] = acc[m][1] = acc[m][2] = acc[m][3] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K32; k += 32) {
-      for (int j = 0; j < 4; ++j) {
-        const __m256 wj = widen_bf16(wr + k + 8 * j);
-        for (int m = 0; m < MC; ++m) {
-          acc[m][j] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(xb + m * K + k + 8 * j), acc[m][j]);
-        }
-      }
-    }
-    for (int m = 0; m < MC; ++m) {
-      float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]), _mm256_add_ps(acc[m][2], acc[m][3])));
-      const float* xr = xb + m * K;
-      for (int64_t k = K32; k < K; ++k) s += widen1(wr[k]) * xr[k];
-      y[(m0 + m) * N + n] = s;
-    }
-  }
+  gemv_streams<MC, kStreams<MC>>(x, w, y, K, N, n0, n1, m0);
 }
 
 void gemv_rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
