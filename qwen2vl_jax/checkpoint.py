@@ -129,9 +129,21 @@ def open_checkpoint(source, *, local_files_only: bool | None = None, revision: s
     return Checkpoint(directory, fmt, config, files, layout, marker)
 
 
+class _FixedKey:
+    """Stands in for `nnx.Rngs` while building the abstract model: every initializer gets the same key.
+
+    Why: under `nnx.eval_shape`, each `nnx.Rngs` draw updates its counter variable inside the trace, and flax
+    asks the traced value for its `.sharding`, which makes JAX build an error message that walks the whole
+    trace so far (quadratic): 4.9 s of a 2B load here, 0.7 s with a fixed key. Values are never computed.
+    """
+
+    def params(self):
+        return jax.random.key(0)
+
+
 def abstract_model(cls, config: Qwen2VLConfig, param_dtype=jnp.float32):
     """The model with shapes and dtypes but no values (`nnx.eval_shape`): nothing is allocated."""
-    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=_FixedKey()))
 
 
 def _unfilled(model) -> list[str]:

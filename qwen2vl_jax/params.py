@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from . import safetensors_io
 from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile
 
 KEY_MAP: list[tuple[str, str]] = [
@@ -292,6 +293,16 @@ class LoadReport:
     bytes_read: int = 0
 
 
+def _cast(array: np.ndarray, dtype) -> np.ndarray:
+    """`array` in `dtype`, in a 64-byte-aligned buffer when a conversion is needed (ml_dtypes casts round to
+    nearest even, like torch's `.to(torch.bfloat16)`)."""
+    if array.dtype == dtype:
+        return array
+    out = safetensors_io.empty_aligned(array.shape, dtype)
+    np.copyto(out, array, casting="unsafe")
+    return out
+
+
 def place_on_default_device(path: str, array: np.ndarray) -> jax.Array:
     return jax.device_put(array)
 
@@ -313,10 +324,11 @@ def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *
     report = LoadReport()
     for path, ref in refs.items():
         param = params[path]
-        array = layout.to_ours(path, ref.read()).astype(param.dtype, copy=False)  # ml_dtypes: round to nearest even
+        array = _cast(layout.to_ours(path, ref.read()), param.dtype)
         placed = place(path, array)
-        # device_put may copy asynchronously and keep `array` alive until it finishes; waiting here is what keeps
-        # a single tensor in flight on the host (otherwise reads could run ahead of slow transfers).
+        # On the CPU, device_put adopts the aligned buffer (no copy: the array *becomes* the parameter); elsewhere
+        # it copies asynchronously and keeps `array` alive until it finishes: waiting here is what keeps a single
+        # tensor in flight on the host (otherwise reads could run ahead of slow transfers).
         jax.block_until_ready(placed)
         param.set_value(placed)
         del array, placed

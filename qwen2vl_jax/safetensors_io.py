@@ -122,10 +122,10 @@ class SafetensorsFile:
         return TensorSpec(name, self.dtype(name), self.shape(name))
 
     def read(self, name: str) -> np.ndarray:
-        """One tensor, read straight into a fresh array (no intermediate bytes object)."""
+        """One tensor, read straight into a fresh 64-byte-aligned array (no intermediate bytes object)."""
         e = self.entries[name]
         begin, end = e["data_offsets"]
-        out = np.empty(e["shape"], DTYPES[e["dtype"]])
+        out = empty_aligned(e["shape"], DTYPES[e["dtype"]])
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             n = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
@@ -133,6 +133,23 @@ class SafetensorsFile:
             raise SafetensorsError(f"{self.path}: short read for {name} ({n} of {end - begin} bytes; "
                                    "was the file truncated while reading?)")
         return out
+
+
+ALIGNMENT = 64  # bytes: XLA:CPU adopts a NumPy buffer aligned like this instead of copying it (jax.device_put)
+
+
+def empty_aligned(shape, dtype) -> np.ndarray:
+    """`np.empty` whose data starts on an `ALIGNMENT`-byte boundary (NumPy itself aligns to 16).
+
+    Why: `jax.device_put` of an aligned, contiguous array on the CPU aliases its memory (measured: 0.02 s for
+    1.1 GB) where an unaligned one is copied into fresh XLA memory (2.7 s for 1.1 GB here: the copy's page faults
+    dominate). The loader reads every tensor into such a buffer, so the buffer becomes the parameter.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start: start + n].view(dtype).reshape(shape)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
