@@ -25,8 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from . import safetensors_io
-from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile
+from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile, empty_aligned
 
 KEY_MAP: list[tuple[str, str]] = [
     # vision tower
@@ -298,7 +297,7 @@ def _cast(array: np.ndarray, dtype) -> np.ndarray:
     nearest even, like torch's `.to(torch.bfloat16)`)."""
     if array.dtype == dtype:
         return array
-    out = safetensors_io.empty_aligned(array.shape, dtype)
+    out = empty_aligned(array.shape, dtype)
     np.copyto(out, array, casting="unsafe")
     return out
 

@@ -324,7 +324,7 @@ def test_tensors_are_read_into_aligned_buffers_that_become_the_parameters(tiny_c
     for shape, dtype in [((0,), np.float32), ((3, 5), ml_dtypes.bfloat16), ((7,), np.uint8)]:
         out = safetensors_io.empty_aligned(shape, dtype)
         assert out.shape == shape and out.dtype == dtype
-        assert out.size == 0 or out.ctypes.data % 64 == 0  # an empty view has no meaningful address
+        assert out.size == 0 or out.ctypes.data % safetensors_io.ALIGNMENT == 0  # empty: no address
 
 
 def test_cast_rounds_like_astype_into_an_aligned_buffer():
@@ -335,5 +335,5 @@ def test_cast_rounds_like_astype_into_an_aligned_buffer():
             if src.dtype == dtype:
                 assert out is src  # no copy when nothing changes
             else:
-                assert out.dtype == dtype and out.ctypes.data % 64 == 0
+                assert out.dtype == dtype and out.ctypes.data % safetensors_io.ALIGNMENT == 0
             np.testing.assert_array_equal(out.view(np.uint8), src.astype(dtype).view(np.uint8))
