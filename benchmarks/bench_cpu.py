@@ -93,7 +93,7 @@ def load_inputs(path: Path) -> dict[str, dict]:
 def worker_ours(ckpt: Path, dtype: str, inputs_path: Path, repeats: int, cases: list[str], big_repeats: int) -> dict:
     import jax
 
-    from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+    from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
     res = {"impl": "ours", "dtype": dtype, "jax": jax.__version__}
     t, model = _timed(lambda: Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype))

@@ -59,7 +59,7 @@ def bench(name: str, repeats: int) -> dict:
     from transformers import AutoTokenizer
 
     import helpers
-    from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+    from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
     torch.set_num_threads(2)
     path = _checkpoint(name)

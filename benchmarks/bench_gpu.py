@@ -38,7 +38,7 @@ def _median_time(fn, repeats, sync):
 
 
 def _inputs(batch: int):
-    from qwen2vl_jax.processing import Qwen2VLImageProcessor
+    from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
 
     y, x = np.mgrid[0:448, 0:448]
     photo = np.stack([x * 255 // 448, y * 255 // 448, (x * y) % 251], -1).astype(np.uint8)
@@ -78,7 +78,7 @@ def bench_preset(preset: str, batches: list[int], repeats: int, layers: int | No
     from transformers import Qwen2VLForConditionalGeneration as HFModel
 
     from qwen2vl_jax.config import PRESETS
-    from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+    from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
     cfg = PRESETS[preset]()
     if layers:

@@ -61,7 +61,7 @@ def child_load(path: str, dtype: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+    from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
     baseline = _rss_baseline()
     start = time.perf_counter()

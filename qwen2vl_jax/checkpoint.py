@@ -120,7 +120,8 @@ def open_checkpoint(source, *, local_files_only: bool | None = None, revision: s
         fmt, marker, layout = FORMAT_NAME, _read_marker(directory), params_lib.OURS_LAYOUT
     else:
         fmt, marker, layout = "hf", None, params_lib.hf_layout(config.vision_config)
-    # Follow the tensors, not only the flag (reference §10, mlx-vlm #459): an lm_head present means untied.
+    # Follow the tensors, not only the flag (mlx-vlm issue 459 trusted a flag that did not match the file): an
+    # lm_head present means untied.
     has_head = any(layout.to_path(n) == "lm_head.weight" for n in params_lib.tensor_names(files))
     if has_head == config.tie_word_embeddings:
         log.warning("checkpoint %s: tie_word_embeddings=%s but lm_head.weight is %s; following the tensors",
@@ -151,20 +152,20 @@ def _unfilled(model) -> list[str]:
             if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
 
 
-def load_pretrained(cls, source, *, dtype=None, local_files_only: bool | None = None, revision: str | None = None,
-                    progress: bool = False, cache_dir: str | os.PathLike | None = None, place=None, mesh=None,
-                    sharding_rules=None):
+def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None = None,
+                    local_files_only: bool | None = None, revision: str | None = None, progress: bool = False,
+                    cache_dir: str | os.PathLike | None = None, place=None, mesh=None, sharding_rules=None):
     """Build `cls` from a checkpoint (any source `open_checkpoint` accepts), streaming tensor by tensor.
 
     The model is created abstract (`nnx.eval_shape`), so the only weight memory is the loaded parameters plus
     one tensor in flight. `dtype`: None / "float32", "bfloat16", or "auto" (the checkpoint's dtype). `place`:
     optional `(path, array) -> jax.Array` to place each tensor. `mesh` (a `jax.sharding.Mesh`, e.g.
     `sharding.make_mesh(model=4)`): stream each tensor straight to its shards per `sharding.LOGICAL_RULES` (or
-    `sharding_rules`).
+    `sharding_rules`). `attn_implementation`: the attention backend (`qwen2vl_jax.attention`).
     """
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
     param_dtype = resolve_dtype(dtype, ckpt.files)
-    model = abstract_model(cls, ckpt.config, param_dtype)
+    model = abstract_model(cls, ckpt.config.replace(attn_implementation=attn_implementation), param_dtype)
     if mesh is not None:
         if place is not None:
             raise ValueError("pass either `place` or `mesh`, not both")

@@ -82,8 +82,8 @@ def _choose_dtype(args, directory: Path) -> str:
 
 
 def _load_model(args, directory: Path, dtype: str):
-    from .model import Qwen2VLForConditionalGeneration
     from .params import CheckpointError
+    from .pretrained import Qwen2VLForConditionalGeneration
 
     try:
         return Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
@@ -251,7 +251,7 @@ def cmd_info(args) -> int:
     from flax import nnx
 
     from .config import Qwen2VLConfig
-    from .model import Qwen2VLForConditionalGeneration
+    from .pretrained import Qwen2VLForConditionalGeneration
 
     directory = _resolve(args)
     try:

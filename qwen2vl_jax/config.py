@@ -48,7 +48,7 @@ class Qwen2VLVisionConfig:
     embed_dim: int = 1280
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    hidden_size: int = 3584  # merger output width = the language model's hidden size
+    hidden_size: int = 8192  # merger output width = the language model's hidden size
     in_channels: int = 3
     patch_size: int = 14
     spatial_merge_size: int = 2
@@ -101,11 +101,11 @@ class Qwen2VLTextConfig:
     num_key_value_heads: int = 8
     hidden_act: str = "silu"
     max_position_embeddings: int = 32768
-    rms_norm_eps: float = 1e-5  # class default; every checkpoint file says 1e-6 and from_hf honours the file
+    rms_norm_eps: float = 1e-6
     rope_theta: float = 1000000.0
     mrope_section: tuple[int, ...] = (16, 24, 24)
     use_sliding_window: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = 32768
     max_window_layers: int = 80
     initializer_range: float = 0.02
 
@@ -136,14 +136,14 @@ class Qwen2VLTextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
 
 @dataclass(frozen=True)
 class Qwen2VLConfig:
-    """The whole model: vision tower + decoder + the special token ids that tie them together."""
+    """The whole model: vision tower + decoder + the special token ids that tie them together.
+
+    Every default is Qwen2-VL-72B-Instruct's (`Qwen2VLConfig() == qwen2_vl_72b()`), so the three classes' defaults
+    describe one consistent model; the other sizes are the presets below.
+    """
 
     text_config: Qwen2VLTextConfig = field(default_factory=Qwen2VLTextConfig)
     vision_config: Qwen2VLVisionConfig = field(default_factory=Qwen2VLVisionConfig)
@@ -156,10 +156,15 @@ class Qwen2VLConfig:
     bos_token_id: int | None = 151643
     eos_token_id: int | tuple[int, ...] | None = 151645
     pad_token_id: int | None = None
+    # Which attention backend runs (`qwen2vl_jax.attention`: "xla", "cpu", "jax", "pallas" or a registered name;
+    # None: the platform's default). A runtime choice like transformers' `_attn_implementation`: never saved.
+    attn_implementation: str | None = None
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        _require(self.attn_implementation is None or isinstance(self.attn_implementation, str),
+                 "attn_implementation", f"must be a backend name or None, got {self.attn_implementation!r}")
         _require(self.vision_config.hidden_size == self.text_config.hidden_size, "vision_config.hidden_size",
                  f"the merger outputs {self.vision_config.hidden_size} features but the decoder is "
                  f"{self.text_config.hidden_size} wide")
@@ -213,7 +218,7 @@ class Qwen2VLConfig:
                                                                                  tdefault.num_attention_heads),
             hidden_act=text_get("hidden_act", "silu"),
             max_position_embeddings=text_get("max_position_embeddings", tdefault.max_position_embeddings),
-            rms_norm_eps=float(text_get("rms_norm_eps", tdefault.rms_norm_eps)),
+            rms_norm_eps=float(text_get("rms_norm_eps", 1e-5)),  # transformers' class default, for files without it
             rope_theta=float(rope_theta),
             mrope_section=tuple(rope["mrope_section"]),
             use_sliding_window=bool(text_get("use_sliding_window", False)),
@@ -324,7 +329,7 @@ class Qwen2VLConfig:
 
 
 # --------------------------------------------------------------------------------------------------- presets
-# Values: reference §1.3 (the Instruct checkpoints' config.json files).
+# Values: the Qwen2-VL-*-Instruct checkpoints' config.json files.
 def _preset(hidden, layers, heads, kv_heads, inter, vocab, tie) -> Qwen2VLConfig:
     return Qwen2VLConfig(
         text_config=Qwen2VLTextConfig(

@@ -41,6 +41,7 @@ from .checkpoint import (
     resolve_dtype,
 )
 from .config import Qwen2VLConfig
+from .model import Qwen2VL
 from .safetensors_io import TensorSpec, write_checkpoint
 
 DEFAULT_FLAX_SHARD_SIZE = "2GB"
@@ -88,9 +89,7 @@ class _Tensors:
 
 def _from_checkpoint(ckpt: Checkpoint, out: params_lib.KeyLayout, dtype: np.dtype | None) -> _Tensors:
     """Every parameter of `ckpt` (validated against the model its config describes), renamed for `out`."""
-    from .model import Qwen2VLForConditionalGeneration
-
-    model = abstract_model(Qwen2VLForConditionalGeneration, ckpt.config)
+    model = abstract_model(Qwen2VL, ckpt.config)
     expected = {p: tuple(v.shape) for p, v in params_lib.model_params(model).items()}
     refs = ckpt.match(expected)  # one CheckpointError listing every problem, before anything is written
     specs, sources = [], {}

@@ -7,8 +7,9 @@
     host:    trim, return [B, prompt + new] ids like transformers' `generate`
 
 Logits processing follows transformers 4.57 `_get_logits_processor` order: repetition penalty (over every id in
-the row so far, prompt and its pads included, reference §7), min_new_tokens (EOS masked), then only when sampling:
-temperature, top-k, top-p; greedy is the argmax. Finished rows emit `pad_token_id`, like HF.
+the row so far, prompt and its pads included, as transformers' `RepetitionPenaltyLogitsProcessor`), min_new_tokens
+(EOS masked), then only when sampling: temperature, top-k, top-p; greedy is the argmax. Finished rows emit
+`pad_token_id`, like HF.
 
 Compiles: the prompt length, the cache length and the number of new tokens are bucketed (buckets.py); the actual
 `max_new_tokens` and every sampling knob are traced values, so changing them never recompiles. `TRACE_COUNTS`
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .buckets import bucket, pow2_bucket
-from .model import PreparedInputs, Qwen2VLForConditionalGeneration
+from .model import PreparedInputs, Qwen2VL
 from .text import KVCache
 
 TRACE_COUNTS: dict[str, int] = {"prefill": 0, "decode_loop": 0, "decode_step": 0}
@@ -157,13 +158,13 @@ def pick_token(scores_BV, rng, *, do_sample: bool):
 @dataclasses.dataclass
 class DecodeState:
     cache: KVCache
-    tokens_BN: jax.Array  # int32 [B, N_bucket] generated ids (pad after EOS)
+    tokens_BR: jax.Array  # int32 [B, R] (R: the max_new_tokens bucket) generated ids (pad after EOS)
     last_B: jax.Array  # int32, the token to feed next
     seen_BV: jax.Array  # bool, ids already in each row (repetition penalty)
     finished_B: jax.Array  # bool
     step: jax.Array  # int32 scalar: tokens generated so far
     rng: jax.Array
-    logits_BNV: jax.Array | None  # optional raw logits of every step
+    logits_BRV: jax.Array | None  # optional raw logits of every step
 
 
 def _select(state: DecodeState, logits_BV, knobs: Knobs, *, do_sample: bool) -> DecodeState:
@@ -173,22 +174,23 @@ def _select(state: DecodeState, logits_BV, knobs: Knobs, *, do_sample: bool) -> 
     token = pick_token(scores, jax.random.fold_in(state.rng, state.step), do_sample=do_sample)
     token = jnp.where(state.finished_B, knobs.pad_id, token)
     B = token.shape[0]
-    logits_BNV = state.logits_BNV
-    if logits_BNV is not None:
-        logits_BNV = jax.lax.dynamic_update_slice(logits_BNV, logits_BV[:, None], (0, state.step, 0))
+    logits_BRV = state.logits_BRV
+    if logits_BRV is not None:
+        logits_BRV = jax.lax.dynamic_update_slice(logits_BRV, logits_BV[:, None], (0, state.step, 0))
     return dataclasses.replace(
         state,
-        tokens_BN=jax.lax.dynamic_update_slice(state.tokens_BN, token[:, None], (0, state.step)),
+        tokens_BR=jax.lax.dynamic_update_slice(state.tokens_BR, token[:, None], (0, state.step)),
         last_B=token,
         seen_BV=state.seen_BV.at[jnp.arange(B), token].set(True),
         finished_B=state.finished_B | jnp.isin(token, knobs.eos_ids),
         step=state.step + 1,
-        logits_BNV=logits_BNV,
+        logits_BRV=logits_BRV,
     )
 
 
-def _step_logits(model: Qwen2VLForConditionalGeneration, state: DecodeState):
-    """One-token forward: the new token sits at slot `cache.length`, position slot + rope_delta (TF457)."""
+def _step_logits(model: Qwen2VL, state: DecodeState):
+    """One-token forward: the new token sits at slot `cache.length`, position slot + rope_delta (transformers 4.57
+    `Qwen2VLModel.forward`)."""
     cache = state.cache
     B = state.last_B.shape[0]
     pos_B = cache.length + cache.rope_deltas_B
@@ -199,11 +201,11 @@ def _step_logits(model: Qwen2VLForConditionalGeneration, state: DecodeState):
 
 def _prefill(model, ids, mask, pos, vision, vision_index, cache, seen, rng, knobs, *, do_sample, keep_logits, n_bucket):
     TRACE_COUNTS["prefill"] += 1
-    logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True)
+    logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True, cache_empty=True)
     B, V = seen.shape
-    state = DecodeState(cache=cache, tokens_BN=jnp.zeros((B, n_bucket), jnp.int32), last_B=jnp.zeros((B,), jnp.int32),
+    state = DecodeState(cache=cache, tokens_BR=jnp.zeros((B, n_bucket), jnp.int32), last_B=jnp.zeros((B,), jnp.int32),
                         seen_BV=seen, finished_B=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), rng=rng,
-                        logits_BNV=jnp.zeros((B, n_bucket, V), jnp.float32) if keep_logits else None)
+                        logits_BRV=jnp.zeros((B, n_bucket, V), jnp.float32) if keep_logits else None)
     return _select(state, logits[:, -1], knobs, do_sample=do_sample)
 
 
@@ -249,7 +251,7 @@ def left_pad(input_ids, attention_mask, length: int, pad_id: int) -> tuple[np.nd
     return ids, mask
 
 
-def generate(model: Qwen2VLForConditionalGeneration, input_ids, attention_mask=None, pixel_values=None,
+def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *,
              generation_config: GenerationConfig | None = None, streamer=None, output_logits: bool = False,
              return_dict: bool = False, **kwargs):
@@ -292,7 +294,7 @@ def generate(model: Qwen2VLForConditionalGeneration, input_ids, attention_mask=N
     if prep.vision_pixels is not None:
         vision, _ = model.visual.run_padded(prep.vision_pixels, prep.vision_layout)
 
-    # Repetition penalty sees the caller's ids (their pads too, as TF457), never our bucket padding.
+    # Repetition penalty sees the caller's ids (their pads too, as transformers 4.57), never our bucket padding.
     seen = np.zeros((B, cfg.text_config.vocab_size), bool)
     seen[np.repeat(np.arange(B), T), ids0.reshape(-1)] = True
     cache = model.init_cache(B, T_pad + n_bucket)
@@ -316,12 +318,12 @@ def generate(model: Qwen2VLForConditionalGeneration, input_ids, attention_mask=N
     else:
         state = _decode_loop_jit(model, state, knobs, do_sample=gc.do_sample)
     n = int(state.step)
-    new = np.asarray(state.tokens_BN)[:, :n].astype(np.int64)
+    new = np.asarray(state.tokens_BR)[:, :n].astype(np.int64)
     t2 = time.perf_counter()
     sequences = np.concatenate([ids0.astype(np.int64), new], axis=1)
     if not return_dict and not output_logits:
         return sequences
-    logits = np.asarray(state.logits_BNV)[:, :n] if output_logits else None
+    logits = np.asarray(state.logits_BRV)[:, :n] if output_logits else None
     return GenerateOutput(sequences=sequences, logits=logits, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
                           new_tokens=n)
 

@@ -1,14 +1,14 @@
 """Building blocks shared by both towers: Linear, Embed, LayerNorm, RMSNorm, and the one dot recipe they use.
 
 Why a shared file: the vision tower and the decoder use the same Linear, and how a dot is issued decides speed on
-XLA:CPU (see docs/BENCHMARKS.md and ../shared/reference/xla_cpu_performance.md), so that recipe lives in one place:
+XLA:CPU (see docs/BENCHMARKS.md), so that recipe lives in one place:
 
 * weights are stored like PyTorch's nn.Linear, `[out, in]`, and contracted on their minor axis (`x @ w.T`): the
   fastest matrix-vector layout on XLA:CPU, and HF conversion is a plain copy;
 * bf16 weights are fed to the dot as bf16 with `preferred_element_type=float32`: a bf16-result dot makes XLA:CPU
   materialise an fp32 copy of the weight on every call;
-* decode-sized dots with bf16 weights go to a native kernel on x86 CPUs (`cpu_kernels`); elsewhere a single bf16
-  row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
+* decode-sized dots with bf16 weights go to a native kernel on x86 CPUs (`kernels.matmul`); on the CPU elsewhere a
+  single bf16 row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
 
 Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadata for `nnx.get_partition_spec`);
 `sharding.LOGICAL_RULES` maps them to a device mesh.
@@ -20,10 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import cpu_kernels
-
-# lax.dot_general dimension numbers for x[M, K] . w[N, K]^T (the PyTorch Linear layout).
-_CONTRACT_MINOR = (((1,), (1,)), ((), ()))
+from . import kernels
 
 
 def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -31,24 +28,11 @@ def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def _xla_dot(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    rows = x_MI.shape[0]
-    if w_OI.dtype != jnp.float32:
-        x_MI = x_MI.astype(w_OI.dtype)
-        if rows == 1:  # YNNPACK rejects m == 1; two rows are as cheap as one and 10x faster than the fallback
-            x_MI = jnp.pad(x_MI, ((0, 1), (0, 0)))
-    return jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)[:rows]
-
-
 def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
-    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype."""
+    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype (`kernels.matmul` issues the
+    dot: XLA's, or the native bf16 gemv for decode-sized products on the CPU)."""
     lead, n_in = x.shape[:-1], x.shape[-1]
-    x_MI = x.reshape(-1, n_in)
-    if w_OI.dtype == jnp.bfloat16 and x_MI.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.available():
-        # decode-sized products with bf16 weights: the native CPU kernel on the CPU platform, XLA's dot elsewhere
-        y_MO = jax.lax.platform_dependent(x_MI, w_OI, cpu=cpu_kernels.bf16_gemv, default=_xla_dot)
-    else:
-        y_MO = _xla_dot(x_MI, w_OI)
+    y_MO = kernels.matmul(x.reshape(-1, n_in), w_OI)
     if b_O is not None:
         y_MO = y_MO + b_O.astype(jnp.float32)
     return y_MO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
@@ -101,7 +85,8 @@ class LayerNorm(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, *then* multiply by the weight (reference §5.1)."""
+    """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, *then* multiply by the weight (transformers
+    `Qwen2RMSNorm.forward`)."""
 
     def __init__(self, features: int, *, eps: float, param_dtype=jnp.float32):
         self.eps = eps

@@ -1,6 +1,6 @@
-"""`Qwen2VLForConditionalGeneration`: vision tower + decoder, the embedding merge, and `from_pretrained`.
+"""`Qwen2VL`: vision tower + decoder + LM head, the host-side input preparation and the embedding merge.
 
-Data flow of one forward (reference §5.0), host steps in NumPy, device steps jitted:
+Data flow of one forward (transformers 4.57 `Qwen2VLModel.forward`), host steps in NumPy, device steps jitted:
 
     host:   input_ids [B,T] -> get_rope_index -> position_ids [3,B,T], rope_deltas [B,1]
             image/video grids -> VisionLayout (positions, segments, bucket padding); token -> feature index
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +19,12 @@ import numpy as np
 from flax import nnx
 
 from . import params as params_lib
+from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
 from .layers import Linear
 from .rope_index import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionLayout, VisionTransformer
-
-log = logging.getLogger(__name__)
 
 TRACE_COUNTS: dict[str, int] = {"forward": 0}
 
@@ -67,12 +64,23 @@ def _as_2d_ids(input_ids, vocab_size: int) -> np.ndarray:
     return ids
 
 
-class Qwen2VLForConditionalGeneration(nnx.Module):
+class Qwen2VL(nnx.Module):
+    """Qwen2-VL's math: `visual` (the vision tower), `language_model` (the decoder) and `lm_head` (None when tied),
+    with the host-side input preparation and the forward (transformers 4.57 `Qwen2VLForConditionalGeneration`).
+
+    Loading, saving and `generate` are not here: `Qwen2VLForConditionalGeneration` (`qwen2vl_jax.pretrained`) adds
+    them as HF-style methods; `qwen2vl_jax.generation.generate(model, ...)` takes any `Qwen2VL`.
+    """
+
     def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
+        resolve_attention(config.attn_implementation)  # an unknown or unusable backend fails here, by name
         self.config = config
-        self.visual = VisionTransformer(config.vision_config, param_dtype=param_dtype, rngs=rngs)
-        self.language_model = TextModel(config.text_config, param_dtype=param_dtype, rngs=rngs)
+        attn = config.attn_implementation
+        self.visual = VisionTransformer(config.vision_config, param_dtype=param_dtype, rngs=rngs,
+                                        attn_implementation=attn)
+        self.language_model = TextModel(config.text_config, param_dtype=param_dtype, rngs=rngs,
+                                        attn_implementation=attn)
         t = config.text_config
         self.lm_head = None if config.tie_word_embeddings else Linear(
             t.hidden_size, t.vocab_size, use_bias=False, axes=("vocab", "embed"), param_dtype=param_dtype, rngs=rngs)
@@ -81,35 +89,14 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     def dtype(self):
         return self.language_model.embed_tokens.weight.dtype
 
-    # ------------------------------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, *, dtype=None, local_files_only: bool | None = None,
-                        revision: str | None = None, progress: bool = False, cache_dir=None,
-                        place=None, mesh=None, sharding_rules=None) -> Qwen2VLForConditionalGeneration:
-        """Load an HF checkpoint directory (Hub or >= 4.52 key layout, single file or sharded), a directory
-        written by our converter, or a Hub model id. `dtype`: None / "float32" (default, like transformers),
-        "bfloat16", or "auto" (the checkpoint's own dtype). `mesh`: stream each parameter straight to its shards
-        (`qwen2vl_jax.sharding`: logical axes -> mesh axes); `place(path, array)`: any other placement."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(cls, source, dtype=dtype, local_files_only=local_files_only, revision=revision,
-                               progress=progress, cache_dir=cache_dir, place=place, mesh=mesh,
-                               sharding_rules=sharding_rules)
-
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, **kwargs):
-        """transformers-style generation; see `qwen2vl_jax.generation.generate` for the arguments."""
-        from .generation import generate  # generation builds on the model, not the other way round
-
-        return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                        video_grid_thw, **kwargs)
-
-    def save_pretrained(self, out_dir, **kwargs):
-        """Write this model as an HF checkpoint (`format="hf"`, default) or in our format (`format="flax"`);
-        research edits made in JAX then load in transformers. See `qwen2vl_jax.convert.save_pretrained`."""
-        from .convert import save_pretrained
-
-        return save_pretrained(self, out_dir, **kwargs)
+    def set_attn_implementation(self, name: str | None) -> None:
+        """Switch the attention backend of every layer (`qwen2vl_jax.attention`; None: the platform default).
+        The next call compiles anew for the new backend."""
+        resolve_attention(name)
+        self.config = self.config.replace(attn_implementation=name)
+        for _, module in nnx.iter_modules(self):
+            if hasattr(module, "attn_implementation"):
+                module.attn_implementation = name
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)
@@ -171,15 +158,16 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
     # ---------------------------------------------------------------------------------------- the math
     def forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD=None, vision_index_BT=None,
                 cache: KVCache | None = None, *, output_hidden_states=False, output_attentions=False,
-                last_only=False):
-        """Pure device math: embeddings (+ scattered vision features), decoder, logits."""
+                last_only=False, cache_empty=False):
+        """Pure device math: embeddings (+ scattered vision features), decoder, logits. `cache_empty`: the
+        cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
         x_BTD = self.language_model.embed_tokens(input_ids_BT)
         if vision_MD is not None:
             features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
             x_BTD = jnp.where(vision_index_BT[..., None] >= 0, features_BTD, x_BTD)
         h_BTD, cache, hidden, attentions = self.language_model(
             x_BTD, position_ids_ZBT, attention_mask_BT, cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions)
+            output_attentions=output_attentions, cache_empty=cache_empty)
         if last_only:  # generation needs one row of logits, not [T, V]
             h_BTD = h_BTD[:, -1:]
         logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
@@ -207,19 +195,20 @@ class Qwen2VLForConditionalGeneration(nnx.Module):
         fn = _forward_capture if capture else _forward_jit
         logits, cache, hidden, attentions = fn(
             self, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT,
-            cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+            cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            cache_empty=cache is not None and not decoding)
         return Qwen2VLOutput(logits=logits, rope_deltas=prep.rope_deltas_B1, cache=cache,
                              hidden_states=hidden if output_hidden_states else None,
                              attentions=attentions if output_attentions else None)
 
 
-def _forward_apply(model: Qwen2VLForConditionalGeneration, ids, mask, pos, vision, vision_index, cache, *,
-                   output_hidden_states=False, output_attentions=False, last_only=False):
+def _forward_apply(model: Qwen2VL, ids, mask, pos, vision, vision_index, cache, *,
+                   output_hidden_states=False, output_attentions=False, last_only=False, cache_empty=False):
     TRACE_COUNTS["forward"] += 1  # runs once per compile
     return model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
-                         output_attentions=output_attentions, last_only=last_only)
+                         output_attentions=output_attentions, last_only=last_only, cache_empty=cache_empty)
 
 
-_STATIC = ("output_hidden_states", "output_attentions", "last_only")
+_STATIC = ("output_hidden_states", "output_attentions", "last_only", "cache_empty")
 _forward_jit = jax.jit(_forward_apply, static_argnames=_STATIC, donate_argnames=("cache",))
 _forward_capture = nnx.jit(functools.partial(_forward_apply), static_argnames=_STATIC)

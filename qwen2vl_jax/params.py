@@ -67,7 +67,8 @@ _OURS_TO_HF = [(_template_regex(ours), hf) for hf, ours in KEY_MAP]
 
 
 def canonical_hf_name(name: str) -> str:
-    """Fold the transformers >= 4.52 names into the Hub names (TF457 `_checkpoint_conversion_mapping`, inverted)."""
+    """Fold the transformers >= 4.52 names into the Hub names (transformers 4.57 `_checkpoint_conversion_mapping`,
+    inverted)."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
     if name.startswith("model.visual."):

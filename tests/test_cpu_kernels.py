@@ -1,5 +1,6 @@
-"""The native CPU kernels against float64 and XLA's own ops: the bf16 gemv (decode with bf16 weights on AVX2
-CPUs) and the fused block-diagonal attention of the vision tower."""
+"""The native CPU kernels (`qwen2vl_jax.kernels`) against float64 and XLA's own ops: the bf16 gemv (decode with
+bf16 weights on AVX2 CPUs), the fused block-diagonal attention of the vision tower and the decode-step attention,
+through the raw FFI calls and through the `cpu` attention backend."""
 
 import subprocess
 import sys
@@ -11,11 +12,20 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import cpu_kernels, text, vision
-from qwen2vl_jax.layers import _xla_dot, dense
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+from qwen2vl_jax import kernels, vision
+from qwen2vl_jax.attention import cpu as cpu_attention
+from qwen2vl_jax.attention import xla as xla_attention
+from qwen2vl_jax.kernels import build, ffi
+from qwen2vl_jax.kernels.glue import xla_matmul
+from qwen2vl_jax.layers import dense
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="needs x86-64 AVX2+FMA and a C++ compiler")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX2+FMA and a C++ compiler")
+
+
+def _cpu_decode(q, k, v, allowed):
+    """The decode-step attention as the `cpu` backend calls it (kernel when it applies, else XLA)."""
+    return kernels.decode_attention(q, k, v, allowed, reference=xla_attention.masked_attention)
 
 
 @pytest.mark.parametrize("M, N, K", [(1, 1031, 37), (1, 8960, 1536), (2, 1536, 8960), (3, 100, 1000), (4, 64, 32)])
@@ -24,13 +34,13 @@ def test_bf16_gemv_matches_float64(M, N, K):
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = jnp.asarray(rng.standard_normal((N, K)).astype(np.float32)).astype(jnp.bfloat16)
     ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T  # bf16 weights are exact in f64
-    got = np.asarray(jax.jit(cpu_kernels.bf16_gemv)(x, w))
+    got = np.asarray(jax.jit(ffi.bf16_gemv)(x, w))
     assert got.shape == (M, N) and got.dtype == np.float32
     assert helpers.rel_err(got, ref) <= 1e-6
     # XLA's bf16 dot rounds the activations to bf16 first: the same products once the kernel gets those values
     x16 = jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)
-    xla = np.asarray(jax.jit(_xla_dot)(x16, w))
-    assert helpers.rel_err(np.asarray(jax.jit(cpu_kernels.bf16_gemv)(x16, w)), xla) <= 1e-6
+    xla = np.asarray(jax.jit(xla_matmul)(x16, w))
+    assert helpers.rel_err(np.asarray(jax.jit(ffi.bf16_gemv)(x16, w)), xla) <= 1e-6
 
 
 def test_rows_are_batch_invariant():
@@ -40,7 +50,7 @@ def test_rows_are_batch_invariant():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((4, 1539)).astype(np.float32)
     w = jnp.asarray(rng.standard_normal((701, 1539)).astype(np.float32)).astype(jnp.bfloat16)
-    gemv = jax.jit(cpu_kernels.bf16_gemv)
+    gemv = jax.jit(ffi.bf16_gemv)
     alone = np.concatenate([np.asarray(gemv(x[m:m + 1], w)) for m in range(4)])
     for M in (2, 3, 4):
         np.testing.assert_array_equal(np.asarray(gemv(x[:M], w)), alone[:M])
@@ -52,10 +62,11 @@ def test_many_concurrent_calls_finish():
     regression fails on the timeout instead of hanging the suite."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        from qwen2vl_jax import cpu_kernels, vision
-        assert cpu_kernels.available()
+        from qwen2vl_jax import kernels
+        from qwen2vl_jax.kernels import ffi
+        assert kernels.available()
         ws = [jnp.full((2048, 256), i, jnp.bfloat16) for i in range(24)]
-        f = jax.jit(lambda x, ws: [cpu_kernels.bf16_gemv(x, w) for w in ws])
+        f = jax.jit(lambda x, ws: [ffi.bf16_gemv(x, w) for w in ws])
         for _ in range(20):
             out = jax.block_until_ready(f(jnp.ones((1, 256), jnp.float32), ws))
         assert all(float(o[0, 0]) == 256.0 * i for i, o in enumerate(out))
@@ -69,8 +80,8 @@ def test_dense_uses_the_kernel_for_decode_rows_only():
     w = jnp.ones((256, 64), jnp.bfloat16)
     for rows, expected in ((1, True), (4, True), (5, False)):
         hlo = jax.jit(dense).lower(jnp.ones((rows, 64), jnp.bfloat16), w).as_text()
-        assert (cpu_kernels.TARGET in hlo) is expected, rows
-    assert cpu_kernels.TARGET not in jax.jit(dense).lower(jnp.ones((1, 64)), jnp.ones((256, 64))).as_text()
+        assert (build.GEMV_TARGET in hlo) is expected, rows
+    assert build.GEMV_TARGET not in jax.jit(dense).lower(jnp.ones((1, 64)), jnp.ones((256, 64))).as_text()
 
 
 def test_bf16_decode_steps_agree_with_the_bf16_full_forward(tiny_checkpoint, hf_tokenizer, photos):
@@ -101,7 +112,7 @@ def _attention_f64(q, k, v, seg):
 
 
 def _kernel_pnh(q, k, v, seg):
-    return cpu_kernels.segment_attention(q, k, v, jnp.asarray(seg, jnp.int32), q.shape[-1] ** -0.5)
+    return ffi.segment_attention(q, k, v, jnp.asarray(seg, jnp.int32), q.shape[-1] ** -0.5)
 
 
 @pytest.mark.parametrize("lengths, N, H", [
@@ -142,7 +153,7 @@ def test_segment_attention_applies_the_rotary_when_given():
     q, k, v = (rng.standard_normal((P, N, H)).astype(np.float32) for _ in range(3))
     cos, sin = _rotary_tables(P, H, rng)
     seg = np.array([[0, 100], [100, 50]])
-    got = np.asarray(jax.jit(cpu_kernels.segment_attention, static_argnums=4)(
+    got = np.asarray(jax.jit(ffi.segment_attention, static_argnums=4)(
         q, k, v, jnp.asarray(seg, jnp.int32), H**-0.5, cos, sin))
     ref = _attention_f64(_rotate_f64(q, cos, sin), _rotate_f64(k, cos, sin), v, seg)
     assert helpers.rel_err(got, ref) <= 3e-6
@@ -150,18 +161,18 @@ def test_segment_attention_applies_the_rotary_when_given():
 
 
 def test_vision_attention_uses_the_kernel_and_agrees_with_xla():
-    """`vision.rotary_segment_attention` on the vision layout: the kernel on CPU, same numbers as the XLA
-    formulation (video frames as separate segments, padded segment slots, padded rows)."""
+    """The `cpu` backend's vision attention on the vision layout: the kernel on CPU, same numbers as the `xla`
+    backend (video frames as separate segments, padded segment slots, padded rows)."""
     layout = vision.vision_layout(np.array([[1, 6, 4], [3, 4, 8], [1, 2, 2]]))
     rng = np.random.default_rng(3)
     P = layout.padded_patches
     q, k, v = (jnp.asarray(rng.standard_normal((P, 4, 16)).astype(np.float32)) for _ in range(3))
     cos, sin = _rotary_tables(P, 16, rng)
-    args = (q, k, v, cos, sin, *map(jnp.asarray, layout.device_arrays()[1:]))
-    assert cpu_kernels.ATTENTION_TARGET in jax.jit(vision.rotary_segment_attention).lower(*args).as_text()
+    args = (q, k, v, cos, sin, layout.segments())
+    assert build.ATTENTION_TARGET in jax.jit(cpu_attention.vision_attention).lower(*args).as_text()
     with jax.default_matmul_precision("highest"):
-        xla = np.asarray(jax.jit(vision.xla_rotary_attention)(*args))[: layout.num_patches]
-    got = np.asarray(jax.jit(vision.rotary_segment_attention)(*args))[: layout.num_patches]
+        xla = np.asarray(jax.jit(xla_attention.vision_attention)(*args))[: layout.num_patches]
+    got = np.asarray(jax.jit(cpu_attention.vision_attention)(*args))[: layout.num_patches]
     assert helpers.rel_err(got, xla) <= 2e-6
     seg = np.stack([layout.seg_rows_QL[:, 0], layout.seg_valid_QL.sum(1)], 1)
     ref = _attention_f64(_rotate_f64(q, cos, sin), _rotate_f64(k, cos, sin), v, seg)
@@ -172,12 +183,12 @@ def test_vision_attention_gradient_goes_through_the_xla_formulation():
     layout = vision.vision_layout(np.array([[2, 4, 4]]))
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((layout.padded_patches, 2, 8)).astype(np.float32)) for _ in range(3))
-    rest = (*_rotary_tables(layout.padded_patches, 8, rng), *map(jnp.asarray, layout.device_arrays()[1:]))
+    rest = (*_rotary_tables(layout.padded_patches, 8, rng), layout.segments())
     n = layout.num_patches
     loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *rest)[:n]))  # noqa: E731
     with jax.default_matmul_precision("highest"):
-        got = jax.grad(loss(vision.rotary_segment_attention), argnums=(0, 1, 2))(q, k, v)
-        ref = jax.grad(loss(vision.xla_rotary_attention), argnums=(0, 1, 2))(q, k, v)
+        got = jax.grad(loss(cpu_attention.vision_attention), argnums=(0, 1, 2))(q, k, v)
+        ref = jax.grad(loss(xla_attention.vision_attention), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(got, ref):
         assert np.abs(np.asarray(r)).max() > 0
         assert helpers.rel_err(g, r) <= 1e-5
@@ -186,31 +197,31 @@ def test_vision_attention_gradient_goes_through_the_xla_formulation():
 def test_segment_attention_rejects_bad_shapes():
     q = jnp.ones((8, 2, 12), jnp.float32)  # head dim 12: not a multiple of 8
     with pytest.raises(Exception, match="multiple of 8"):
-        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0))
+        jax.block_until_ready(ffi.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0))
     q, bad = jnp.ones((8, 2, 16), jnp.float32), jnp.ones((7, 16), jnp.float32)  # rotary tables for 7 rows, not 8
     with pytest.raises(Exception, match="cos and sin"):
-        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0, bad, bad))
+        jax.block_until_ready(ffi.segment_attention(q, q, q, jnp.asarray([[0, 8]], jnp.int32), 1.0, bad, bad))
     q = jnp.ones((2, 8, 16), jnp.float32)
     with pytest.raises(Exception, match="outside the rows"):
-        jax.block_until_ready(cpu_kernels.segment_attention(q, q, q, jnp.asarray([[4, 8]], jnp.int32), 1.0))
+        jax.block_until_ready(ffi.segment_attention(q, q, q, jnp.asarray([[4, 8]], jnp.int32), 1.0))
     # the model never sends such a head dim to the kernel: the XLA formulation takes it
     layout = vision.vision_layout(np.array([[1, 2, 4]]))
     x = jnp.ones((layout.padded_patches, 2, 12), jnp.float32)
     cs = jnp.ones((layout.padded_patches, 12), jnp.float32)
-    lowered = jax.jit(vision.rotary_segment_attention).lower(x, x, x, cs, cs,
-                                                             *map(jnp.asarray, layout.device_arrays()[1:]))
-    assert cpu_kernels.ATTENTION_TARGET not in lowered.as_text()
+    lowered = jax.jit(cpu_attention.vision_attention).lower(x, x, x, cs, cs, layout.segments())
+    assert build.ATTENTION_TARGET not in lowered.as_text()
 
 
 def test_concurrent_attention_calls_finish():
     """Several independent attention calls in one jit may run at once on XLA's pool (see the gemv test)."""
     code = textwrap.dedent("""
         import jax, jax.numpy as jnp, numpy as np
-        from qwen2vl_jax import cpu_kernels
-        assert cpu_kernels.available()
+        from qwen2vl_jax import kernels
+        from qwen2vl_jax.kernels import ffi
+        assert kernels.available()
         xs = [jnp.full((300, 4, 16), 0.01 * i, jnp.float32) for i in range(12)]
         seg = jnp.asarray([[0, 300]], jnp.int32)
-        f = jax.jit(lambda xs: [cpu_kernels.segment_attention(x, x, x, seg, 0.25) for x in xs])
+        f = jax.jit(lambda xs: [ffi.segment_attention(x, x, x, seg, 0.25) for x in xs])
         for _ in range(10):
             out = jax.block_until_ready(f(xs))
         assert all(np.allclose(np.asarray(o), 0.01 * i) for i, o in enumerate(out))
@@ -252,7 +263,7 @@ def test_decode_attention_matches_float64(B, S, K, G, H):
     k, v = (rng.standard_normal((B, S, K, H)).astype(np.float32) for _ in range(2))
     valid = rng.random((B, S)) < 0.8  # scattered holes, like left padding and masked rows
     valid[:, 0] = True
-    got = np.asarray(jax.jit(cpu_kernels.decode_attention, static_argnums=(4, 5))(q, k, v, valid, H**-0.5, False))
+    got = np.asarray(jax.jit(ffi.decode_attention, static_argnums=(4, 5))(q, k, v, valid, H**-0.5, False))
     assert got.shape == q.shape and got.dtype == np.float32
     assert helpers.rel_err(got, _decode_attention_f64(q, k, v, valid)) <= 2e-6
 
@@ -262,7 +273,7 @@ def test_decode_attention_rounds_probabilities_to_bf16_when_asked():
     q = jnp.asarray(2 * rng.standard_normal((2, 12, 64)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.standard_normal((2, 90, 2, 64)), jnp.bfloat16) for _ in range(2))
     valid = np.ones((2, 90), bool)
-    fn = jax.jit(cpu_kernels.decode_attention, static_argnums=(4, 5))
+    fn = jax.jit(ffi.decode_attention, static_argnums=(4, 5))
     rounded, exact = (np.asarray(fn(q, k, v, valid, 0.125, flag)) for flag in (True, False))
     assert helpers.rel_err(rounded, _decode_attention_f64(q, k, v, valid, probs_bf16=True)) <= 2e-6
     assert helpers.rel_err(exact, _decode_attention_f64(q, k, v, valid)) <= 2e-6
@@ -271,7 +282,7 @@ def test_decode_attention_rounds_probabilities_to_bf16_when_asked():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_decode_attention_in_the_layer_agrees_with_xla(dtype):
-    """`text.decode_attention` (the kernel on CPU) vs the XLA formulation the layer uses for prefill: same
+    """The `cpu` backend's decode attention (the kernel on CPU) vs the `xla` formulation used for prefill: same
     numbers for an fp32 and a bf16 cache (bf16: probabilities rounded to bf16 before the value product, exactly
     like the XLA ops), a row with no valid slot (both average every slot), and gradients through XLA."""
     rng = np.random.default_rng(7)
@@ -281,10 +292,10 @@ def test_decode_attention_in_the_layer_agrees_with_xla(dtype):
     mask = rng.random((B, 1, S)) < 0.6
     mask[2] = False  # a row with nothing to attend to
     mask = jnp.asarray(mask)
-    assert cpu_kernels.DECODE_ATTENTION_TARGET in jax.jit(text.decode_attention).lower(q, k, v, mask).as_text()
+    assert build.DECODE_ATTENTION_TARGET in jax.jit(_cpu_decode).lower(q, k, v, mask).as_text()
     with jax.default_matmul_precision("highest"):
-        ref = jax.jit(lambda *a: text.xla_attention(*a)[0])(q, k, v, mask)
-        got = jax.jit(text.decode_attention)(q, k, v, mask)
+        ref = jax.jit(xla_attention.masked_attention)(q, k, v, mask)
+        got = jax.jit(_cpu_decode)(q, k, v, mask)
         assert got.dtype == dtype
         got, ref = (np.asarray(x.astype(jnp.float32)) for x in (got, ref))
         if dtype == jnp.float32:
@@ -293,8 +304,8 @@ def test_decode_attention_in_the_layer_agrees_with_xla(dtype):
             assert np.abs(got - ref).max() <= 2**-7 * np.abs(ref).max()
         assert np.allclose(got[2, 0], np.asarray(v.astype(jnp.float32))[2].mean(0).repeat(G, 0), atol=2e-2)
         loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask).astype(jnp.float32)))  # noqa: E731
-        g_got = jax.grad(loss(text.decode_attention), argnums=(0, 1, 2))(q, k, v)
-        g_ref = jax.grad(loss(lambda *a: text.xla_attention(*a)[0]), argnums=(0, 1, 2))(q, k, v)
+        g_got = jax.grad(loss(_cpu_decode), argnums=(0, 1, 2))(q, k, v)
+        g_ref = jax.grad(loss(xla_attention.masked_attention), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_ref):
         a, b = (np.asarray(x.astype(jnp.float32)) for x in (a, b))
         assert np.abs(b).max() > 0 and helpers.rel_err(a, b) <= (1e-5 if dtype == jnp.float32 else 2e-2)
@@ -306,21 +317,21 @@ def test_decode_attention_is_used_only_for_single_token_steps():
     for T, expected in ((1, True), (2, False)):
         q = jnp.ones((1, T, 4, 8), jnp.float32)
         mask = jnp.ones((1, T, 16), bool)
-        hlo = jax.jit(text.decode_attention).lower(q, k, k, mask).as_text()
-        assert (cpu_kernels.DECODE_ATTENTION_TARGET in hlo) is expected, T
+        hlo = jax.jit(_cpu_decode).lower(q, k, k, mask).as_text()
+        assert (build.DECODE_ATTENTION_TARGET in hlo) is expected, T
     # a bf16 query over an fp32 cache would round the keys first in XLA: the kernel is not used there
-    hlo = jax.jit(text.decode_attention).lower(jnp.ones((1, 1, 4, 8), jnp.bfloat16), k, k, mask[:, :1]).as_text()
-    assert cpu_kernels.DECODE_ATTENTION_TARGET not in hlo
+    hlo = jax.jit(_cpu_decode).lower(jnp.ones((1, 1, 4, 8), jnp.bfloat16), k, k, mask[:, :1]).as_text()
+    assert build.DECODE_ATTENTION_TARGET not in hlo
 
 
 def test_decode_attention_rejects_bad_shapes():
     q = jnp.ones((1, 4, 12), jnp.float32)  # head dim 12: not a multiple of 8
     k = jnp.ones((1, 5, 2, 12), jnp.float32)
     with pytest.raises(Exception, match="multiple of 8"):
-        jax.block_until_ready(cpu_kernels.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
+        jax.block_until_ready(ffi.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
     q, k = jnp.ones((1, 5, 8), jnp.float32), jnp.ones((1, 5, 2, 8), jnp.float32)  # 5 heads over 2 kv heads
     with pytest.raises(Exception, match="multiple of K"):
-        jax.block_until_ready(cpu_kernels.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
+        jax.block_until_ready(ffi.decode_attention(q, k, k, jnp.ones((1, 5), bool), 1.0, False))
     with pytest.raises(Exception, match="dtypes differ"):
-        jax.block_until_ready(cpu_kernels.decode_attention(jnp.ones((1, 4, 8)), k, k.astype(jnp.bfloat16),
+        jax.block_until_ready(ffi.decode_attention(jnp.ones((1, 4, 8)), k, k.astype(jnp.bfloat16),
                                                            jnp.ones((1, 5), bool), 1.0, False))

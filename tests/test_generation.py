@@ -9,7 +9,7 @@ from qwen2vl_jax import generation as gen
 from qwen2vl_jax import vision as vision_lib
 from qwen2vl_jax.buckets import bucket
 from qwen2vl_jax.generation import GenerationConfig, TextStreamer
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.processing import Qwen2VLProcessor
 from qwen2vl_jax.vision import vision_layout
 

@@ -15,8 +15,8 @@ import pytest
 
 from qwen2vl_jax import checkpoint, safetensors_io
 from qwen2vl_jax import params as params_lib
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.params import CheckpointError, canonical_hf_name, hf_to_ours, model_params, safetensors_files
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.safetensors_io import SafetensorsFile, load_file, save_file
 
 UP = "model.layers.0.mlp.up_proj.weight"  # [intermediate 96, hidden 64] in the tiny config

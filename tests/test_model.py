@@ -8,7 +8,7 @@ from flax import nnx
 
 import helpers
 from qwen2vl_jax.config import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.rope_index import get_rope_index
 
 TOL = 1e-5
@@ -29,7 +29,7 @@ def _hf_rope(hf, ids, image_grid=None, video_grid=None, mask=None):
 
 def _rope_cases():
     g1, g2, gv = [1, 8, 12], [1, 6, 4], [3, 8, 12]
-    long_video = [8, 4, 4]  # grid_t > max(h, w) / 2 (TF5 diverges here; TF457 is the reference)
+    long_video = [8, 4, 4]  # grid_t > max(h, w) / 2 (transformers 5 diverges here; 4.57 is the reference)
     image = _vision_ids(5, g1, IMG)
     two_images = _vision_ids(4, g1, IMG) + _vision_ids(2, g2, IMG)
     video = _vision_ids(3, gv, VID)
@@ -60,7 +60,7 @@ def test_get_rope_index_matches_reference(tiny_pair, case):
     np.testing.assert_array_equal(deltas, ref_deltas)
     if case == "video_with_long_time_axis":
         # the block starts at 3 (2 text + vision_start); <|vision_end|> after it sits at 3 + grid_t = 11 on every
-        # axis (TF457), where transformers 5.x would put it at 3 + max(h, w) / 2 = 5
+        # axis (transformers 4.57), where transformers 5.x would put it at 3 + max(h, w) / 2 = 5
         assert pos[:, 0, -4].tolist() == [11, 11, 11]
 
 

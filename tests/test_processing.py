@@ -2,7 +2,8 @@
 
 Oracle: transformers' Qwen2VLProcessor needs torchvision (its video processor), which does not import beside
 torch 2.13, so the oracle is assembled from HF parts: the SLOW `Qwen2VLImageProcessor` (PIL path), the real
-`Qwen2TokenizerFast` (+ its `apply_chat_template`) and TF457's placeholder-expansion loop copied verbatim below.
+`Qwen2TokenizerFast` (+ its `apply_chat_template`) and transformers 4.57's placeholder-expansion loop copied
+verbatim below.
 """
 
 from __future__ import annotations
@@ -17,17 +18,13 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qwen2vl_jax.processing import (
-    DEFAULT_CHAT_TEMPLATE,
-    Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
-    Qwen2VLProcessor,
-    convert_to_rgb,
-    smart_resize,
-)
-from qwen2vl_jax.video import smart_resize as qvu_smart_resize
+from qwen2vl_jax.chat_template import DEFAULT_CHAT_TEMPLATE
+from qwen2vl_jax.image_processing import Qwen2VLImageProcessor, convert_to_rgb, smart_resize
+from qwen2vl_jax.processing import Qwen2VLProcessor
+from qwen2vl_jax.qvu_image import qvu_smart_resize
+from qwen2vl_jax.tokenizer import Qwen2Tokenizer
 
-HUB_MIN, HUB_MAX = 3136, 12845056  # Hub preprocessor_config.json (reference §4.1)
+HUB_MIN, HUB_MAX = 3136, 12845056  # Qwen2-VL-*-Instruct Hub preprocessor_config.json
 MAX_ABS_DIFF = {}  # largest |ours - HF| seen per test case, reported by test_report_max_abs_diff
 
 
@@ -39,7 +36,7 @@ def hf_image_processor(min_pixels=HUB_MIN, max_pixels=HUB_MAX):
 
 
 def hf_expand(texts, grid_thw, token, merge_length=4):
-    """TF457 processing_qwen2_vl.py `__call__`, verbatim logic."""
+    """transformers 4.57 models/qwen2_vl/processing_qwen2_vl.py `Qwen2VLProcessor.__call__`, verbatim logic."""
     texts = list(texts)
     index = 0
     for i in range(len(texts)):
@@ -76,7 +73,7 @@ def sized(name, width, height):
 
 
 # ------------------------------------------------------------------------------------------------ smart_resize
-# Reference §4.1 worked values and HF-tests; "cls" = HF class default max 1003520, "hub" = 12845056.
+# Worked values and HF-test cases; "cls" = HF class default max 1003520, "hub" = 12845056.
 SMART_RESIZE_TABLE = [
     ((561, 278), 56 * 56, 28 * 28 * 1280, (560, 280)),
     ((1024, 1024), 56 * 56, 28 * 28 * 1280, (980, 980)),
@@ -130,7 +127,7 @@ def test_image_with_ratio_over_200_raises(proc):
 
 
 def test_qwen_vl_utils_variant_differs_for_thin_images():
-    # Reference §4.1: (10, 500) -> HF (28, 420), qwen-vl-utils (28, 504).
+    # (10, 500) -> HF (28, 420), qwen-vl-utils (28, 504).
     assert smart_resize(10, 500, 28, 56 * 56, 28 * 28 * 1280) == (28, 420)
     assert qvu_smart_resize(10, 500, 28, 56 * 56, 28 * 28 * 1280) == (28, 504)
     # Down-scale branch without max(factor, .): a very thin, very large image goes below one factor in QVU.
@@ -198,13 +195,14 @@ def test_white_224_reference_value(proc):
     out = proc.image_processor(images=white)
     assert out["pixel_values"].shape == (256, 1176)
     np.testing.assert_array_equal(out["image_grid_thw"], [[1, 16, 16]])
-    assert abs(float(out["pixel_values"].mean()) - 2.050372362136841) <= 1e-6  # reference §12.2
+    assert abs(float(out["pixel_values"].mean()) - 2.050372362136841) <= 1e-6  # HF's value (the oracle below agrees)
     ref = hf_image_processor()(images=white, return_tensors="np")["pixel_values"]
     assert record("white224", out["pixel_values"], ref) <= 1e-6
 
 
 def test_patch_layout_merge_block_order(proc):
-    """Rows run (t, block_row, block_col, in_row, in_col); a row is (C, T, ph, pw) (reference §4.3)."""
+    """Rows run (t, block_row, block_col, in_row, in_col); a row is (C, T, ph, pw) (transformers
+    models/qwen2_vl/image_processing_qwen2_vl.py `Qwen2VLImageProcessor._preprocess`)."""
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8)  # 56x84 stays 56x84: grid (1, 4, 6)
     out = proc.image_processor(images=[image])
@@ -407,8 +405,8 @@ def test_chat_template_ids_match_hf(proc, hf_tokenizer, name):
 
 
 def test_chat_template_tokenize_with_media_runs_the_processor(proc, hf_tokenizer, photos):
-    """Like TF457's processor `apply_chat_template(tokenize=True)`: media in the content items are processed and
-    the placeholders expanded."""
+    """Like transformers 4.57's processor `apply_chat_template(tokenize=True)`: media in the content items are
+    processed and the placeholders expanded."""
     image = photos["chelsea"].resize((150, 100))
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
     out = proc.apply_chat_template(messages, tokenize=True, return_dict=True)
@@ -422,7 +420,7 @@ def test_chat_template_tokenize_with_media_runs_the_processor(proc, hf_tokenizer
 
 
 def test_chat_template_reference_rendering(proc):
-    # Reference §6 / HF-tests rendered example and ids.
+    # A rendered example and its ids (HF-tests).
     messages = _messages()["no-system"]
     text = proc.apply_chat_template(messages)
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -556,11 +554,11 @@ def test_overrides_take_effect(tokenizer_dir, photos):
     assert (default.image_processor.min_pixels, default.image_processor.max_pixels) == (HUB_MIN, HUB_MAX)
     g_default = default.image_processor(images=image)["image_grid_thw"][0]
     g_small = small.image_processor(images=image)["image_grid_thw"][0]
-    assert g_default.tolist() == [1, 42, 36]  # reference §12.2
+    assert g_default.tolist() == [1, 42, 36]  # HF's grid for this photo at the Hub bounds
     assert np.prod(g_small) // 4 <= 64 and g_small.tolist() != g_default.tolist()
     ref = hf_image_processor(32 * 28 * 28, 64 * 28 * 28)(images=image, return_tensors="np")
     np.testing.assert_array_equal(g_small, ref["image_grid_thw"][0])
-    assert small.video_processor.max_pixels == 64 * 28 * 28  # TF457 hands the kwargs to both sub-processors
+    assert small.video_processor.max_pixels == 64 * 28 * 28  # transformers hands the kwargs to both
     per_call = default(images=image, max_pixels=64 * 28 * 28)["image_grid_thw"][0]
     ref_per_call = hf_image_processor(HUB_MIN, 64 * 28 * 28)(images=image, return_tensors="np")
     np.testing.assert_array_equal(per_call, ref_per_call["image_grid_thw"][0])
@@ -599,6 +597,68 @@ def test_size_form_and_missing_files(tokenizer_dir, tmp_path, photos):
         Qwen2VLProcessor.from_pretrained(empty)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Qwen2Tokenizer.from_pretrained(empty)
+
+
+# ------------------------------------------------------------------------------------------------ module layout
+# The preprocessing modules, each with the qwen2vl_jax modules it may load (itself and what it imports, directly or
+# not). Imports point one way: processing -> image_processing / tokenizer / chat_template -> video -> qvu_image ->
+# image_io; none of them imports processing, JAX, torch, transformers or any model module.
+PREPROCESSING_IMPORTS = {
+    "processing_utils": set(),
+    "chat_template": set(),
+    "image_io": set(),
+    "qvu_image": {"image_io"},
+    "video": {"image_io", "qvu_image"},
+    "vision_info": {"image_io", "qvu_image", "video"},
+    "image_processing": {"image_io", "qvu_image", "video", "processing_utils"},
+    "tokenizer": {"chat_template", "processing_utils"},
+    "processing": {"chat_template", "hub", "image_io", "image_processing", "processing_utils", "qvu_image",
+                   "tokenizer", "video"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(PREPROCESSING_IMPORTS))
+def test_preprocessing_modules_import_one_way(module):
+    """Import one module in a fresh interpreter and list what it loaded: no JAX, no torch, no transformers, and of
+    this package only the module, the package `__init__` and the modules it is allowed to import."""
+    import subprocess
+    import sys
+
+    code = (f"import json, sys; import qwen2vl_jax.{module}; "
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('qwen2vl_jax', 'jax', 'jaxlib', 'flax', 'torch', 'transformers'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    allowed = {"qwen2vl_jax", f"qwen2vl_jax.{module}"} | {f"qwen2vl_jax.{m}" for m in PREPROCESSING_IMPORTS[module]}
+    assert loaded <= allowed, f"qwen2vl_jax.{module} loads {sorted(loaded - allowed)}"
+    if module != "processing":
+        assert "qwen2vl_jax.processing" not in loaded
+
+
+def test_processing_reexports_the_split_modules():
+    """`from qwen2vl_jax.processing import ...` keeps working for the names it exported before the split, and every
+    module's `__all__` names exist."""
+    import importlib
+
+    from qwen2vl_jax import chat_template, image_processing, processing, processing_utils, tokenizer
+
+    for name in ("OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "smart_resize", "convert_to_rgb", "patchify",
+                 "Qwen2VLImageProcessor"):
+        assert getattr(processing, name) is getattr(image_processing, name)
+    for name in ("DEFAULT_CHAT_TEMPLATE", "compile_chat_template", "render_chat_template"):
+        assert getattr(processing, name) is getattr(chat_template, name)
+    assert processing.Qwen2Tokenizer is tokenizer.Qwen2Tokenizer
+    assert processing.BatchFeature is processing_utils.BatchFeature
+    for module in PREPROCESSING_IMPORTS:
+        mod = importlib.import_module(f"qwen2vl_jax.{module}")
+        missing = [name for name in mod.__all__ if not hasattr(mod, name)]
+        assert not missing, f"qwen2vl_jax.{module}.__all__ names missing: {missing}"
+    # One `smart_resize` per meaning: HF's in image_processing, qwen-vl-utils' is `qvu_smart_resize`.
+    from qwen2vl_jax import qvu_image, video
+
+    assert not hasattr(qvu_image, "smart_resize") and not hasattr(video, "smart_resize")
+    assert qvu_image.qvu_smart_resize(10, 500) != image_processing.smart_resize(10, 500)
 
 
 def test_report_max_abs_diff():

@@ -18,8 +18,8 @@ from jax.sharding import Mesh, PartitionSpec
 import helpers
 from qwen2vl_jax import sharding
 from qwen2vl_jax.config import qwen2_vl_2b, qwen2_vl_72b
-from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.params import model_params
+from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 
 class _FakeMesh:  # partition_spec only reads mesh.shape
@@ -70,7 +70,7 @@ def test_tensor_parallel_model_matches_one_device(tiny_checkpoint, hf_tokenizer,
         use_exact_cpu_fp32_matmuls()
         jax.config.update("jax_default_matmul_precision", "highest")
         from qwen2vl_jax import sharding
-        from qwen2vl_jax.model import Qwen2VLForConditionalGeneration
+        from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
         assert len(jax.devices()) == 4
         x = dict(np.load({str(tmp_path / "inputs.npz")!r}))
         one = Qwen2VLForConditionalGeneration.from_pretrained({str(tiny_checkpoint)!r})

@@ -1,8 +1,8 @@
 """Video: qwen-vl-utils 0.0.8 frame sampling and sizing on the real clips, and pixel parity with HF's slow path.
 
 qwen-vl-utils itself is not installed (it needs torchvision), so its rules are checked through their published
-consequences (reference §4.5 / §12.3) and `torch.linspace(...).round()` is the index oracle. Pixel values are
-compared with transformers' slow `Qwen2VLImageProcessor(videos=...)` on the same frames.
+consequences on the test clips (frame counts, sizes, grids) and `torch.linspace(...).round()` is the index oracle.
+Pixel values are compared with transformers' slow `Qwen2VLImageProcessor(videos=...)` on the same frames.
 """
 
 from __future__ import annotations
@@ -13,21 +13,20 @@ import torch
 from PIL import Image
 
 import helpers
+from qwen2vl_jax.qvu_image import fetch_image, qvu_smart_resize
 from qwen2vl_jax.video import (
     FRAME_FACTOR,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
-    fetch_image,
     fetch_video,
-    process_vision_info,
     sample_frame_indices,
     smart_nframes,
-    smart_resize,
     torch_linspace_float32,
 )
+from qwen2vl_jax.vision_info import process_vision_info
 
-# Reference §12.3: (file, frames, fps, sampled frames, per-frame size, video_grid_thw).
+# qwen-vl-utils 0.0.8 on the test clips: (file, frames, fps, sampled frames, per-frame size, video_grid_thw).
 REAL_VIDEOS = [
     ("bigbuckbunny.mp4", 132, 25.0, 10, (560, 1008), [5, 40, 72]),
     ("bikes.mp4", 250, 25.0, 20, (280, 644), [10, 20, 46]),
@@ -74,7 +73,7 @@ def test_smart_nframes_rules():
     assert smart_nframes(132, 25.0) == 10  # 132 / 25 * 2 = 10.56 -> rounded to even
     assert smart_nframes(250, 25.0) == 20
     assert smart_nframes(120, 30000 / 1001) == 8
-    assert smart_nframes(300, 30.0) == 20  # reference §4.5 worked example
+    assert smart_nframes(300, 30.0) == 20  # 300 / 30 * 2 = 20
     assert smart_nframes(30, 30.0) == 4  # 2 frames at 2 fps -> min_frames 4
     assert smart_nframes(100000, 25.0) == 768  # max_frames
     assert smart_nframes(3, 25.0) == 2  # max_frames = floor2(min(768, 3)) = 2
@@ -97,9 +96,9 @@ def test_qvu_frame_size_rule():
     """max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / n * 2), int(min_pixels * 1.05)) (QVU8 fetch_video)."""
     rule = lambda n, total=VIDEO_TOTAL_PIXELS, lo=VIDEO_MIN_PIXELS: max(min(VIDEO_MAX_PIXELS, total / n * FRAME_FACTOR),
                                                                        int(lo * 1.05))
-    assert smart_resize(720, 1280, 28, VIDEO_MIN_PIXELS, rule(10)) == (560, 1008)
-    assert smart_resize(272, 640, 28, VIDEO_MIN_PIXELS, rule(20)) == (280, 644)
-    assert smart_resize(144, 176, 28, VIDEO_MIN_PIXELS, rule(8)) == (308, 364)
+    assert qvu_smart_resize(720, 1280, 28, VIDEO_MIN_PIXELS, rule(10)) == (560, 1008)
+    assert qvu_smart_resize(272, 640, 28, VIDEO_MIN_PIXELS, rule(20)) == (280, 644)
+    assert qvu_smart_resize(144, 176, 28, VIDEO_MIN_PIXELS, rule(8)) == (308, 364)
     # A long video: the total-pixel budget shrinks each frame (768 frames -> 50176 -> floored by min*1.05).
     assert rule(768) == int(VIDEO_MIN_PIXELS * 1.05)
 
@@ -122,7 +121,7 @@ def test_bigbuckbunny_end_to_end_tokens(proc, hf_tokenizer, video_file):
     out = proc(text=text, videos=[video_file])  # a path: decoded and sampled like qwen-vl-utils
     assert list(out) == ["input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw"]
     assert out["video_grid_thw"].tolist() == [[5, 40, 72]]
-    assert int((out["input_ids"] == proc.video_token_id).sum()) == 3600  # reference §12.3
+    assert int((out["input_ids"] == proc.video_token_id).sum()) == 3600  # 5 * 40 * 72 / 4
     expanded = text.replace("<|video_pad|>", "<|video_pad|>" * 3600)
     np.testing.assert_array_equal(out["input_ids"], hf_tokenizer([expanded], return_tensors="np")["input_ids"])
 
@@ -234,7 +233,7 @@ def test_video_time_range(video_file):
 def test_fetch_video_options(video_file):
     frames, info = fetch_video(video_file, nframes=6, max_pixels=200 * 28 * 28)
     assert info.frame_indices == torch.linspace(0, 131, 6).round().long().tolist()
-    assert frames.shape[1:3] == smart_resize(720, 1280, 28, VIDEO_MIN_PIXELS, 200 * 28 * 28)
+    assert frames.shape[1:3] == qvu_smart_resize(720, 1280, 28, VIDEO_MIN_PIXELS, 200 * 28 * 28)
     frames, _ = fetch_video(video_file, nframes=4, resized_height=280, resized_width=504)
     assert frames.shape == (4, 280, 504, 3)
 
@@ -254,10 +253,10 @@ def test_process_vision_info_collects_in_order(video_file, photos, tmp_path):
     ]
     images, videos = process_vision_info(messages)
     assert [im.size for im in images] == [(448, 308), (336, 224)]  # QVU8 fetch_image sizes
-    assert images[0].size == smart_resize(300, 451)[::-1]
-    assert images[1].size == smart_resize(427, 640, max_pixels=100 * 28 * 28)[::-1]
+    assert images[0].size == qvu_smart_resize(300, 451)[::-1]
+    assert images[1].size == qvu_smart_resize(427, 640, max_pixels=100 * 28 * 28)[::-1]
     assert videos[0].shape == (4, 560, 1008, 3)
-    assert videos[1].shape == (4, *smart_resize(400, 600), 3)  # 3 frames padded to 4
+    assert videos[1].shape == (4, *qvu_smart_resize(400, 600), 3)  # 3 frames padded to 4
     assert process_vision_info([{"role": "user", "content": "text only"}]) == (None, None)
     with pytest.raises(ValueError, match="image"):
         process_vision_info([{"role": "user", "content": [{"type": "image"}]}])

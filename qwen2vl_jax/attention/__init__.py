@@ -1,0 +1,124 @@
+"""The attention seam: every attention in the model is called through a backend chosen by name.
+
+Two kinds of attention, one signature each (shape letters: the package docstring's key):
+
+* decoder: `decoder_fn(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask) -> o_BTNH` (in q's dtype). q and k come after
+  M-RoPE; k / v are the key slots (this call's tokens, or the whole KV cache with this call's rows written); GQA
+  query head n reads kv head n // G. Prefill, decode steps and training forwards all go through it.
+* vision: `vision_fn(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments) -> o_PNH` (in v's dtype).
+  q and k arrive *before* the vision tower's 2-D rotary so a backend may fuse it (`xla.apply_vision_rotary` is the
+  reference rotation); rows attend only within their segment (one temporal slice of one image or video: the
+  reference's `cu_seqlens`), non-causally.
+
+The numbers must be the reference's (transformers 4.57 `modeling_qwen2_vl.py` `eager_attention_forward` and
+`VisionAttention.forward`): scores and softmax in fp32, probabilities cast to the activation dtype before the value
+product. Built-in backends:
+
+* `xla`: the reference formulation in XLA ops, every platform. Vision: per-segment gather, query chunks of 256.
+* `cpu`: the native kernels (`qwen2vl_jax.kernels`): the fused decode-step kernel for one-token steps (else `xla`);
+  vision: one fused rotary + flash-attention kernel.
+* `jax`: `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs where it applies, XLA's ops elsewhere);
+  vision: segments as batch rows with their lengths.
+* `pallas`: Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu`) for calls whose queries start at slot 0
+  (prefill, training forwards), `xla` for decode steps; vision: flash attention with per-row segment ids.
+
+`None` picks the platform's default (`default_backend()`): `cpu` where the native kernels are available (JAX on
+the CPU of an x86 host with AVX2 + FMA and a C++ compiler), else `xla`. Off TPU, `pallas` runs in Pallas'
+interpret mode (slow; for checking numbers). Eager probabilities (`output_attentions=True`, the interpretability
+captures) always use the `xla` formulation, whatever the backend: only it materialises them.
+
+Your own backend:
+
+    def my_decoder(q_BTNH, k_BSKH, v_BSKH, mask): ...
+    register_attention("mine", decoder_fn=my_decoder)            # a kind left out uses `xla`
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, attn_implementation="mine")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from .. import kernels
+from .masks import DecoderMask, VisionSegments
+
+__all__ = ["DecoderMask", "VisionSegments", "AttentionBackend", "register_attention", "get_attention",
+           "available_backends", "default_backend", "resolve"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    """A named pair of attention functions (see the module docstring for their signatures)."""
+
+    name: str
+    decoder: Callable
+    vision: Callable
+    requires: Callable[[], str] | None = None  # returns "" when usable here, else why not
+
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+
+
+def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_fn: Callable | None = None,
+                       requires: Callable[[], str] | None = None, overwrite: bool = False) -> AttentionBackend:
+    """Register a backend under `name` (then `attn_implementation=name` selects it). A kind given as None uses the
+    `xla` formulation. `requires()` may return a reason the backend cannot run here ("" when it can)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an attention backend needs a non-empty string name, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"attention backend {name!r} is already registered (pass overwrite=True to replace it)")
+    if decoder_fn is None and vision_fn is None:
+        raise ValueError(f"attention backend {name!r}: give decoder_fn, vision_fn or both")
+    for kind, fn in (("decoder_fn", decoder_fn), ("vision_fn", vision_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"attention backend {name!r}: {kind} must be callable, got {type(fn).__name__}")
+    from . import xla
+
+    backend = AttentionBackend(name, decoder_fn or xla.decoder_attention, vision_fn or xla.vision_attention,
+                               requires)
+    _REGISTRY[name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Every registered name (whether or not it can run on this host)."""
+    return sorted(_REGISTRY)
+
+
+def default_backend() -> str:
+    """`cpu` when the native kernels are available (JAX on an x86 CPU with AVX2 + FMA), else `xla`."""
+    return "cpu" if kernels.available() else "xla"
+
+
+def resolve(name: str | None) -> str:
+    """The backend name `name` stands for (None: the platform default); raises a clear error for an unknown name
+    or one that cannot run here."""
+    if name is None:
+        return default_backend()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown attn_implementation {name!r}; registered: {available_backends()} "
+                         "(or None for the platform default)")
+    requires = _REGISTRY[name].requires
+    why = requires() if requires is not None else ""
+    if why:
+        raise ValueError(f"attn_implementation {name!r} cannot run here: {why}")
+    return name
+
+
+def get_attention(name: str | None) -> AttentionBackend:
+    """The backend `resolve(name)` names."""
+    return _REGISTRY[resolve(name)]
+
+
+def _register_builtins() -> None:
+    from . import cpu, jax_nn, pallas, xla
+
+    register_attention("xla", decoder_fn=xla.decoder_attention, vision_fn=xla.vision_attention)
+    register_attention("cpu", decoder_fn=cpu.decoder_attention, vision_fn=cpu.vision_attention,
+                       requires=kernels.unavailable_reason)
+    register_attention("jax", decoder_fn=jax_nn.decoder_attention, vision_fn=jax_nn.vision_attention)
+    register_attention("pallas", decoder_fn=pallas.decoder_attention, vision_fn=pallas.vision_attention,
+                       requires=pallas.unavailable_reason)
+
+
+_register_builtins()

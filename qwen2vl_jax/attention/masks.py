@@ -1,0 +1,44 @@
+"""What an attention backend is told about which keys each query may see."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderMask:
+    """The decoder's mask: causal over absolute key slots, padding slots excluded.
+
+    `allowed_BTS` is the whole truth (query t may see slot s); the other fields say the same thing in the forms
+    fused kernels take: which slots hold real tokens, and the slot of the first query (this call's queries sit at
+    slots `query_start + t`). `query_start` is a Python int when it is known while tracing (a forward without a
+    cache, or a prefill into an empty cache: 0), else a traced int32 scalar (a decode step).
+    """
+
+    allowed_BTS: jax.Array  # bool
+    key_valid_BS: jax.Array  # bool
+    query_start: int | jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionSegments:
+    """Which rows of a vision call attend to each other (built on the host by `vision.vision_layout`).
+
+    Rows (patches, padded to a bucket) are grouped in segments, one per temporal slice of each image or video. Two
+    views of the same grouping, for the two ways backends attend:
+
+    * gathered: segment q's rows are `rows_QL[q, :]` where `valid_QL` (a `[Q, L]` segment-major layout), and row p
+      sits at `row_slot_P[p]` of the flattened `[Q * L]` layout (scatter back);
+    * in place: `segment_ids_P[p]` is row p's segment (-1 for padding rows), `bounds_Q2[q] = (first row, length)`
+      (length 0 for padding segments): rows of a segment are contiguous.
+    """
+
+    rows_QL: jax.Array  # int32
+    valid_QL: jax.Array  # bool
+    row_slot_P: jax.Array  # int32
+    segment_ids_P: jax.Array  # int32
+    bounds_Q2: jax.Array  # int32

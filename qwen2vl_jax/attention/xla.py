@@ -1,0 +1,96 @@
+"""The `xla` backend: the reference attention written in XLA ops. Every platform runs it; it is the other
+backends' fallback and the CPU kernels' gradient, and the only formulation that materialises probabilities.
+
+Mirrors transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py`: `eager_attention_forward` with `repeat_kv`
+(decoder) and `VisionAttention.forward` with `apply_rotary_pos_emb_vision` (vision): scores and softmax in fp32,
+probabilities cast to the activation dtype before the value product.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ..layers import rotate_half
+from .masks import DecoderMask, VisionSegments
+
+# Vision queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the
+# softmax passes (1.5x faster attention than one [heads, L, L] buffer for a 1024-patch image), and memory stays
+# bounded. `vision.vision_layout` pads long segments to a multiple of it.
+QUERY_CHUNK = 256
+
+
+# ---------------------------------------------------------------------------------------------------- decoder
+def attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+    """Masked GQA softmax attention; returns (o [B, T, N, H] in q's dtype, probabilities [B, K, G, T, S] fp32).
+
+    Query head n uses kv head n // G (transformers `repeat_kv`), so N splits into (K, G). A query with no allowed
+    slot (a padding row) gets a uniform distribution, as the reference's finfo.min mask gives.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    dtype = q_BTNH.dtype
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dtype),
+                         preferred_element_type=jnp.float32) * (H**-0.5)
+    s_BKGTS = jnp.where(allowed_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(dtype), v_BSKH.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(dtype)
+    return o_BTKGH.reshape(B, T, N, H), p_BKGTS
+
+
+def masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+    """`attention_with_probs` without the probabilities (the CPU decode kernel's reference and gradient)."""
+    return attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)[0]
+
+
+def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
+    return masked_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS)
+
+
+# ----------------------------------------------------------------------------------------------------- vision
+def apply_vision_rotary(x_PNH, cos_PH, sin_PH):
+    """q/k rotation in fp32, cast back (transformers `apply_rotary_pos_emb_vision`)."""
+    x32 = x_PNH.astype(jnp.float32)
+    out = x32 * cos_PH[:, None, :] + rotate_half(x32) * sin_PH[:, None, :]
+    return out.astype(x_PNH.dtype)
+
+
+def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
+    """Non-causal softmax attention inside each segment only (the reference's per-`cu_seqlens` chunks): gather
+    each segment to `[L, N, H]`, attend in query chunks, scatter back."""
+    seg_rows_QL, seg_valid_QL = segments.rows_QL, segments.valid_QL
+    P, N, H = q_PNH.shape
+    L = seg_rows_QL.shape[1]
+    scale = H**-0.5
+    chunk = L if L <= QUERY_CHUNK or L % QUERY_CHUNK else QUERY_CHUNK
+
+    def attend_chunk(q_CNH, k_LNH, v_LNH, valid_L):
+        s_NCL = jnp.einsum("CNH,LNH->NCL", q_CNH, k_LNH, preferred_element_type=jnp.float32) * scale
+        s_NCL = jnp.where(valid_L[None, None, :], s_NCL, jnp.finfo(jnp.float32).min)
+        p_NCL = jax.nn.softmax(s_NCL, axis=-1).astype(v_LNH.dtype)  # softmax in fp32, probs in the act. dtype
+        return jnp.einsum("NCL,LNH->CNH", p_NCL, v_LNH, preferred_element_type=jnp.float32).astype(v_LNH.dtype)
+
+    def attend_segment(segment):
+        rows_L, valid_L = segment
+        q_LNH, k_LNH, v_LNH = q_PNH[rows_L], k_PNH[rows_L], v_PNH[rows_L]
+        if chunk == L:
+            return attend_chunk(q_LNH, k_LNH, v_LNH, valid_L)
+        q_chunks = q_LNH.reshape(L // chunk, chunk, N, H)
+        out = jax.lax.map(lambda q_CNH: attend_chunk(q_CNH, k_LNH, v_LNH, valid_L), q_chunks)
+        return out.reshape(L, N, H)
+
+    def maybe_attend(segment):  # padded segments (no valid slot) are skipped
+        return jax.lax.cond(segment[1][0], attend_segment, lambda s: jnp.zeros((L, N, H), v_PNH.dtype), segment)
+
+    if seg_rows_QL.shape[0] == 1:  # one image: no loop over segments (the loop and its cond cost ~20%)
+        o_QLNH = attend_segment((seg_rows_QL[0], seg_valid_QL[0]))[None]
+    else:
+        o_QLNH = jax.lax.map(maybe_attend, (seg_rows_QL, seg_valid_QL))
+    return o_QLNH.reshape(-1, N, H)[segments.row_slot_P]
+
+
+def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
+    q_PNH, k_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH), apply_vision_rotary(k_PNH, cos_PH, sin_PH)
+    return segment_attention(q_PNH, k_PNH, v_PNH, segments)

@@ -1,0 +1,90 @@
+"""Still images in: `load_image` (paths, bytes, base64, PIL, arrays) and `to_pil_rgb`.
+
+Shared by the HF-style image processor (image_processing.py, with EXIF orientation applied like transformers 4.57
+image_utils.py `load_image`) and the qwen-vl-utils port (qvu_image.py `fetch_image`, video.py frame lists, without
+EXIF orientation, like qwen-vl-utils). Nothing is fetched over the network. Pillow and NumPy only.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = ["load_image", "to_pil_rgb"]
+
+
+def _open_pil(fp: Any, what: str, exif_transpose: bool) -> Image.Image:
+    try:
+        image = Image.open(fp)
+        image.load()  # PIL opens lazily; force the decode so truncated or corrupt data fails here, not later
+        if exif_transpose:
+            image = ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"could not read image {what}: {err}") from err
+    return image
+
+
+def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np.ndarray:
+    """Open one image input: a PIL image, an array, a local path (`str`, `Path`, `file://...`), raw bytes, or a
+    `data:image/...;base64,` string. Nothing is fetched over the network.
+
+    `exif_transpose=True` applies the EXIF orientation to decoded files, as transformers' `load_image` does for
+    paths (qwen-vl-utils' `fetch_image` does not). Arrays and PIL images are returned unchanged.
+    """
+    if isinstance(source, (Image.Image, np.ndarray)):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ValueError("could not read image from bytes: the buffer is empty")
+        return _open_pil(io.BytesIO(bytes(source)), "from bytes", exif_transpose)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, bytes):
+            text = text.decode()
+        if text.startswith(("http://", "https://")):
+            raise ValueError(f"image URLs are not fetched ({text!r}); download the image and pass its bytes, a PIL "
+                             "image or a local path")
+        if text.startswith("data:image"):
+            if "base64," not in text:
+                raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")
+            try:
+                data = base64.b64decode(text.split("base64,", 1)[1], validate=False)
+            except (binascii.Error, ValueError) as err:
+                raise ValueError(f"could not decode the base64 image data: {err}") from err
+            return _open_pil(io.BytesIO(data), "from base64 data", exif_transpose)
+        if text.startswith("file://"):
+            text = text[len("file://"):]
+        path = Path(text)
+        if not path.is_file():
+            raise FileNotFoundError(f"image file not found: {text!r}")
+        with open(path, "rb") as fp:
+            return _open_pil(fp, repr(text), exif_transpose)
+    raise ValueError(f"unsupported image input of type {type(source).__name__}: expected a PIL image, a numpy "
+                     "array, a path, bytes or a data:image base64 string")
+
+
+def to_pil_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """`image.convert("RGB")` as qwen-vl-utils 0.0.8 `fetch_image` does; arrays are HWC / HW uint8 (or 0..255
+    integer floats)."""
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+            raise ValueError(f"a frame/image array must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
+        if array.dtype != np.uint8:
+            # Only lossless conversions: integer values in 0..255 (a float array scaled to [0, 1] is rejected
+            # rather than silently truncated to 0/1).
+            if not (np.all(np.isfinite(array)) and np.all(array == np.round(array))
+                    and (array.size == 0 or (array.min() >= 0 and array.max() <= 255))):
+                raise ValueError("a frame/image array must be uint8 or hold integer values in [0, 255]")
+            array = array.astype(np.uint8)
+        image = Image.fromarray(np.ascontiguousarray(array))
+    return image if image.mode == "RGB" else image.convert("RGB")

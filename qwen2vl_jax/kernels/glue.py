@@ -1,0 +1,116 @@
+"""How the model calls the kernels: shape checks, platform dispatch, and gradients through the reference.
+
+Each entry point takes the XLA formulation it replaces (`reference`) and falls back to it whenever the kernel does
+not apply: the kernels are off (`available()`), the shapes or dtypes are ones the kernel does not take, or the
+computation is lowered for another platform (`jax.lax.platform_dependent`). The kernels are forward-only, so their
+gradients are the reference's (`jax.custom_vjp`): training through the `cpu` backend differentiates the same math.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import ffi
+from .build import MAX_ROWS, available
+
+# lax.dot_general dimension numbers for x[M, I] . w[O, I]^T (the PyTorch Linear layout).
+_CONTRACT_MINOR = (((1,), (1,)), ((), ()))
+
+
+@functools.cache
+def _with_reference_gradient(kernel: Callable, reference: Callable, n_diff: int) -> Callable:
+    """`kernel` forward, `reference`'s gradient for the first `n_diff` arguments (the rest get none)."""
+
+    @jax.custom_vjp
+    def fn(*args):
+        return kernel(*args)
+
+    def fwd(*args):
+        return fn(*args), args
+
+    def bwd(args, g):
+        _, pullback = jax.vjp(lambda *diff: reference(*diff, *args[n_diff:]), *args[:n_diff])
+        return (*pullback(g), *(None,) * (len(args) - n_diff))
+
+    fn.defvjp(fwd, bwd)
+    return fn
+
+
+def _on_cpu(kernel: Callable, reference: Callable, n_diff: int, *args):
+    """The kernel when lowering for the CPU, the reference for any other platform."""
+    return jax.lax.platform_dependent(*args, cpu=_with_reference_gradient(kernel, reference, n_diff),
+                                      default=reference)
+
+
+# --------------------------------------------------------------------------------------------------- matmul
+def _pad_single_row(x_MI, w_OI):
+    # YNNPACK (XLA:CPU's fast library) rejects m == 1 for bf16; two rows are as cheap as one and 10x faster than
+    # the fallback. A CPU-only concern: other platforms take one row as it is.
+    return jax.lax.dot_general(jnp.pad(x_MI, ((0, 1), (0, 0))), w_OI, _CONTRACT_MINOR,
+                               preferred_element_type=jnp.float32)[:1]
+
+
+def xla_matmul(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """`x[M, I] @ w[O, I]^T` as one XLA dot, fp32 accumulation and result.
+
+    Low-precision weights are fed as they are with `preferred_element_type=float32` (a bf16-result dot makes
+    XLA:CPU materialise an fp32 copy of the weight on every call); x is cast to the weight's dtype.
+    """
+    if w_OI.dtype != jnp.float32:
+        x_MI = x_MI.astype(w_OI.dtype)
+        if x_MI.shape[0] == 1:
+            plain = lambda x, w: jax.lax.dot_general(x, w, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
+            return jax.lax.platform_dependent(x_MI, w_OI, cpu=_pad_single_row, default=plain)
+    return jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
+
+
+def matmul(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """`x[M, I] @ w[O, I]^T -> f32[M, O]`: the native bf16 gemv for decode-sized products with bf16 weights
+    (at most `MAX_ROWS` rows) when the kernels are available, `xla_matmul` otherwise."""
+    if w_OI.dtype == jnp.bfloat16 and x_MI.shape[0] <= MAX_ROWS and available():
+        return _on_cpu(ffi.bf16_gemv, xla_matmul, 2, x_MI, w_OI)
+    return xla_matmul(x_MI, w_OI)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def _segment_kernel(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments):
+    o_PNH = ffi.segment_attention(q_PNH, k_PNH, v_PNH, segments.bounds_Q2, q_PNH.shape[-1] ** -0.5, cos_PH, sin_PH)
+    return o_PNH.astype(v_PNH.dtype)
+
+
+def rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments, *, reference: Callable):
+    """The vision rotary on q and k, then softmax attention inside each segment, in one fused kernel that reads
+    `segments.bounds_Q2[q] = (first row, length)` (fp32 inside: a bf16 model's rotated q and k are not rounded
+    back to bf16).
+
+    `reference(q, k, v, cos, sin, segments)` is the same math in XLA ops: used off the CPU, for head dims that are
+    not a multiple of 8, and for gradients.
+    """
+    args = (q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
+    if q_PNH.shape[-1] % 8 or not available():
+        return reference(*args)
+    return _on_cpu(_segment_kernel, reference, 3, *args)
+
+
+def _decode_kernel(q_B1NH, k_BSKH, v_BSKH, allowed_B1S):
+    o_BNH = ffi.decode_attention(q_B1NH[:, 0], k_BSKH, v_BSKH, allowed_B1S[:, 0], q_B1NH.shape[-1] ** -0.5,
+                                 probs_bf16=q_B1NH.dtype == jnp.bfloat16)
+    return o_BNH[:, None].astype(q_B1NH.dtype)
+
+
+def decode_attention(q_B1NH, k_BSKH, v_BSKH, allowed_B1S, *, reference: Callable):
+    """Attention of one new token per row over the KV cache in one call per layer (reads the cache in place).
+
+    `reference(q, k, v, allowed)` is the same math in XLA ops: used off the CPU, when there is more than one query,
+    for head dims not a multiple of 8, dtypes other than f32 / bf16 or a cache in another dtype, and for gradients.
+    """
+    args = (q_B1NH, k_BSKH, v_BSKH, allowed_B1S)
+    dtype = q_B1NH.dtype
+    if (q_B1NH.shape[1] != 1 or q_B1NH.shape[-1] % 8 or k_BSKH.dtype != dtype or v_BSKH.dtype != dtype
+            or dtype not in (jnp.float32, jnp.bfloat16) or not available()):
+        return reference(*args)
+    return _on_cpu(_decode_kernel, reference, 3, *args)
