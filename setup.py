@@ -11,13 +11,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
-    package_data={"qwen2vl_jax": ["csrc/*.cc", "csrc/*.h"]},  # the optional CPU kernels, compiled on first use
+    # the optional CPU kernels' sources, compiled on first use
+    package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
         "optax",
         "numpy",
-        "safetensors",
         "pillow",
         "tokenizers",
         "jinja2",
@@ -37,7 +37,7 @@ setup(
             "scikit-image",
             "scikit-video==1.1.11",
             "matplotlib",
-            "hypothesis",
+            "safetensors",  # an independent reader/writer to check ours against (the package has its own)
         ],
     },
     entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"]},

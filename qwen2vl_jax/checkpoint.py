@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from . import params as params_lib
+from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
 from .hub import HUB_PATTERNS, resolve_source  # noqa: F401  (re-exported: the loader's public entry points)
 from .safetensors_io import SafetensorsFile
@@ -163,6 +164,7 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
     `sharding.make_mesh(model=4)`): stream each tensor straight to its shards per `sharding.LOGICAL_RULES` (or
     `sharding_rules`). `attn_implementation`: the attention backend (`qwen2vl_jax.attention`).
     """
+    resolve_attention(attn_implementation)  # a bad name fails here, before anything is read
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
     param_dtype = resolve_dtype(dtype, ckpt.files)
     model = abstract_model(cls, ckpt.config.replace(attn_implementation=attn_implementation), param_dtype)

@@ -10,11 +10,13 @@ partitioner derives the activations' shardings and the collectives from the para
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="bfloat16", mesh=mesh)  # streamed in place
     model = shard_model(model, mesh)                                      # or: re-place a loaded model
 
-A dimension that a mesh axis does not divide (the 2B's two KV heads over 4 devices, say) stays replicated
-rather than failing: correct everywhere, and the table says what is split where it can be. On a multi-device
-*CPU* mesh, the native kernels (`cpu_kernels`: bf16 decode gemv, vision attention) have no partitioning rule, so
-XLA gathers their operands first (correct, not fast); set QWEN2VL_JAX_CPU_KERNELS=0 there. GPU and TPU never use
-them.
+The rules split a projection's flattened `[heads * head_dim]` rows, not whole heads: the 2B's k_proj (2 KV heads
+x 128 = 256 rows) over 4 devices puts 64 rows, half a head, on each, and XLA's partitioner adds the collectives the
+attention then needs (correct, not head-aware). A dimension that a mesh axis does not divide (the 7B's 4 x 128 KV
+rows over 3 devices, say) stays replicated rather than failing. On a multi-device *CPU* mesh, the native kernels
+(`qwen2vl_jax.kernels`: bf16 decode gemv, vision and decode attention) have no partitioning rule, so XLA gathers
+their operands first (correct, not fast); use `attn_implementation="xla"` and QWEN2VL_JAX_CPU_KERNELS=0 there.
+GPU and TPU hosts never build them.
 """
 
 from __future__ import annotations

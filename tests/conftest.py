@@ -113,5 +113,8 @@ def pytest_sessionfinish(session, exitstatus):
 
     if helpers.PARITY_RECORDS:
         out = Path(os.environ.get("QWEN2VL_JAX_PARITY_JSON", Path(session.config.rootpath) / "parity_results.json"))
+        from qwen2vl_jax import attention, kernels
+
         out.write_text(json.dumps({"exact_cpu_fp32_matmuls": not os.environ.get("QWEN2VL_JAX_TEST_DEFAULT_CPU_DOTS"),
+                                   "cpu_kernels": kernels.available(), "attention_default": attention.default_backend(),
                                    "records": helpers.PARITY_RECORDS}, indent=1))

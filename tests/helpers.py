@@ -256,3 +256,35 @@ def video_frames(n: int = 6, size=(168, 308), name: str = "bigbuckbunny.mp4", st
             if len(frames) == n:
                 break
     return np.stack(frames)
+
+
+# ------------------------------------------------------------------------------------------ parity inputs
+LONG_TEXT = ("Qwen2-VL reads images at their native resolution, turning each 28 by 28 pixel block into one token. "
+             "Multimodal rotary embeddings give every token a temporal, a height and a width position. ")
+PARITY_CASES = ["text_only", "one_photo", "three_images", "video", "image_and_video", "long_prompt",
+                "left_padded_batch"]
+
+
+def parity_inputs(tok, photos, case):
+    """The logits-parity inputs (transformers-processed): every vision branch, a >= 600-token prompt, left padding."""
+    f = hf_inputs
+    if case == "text_only":
+        return f(tok, [chat("Tell me a story about a cat who learned to read.")])
+    if case == "one_photo":
+        return f(tok, [chat("What is in this picture?", 1)], images=[photos["astronaut"]])
+    if case == "three_images":
+        return f(tok, [chat("Compare these.", 3)], images=[photos["coffee"], photos["chelsea"], photos["grace_hopper"]])
+    if case == "video":
+        return f(tok, [chat("What happens?", 0, 1)], videos=[video_frames(6)])
+    if case == "image_and_video":
+        return f(tok, [chat("Relate the photo to the clip.", 1, 1)], images=[photos["rocket"]],
+                 videos=[video_frames(4, size=(112, 196))])
+    if case == "long_prompt":
+        out = f(tok, [chat(LONG_TEXT * 14 + "Summarise.", 1)], images=[photos["chelsea"]])
+        assert out["input_ids"].shape[1] >= 600
+        return out
+    if case == "left_padded_batch":
+        return f(tok, [chat("Describe the image.", 1), chat("Hi!"),
+                       chat("And this clip, what is shown in it over time?", 0, 1)],
+                 images=[photos["coffee"]], videos=[video_frames(4, size=(112, 140))])
+    raise KeyError(case)

@@ -101,36 +101,6 @@ def test_get_rope_index_worked_example():
 
 
 # ------------------------------------------------------------------------------------------------ logits
-LONG_TEXT = ("Qwen2-VL reads images at their native resolution, turning each 28 by 28 pixel block into one token. "
-             "Multimodal rotary embeddings give every token a temporal, a height and a width position. ")
-
-
-def _inputs(tok, photos, case):
-    f = helpers.hf_inputs
-    if case == "text_only":
-        return f(tok, [helpers.chat("Tell me a story about a cat who learned to read.")])
-    if case == "one_photo":
-        return f(tok, [helpers.chat("What is in this picture?", 1)], images=[photos["astronaut"]])
-    if case == "three_images":
-        return f(tok, [helpers.chat("Compare these.", 3)],
-                 images=[photos["coffee"], photos["chelsea"], photos["grace_hopper"]])
-    if case == "video":
-        return f(tok, [helpers.chat("What happens?", 0, 1)], videos=[helpers.video_frames(6)])
-    if case == "image_and_video":
-        return f(tok, [helpers.chat("Relate the photo to the clip.", 1, 1)], images=[photos["rocket"]],
-                 videos=[helpers.video_frames(4, size=(112, 196))])
-    if case == "long_prompt":
-        text = helpers.chat(LONG_TEXT * 14 + "Summarise.", 1)
-        out = f(tok, [text], images=[photos["chelsea"]])
-        assert out["input_ids"].shape[1] >= 600
-        return out
-    if case == "left_padded_batch":
-        return f(tok, [helpers.chat("Describe the image.", 1), helpers.chat("Hi!"),
-                       helpers.chat("And this clip, what is shown in it over time?", 0, 1)],
-                 images=[photos["coffee"]], videos=[helpers.video_frames(4, size=(112, 140))])
-    raise KeyError(case)
-
-
 def _hf_logits(hf, inputs, **kw):
     with torch.no_grad():
         out = hf(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, **kw)
@@ -148,13 +118,13 @@ def _compare_logits(ours, hf, inputs, name):
     return err
 
 
-CASES = ["text_only", "one_photo", "three_images", "video", "image_and_video", "long_prompt", "left_padded_batch"]
+CASES = helpers.PARITY_CASES
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_tiny_logits_parity(tiny_pair, hf_tokenizer, photos, case):
     ours, hf = tiny_pair
-    _compare_logits(ours, hf, _inputs(hf_tokenizer, photos, case), f"tiny/{case}")
+    _compare_logits(ours, hf, helpers.parity_inputs(hf_tokenizer, photos, case), f"tiny/{case}")
 
 
 @pytest.mark.parametrize("tied, layout", [(True, "hub"), (False, "new"), (True, "new")])
@@ -162,7 +132,7 @@ def test_tied_untied_and_both_key_layouts(checkpoint_factory, hf_tokenizer, phot
     path = checkpoint_factory(tied=tied, layout=layout)
     ours = Qwen2VLForConditionalGeneration.from_pretrained(path)
     assert (ours.lm_head is None) is tied
-    _compare_logits(ours, helpers.load_hf_model(path), _inputs(hf_tokenizer, photos, "one_photo"),
+    _compare_logits(ours, helpers.load_hf_model(path), helpers.parity_inputs(hf_tokenizer, photos, "one_photo"),
                     f"tiny-{'tied' if tied else 'untied'}-{layout}-layout/one_photo")
 
 
@@ -178,12 +148,12 @@ def test_real_width_2b_slice_logits_parity(slice_pair, hf_tokenizer, photos, cas
     t = ours.config.text_config
     assert (t.hidden_size, t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.mrope_section) == (
         1536, 12, 2, 128, (16, 24, 24))
-    _compare_logits(ours, hf, _inputs(hf_tokenizer, photos, case), f"2b-slice/{case}")
+    _compare_logits(ours, hf, helpers.parity_inputs(hf_tokenizer, photos, case), f"2b-slice/{case}")
 
 
 def test_hidden_states_and_attentions_match_reference(tiny_pair, hf_tokenizer, photos):
     ours, hf = tiny_pair
-    inputs = _inputs(hf_tokenizer, photos, "one_photo")
+    inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
     ref = _hf_logits(hf, inputs, output_hidden_states=True, output_attentions=True)
     out = ours(**inputs, output_hidden_states=True, output_attentions=True)
     assert len(out.hidden_states) == len(ref.hidden_states) == ours.config.text_config.num_hidden_layers + 1
@@ -203,7 +173,7 @@ def test_hidden_states_and_attentions_match_reference(tiny_pair, hf_tokenizer, p
 @pytest.mark.parametrize("case", ["one_photo", "left_padded_batch"])
 def test_cached_decode_step_equals_full_forward(tiny_pair, hf_tokenizer, photos, case):
     ours, _ = tiny_pair
-    inputs = _inputs(hf_tokenizer, photos, case)
+    inputs = helpers.parity_inputs(hf_tokenizer, photos, case)
     full = np.asarray(ours(**inputs).logits)
     B, T = inputs["input_ids"].shape
     prefix = {k: v for k, v in inputs.items()}
@@ -221,7 +191,7 @@ def test_cached_decode_step_equals_full_forward(tiny_pair, hf_tokenizer, photos,
 
 def test_vision_token_count_mismatch_raises_like_reference(tiny_pair, hf_tokenizer, photos):
     ours, _ = tiny_pair
-    inputs = _inputs(hf_tokenizer, photos, "one_photo")
+    inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
     ids = inputs["input_ids"].copy()
     n = int((ids == IMG).sum())
     ids[0, np.flatnonzero(ids[0] == IMG)[:3]] = 9707

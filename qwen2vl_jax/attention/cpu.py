@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 from .. import kernels
-from . import xla
 from .masks import DecoderMask, VisionSegments
+from .xla import masked_attention
+from .xla import vision_attention as xla_vision_attention
 
 
 def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     """One-token steps: the fused decode kernel (one call per layer reading the cache in place, instead of ~10
     small XLA ops); prefill and training forwards: the `xla` formulation (XLA's dots are as fast here)."""
-    return kernels.decode_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS, reference=xla.masked_attention)
+    return kernels.decode_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS, reference=masked_attention)
 
 
 def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
     """The fused rotary + flash-attention kernel over each segment's (first row, length): 2.2x the XLA ops."""
     return kernels.rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments,
-                                            reference=xla.vision_attention)
+                                            reference=xla_vision_attention)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import xla
 from .masks import DecoderMask, VisionSegments
+from .xla import apply_vision_rotary
 
 
 def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
@@ -21,8 +21,8 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
 def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
     """Segments become batch rows (`[Q, L, N, H]`, gathered) with their lengths as sequence lengths. The scores of
     a whole segment are one buffer `[Q, N, L, L]` where XLA's formulation runs (not on cuDNN)."""
-    q_PNH = xla.apply_vision_rotary(q_PNH, cos_PH, sin_PH)
-    k_PNH = xla.apply_vision_rotary(k_PNH, cos_PH, sin_PH)
+    q_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH)
+    k_PNH = apply_vision_rotary(k_PNH, cos_PH, sin_PH)
     rows_QL = segments.rows_QL
     lengths_Q = segments.valid_QL.sum(axis=1).astype(jnp.int32)
     o_QLNH = jax.nn.dot_product_attention(q_PNH[rows_QL], k_PNH[rows_QL], v_PNH[rows_QL],

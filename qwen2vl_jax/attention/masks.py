@@ -7,7 +7,7 @@ import dataclasses
 import jax
 
 
-@jax.tree_util.register_dataclass
+@jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class DecoderMask:
     """The decoder's mask: causal over absolute key slots, padding slots excluded.
@@ -21,6 +21,16 @@ class DecoderMask:
     allowed_BTS: jax.Array  # bool
     key_valid_BS: jax.Array  # bool
     query_start: int | jax.Array
+
+    # A Python-int start is static pytree data, so it stays known through jit / vmap boundaries.
+    def tree_flatten(self):
+        if isinstance(self.query_start, int):
+            return (self.allowed_BTS, self.key_valid_BS), self.query_start
+        return (self.allowed_BTS, self.key_valid_BS, self.query_start), None
+
+    @classmethod
+    def tree_unflatten(cls, start, leaves):
+        return cls(*leaves) if start is None else cls(*leaves, start)
 
 
 @jax.tree_util.register_dataclass

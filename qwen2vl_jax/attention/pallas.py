@@ -20,8 +20,9 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from . import xla
 from .masks import DecoderMask, VisionSegments
+from .xla import apply_vision_rotary
+from .xla import decoder_attention as xla_decoder_attention
 
 BLOCK = 128  # the kernel's default (and minimum) key block
 
@@ -66,7 +67,7 @@ def _flash(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, *, causal: bool):
 def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     T = q_BTNH.shape[1]
     if not isinstance(mask.query_start, int) or mask.query_start != 0 or T == 1:
-        return xla.decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask)
+        return xla_decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask)
     dtype = q_BTNH.dtype
     G = q_BTNH.shape[2] // k_BSKH.shape[2]
     heads_major = lambda x: jnp.repeat(jnp.swapaxes(x.astype(dtype), 1, 2), G, axis=1)  # [B, S, K, H] -> [B, N, S, H]
@@ -77,8 +78,8 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
 
 
 def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    q_PNH = xla.apply_vision_rotary(q_PNH, cos_PH, sin_PH)
-    k_PNH = xla.apply_vision_rotary(k_PNH, cos_PH, sin_PH)
+    q_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH)
+    k_PNH = apply_vision_rotary(k_PNH, cos_PH, sin_PH)
     to_1NPH = lambda x: jnp.swapaxes(x, 0, 1)[None]
     ids_1P = segments.segment_ids_P[None]
     o_1NPH = _flash(to_1NPH(q_PNH), to_1NPH(k_PNH), to_1NPH(v_PNH), ids_1P, ids_1P, causal=False)

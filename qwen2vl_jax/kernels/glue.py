@@ -14,8 +14,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import ffi
 from .build import MAX_ROWS, available
+from .ffi import bf16_gemv
+from .ffi import decode_attention as ffi_decode_attention
+from .ffi import segment_attention as ffi_segment_attention
 
 # lax.dot_general dimension numbers for x[M, I] . w[O, I]^T (the PyTorch Linear layout).
 _CONTRACT_MINOR = (((1,), (1,)), ((), ()))
@@ -72,13 +74,13 @@ def matmul(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """`x[M, I] @ w[O, I]^T -> f32[M, O]`: the native bf16 gemv for decode-sized products with bf16 weights
     (at most `MAX_ROWS` rows) when the kernels are available, `xla_matmul` otherwise."""
     if w_OI.dtype == jnp.bfloat16 and x_MI.shape[0] <= MAX_ROWS and available():
-        return _on_cpu(ffi.bf16_gemv, xla_matmul, 2, x_MI, w_OI)
+        return _on_cpu(bf16_gemv, xla_matmul, 2, x_MI, w_OI)
     return xla_matmul(x_MI, w_OI)
 
 
 # ------------------------------------------------------------------------------------------------ attention
 def _segment_kernel(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments):
-    o_PNH = ffi.segment_attention(q_PNH, k_PNH, v_PNH, segments.bounds_Q2, q_PNH.shape[-1] ** -0.5, cos_PH, sin_PH)
+    o_PNH = ffi_segment_attention(q_PNH, k_PNH, v_PNH, segments.bounds_Q2, q_PNH.shape[-1] ** -0.5, cos_PH, sin_PH)
     return o_PNH.astype(v_PNH.dtype)
 
 
@@ -97,7 +99,7 @@ def rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments, *, r
 
 
 def _decode_kernel(q_B1NH, k_BSKH, v_BSKH, allowed_B1S):
-    o_BNH = ffi.decode_attention(q_B1NH[:, 0], k_BSKH, v_BSKH, allowed_B1S[:, 0], q_B1NH.shape[-1] ** -0.5,
+    o_BNH = ffi_decode_attention(q_B1NH[:, 0], k_BSKH, v_BSKH, allowed_B1S[:, 0], q_B1NH.shape[-1] ** -0.5,
                                  probs_bf16=q_B1NH.dtype == jnp.bfloat16)
     return o_BNH[:, None].astype(q_B1NH.dtype)
 
