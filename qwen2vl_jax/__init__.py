@@ -14,11 +14,14 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
     Z  the three M-RoPE axes (temporal, height, width)             J  rotary frequency slots (H / 2)
     P  vision patch rows (padded)    C  patch features (C*T*P*P = 1176)     E  vision width (embed_dim)
     M  merged vision tokens (P / 4)  Q  vision attention segments  L  rows per segment (padded)
+    W  query rows in one chunk of a segment (W <= L)
     O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
+    A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (max_new_tokens bucket)
 
-Modules: config (dataclasses, presets) · vision (ViT + merger) · text (decoder, M-RoPE, KV cache) · model (the
-whole model, embedding merge) · rope_index (host NumPy positions) · params / checkpoint / safetensors_io (HF
-names, loading) · processing / video (preprocessing) · generation (sampler, decode loop) · cli.
+Modules (docs/ARCHITECTURE.md has the tour): config · layers · attention/ (the backend seam) · kernels/ (native
+CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint / safetensors_io / hub
+(loading) · convert · sharding · generation · pretrained (`Qwen2VLForConditionalGeneration`, the HF-style facade) ·
+processing / image_processing / tokenizer / chat_template / video (preprocessing) · cli.
 """
 
 from __future__ import annotations

@@ -87,8 +87,13 @@ def _load_model(args, directory: Path, dtype: str):
 
     try:
         return Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
+                                                               attn_implementation=args.attn_implementation,
                                                                progress=not getattr(args, "quiet", False))
     except (FileNotFoundError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    except ValueError as e:
+        if "attn_implementation" not in str(e):
+            raise
         raise UserError(str(e)) from None
 
 
@@ -316,6 +321,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
     p.add_argument("--exact-fp32", action="store_true",
                    help="CPU float32: accumulate matmuls like PyTorch (4x smaller rounding error, ~2x slower prefill)")
+    p.add_argument("--attn-implementation", metavar="NAME",
+                   help="attention backend: xla, cpu (native CPU kernels), jax (jax.nn.dot_product_attention), "
+                        "pallas (TPU flash attention); default: cpu where the kernels build, else xla")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
 
 

@@ -28,14 +28,23 @@ def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
+def param_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def model_params(model: nnx.Module) -> dict[str, nnx.Param]:
+    """`{dotted path: nnx.Param}` for every parameter of `model` (works on `nnx.eval_shape` models too)."""
+    return {param_path(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+
+
 def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
     """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype (`kernels.matmul` issues the
     dot: XLA's, or the native bf16 gemv for decode-sized products on the CPU)."""
     lead, n_in = x.shape[:-1], x.shape[-1]
-    y_MO = kernels.matmul(x.reshape(-1, n_in), w_OI)
+    y_AO = kernels.matmul(x.reshape(-1, n_in), w_OI)
     if b_O is not None:
-        y_MO = y_MO + b_O.astype(jnp.float32)
-    return y_MO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
+        y_AO = y_AO + b_O.astype(jnp.float32)
+    return y_AO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
 
 
 class Linear(nnx.Module):

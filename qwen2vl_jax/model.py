@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from . import params as params_lib
 from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
-from .layers import Linear
+from .layers import Linear, model_params
 from .rope_index import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionLayout, VisionTransformer
@@ -103,7 +102,7 @@ class Qwen2VL(nnx.Module):
 
     def num_params(self) -> dict[str, int]:
         counts = {"visual": 0, "language_model": 0, "lm_head": 0}
-        for path, p in params_lib.model_params(self).items():
+        for path, p in model_params(self).items():
             counts[path.split(".")[0]] += int(np.prod(p.shape))
         counts["total"] = sum(counts.values())
         return counts

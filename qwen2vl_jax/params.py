@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from .layers import model_params, param_path  # noqa: F401  (re-exported: loading names params by path)
 from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile, empty_aligned
 
 KEY_MAP: list[tuple[str, str]] = [
@@ -147,16 +148,6 @@ OURS_LAYOUT = KeyLayout(
     to_ours=lambda path, array: array,
     to_file=lambda path, array: array,
 )
-
-
-# ------------------------------------------------------------------------------------------- model parameters
-def param_path(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def model_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    """`{dotted path: nnx.Param}` for every parameter of `model` (works on `nnx.eval_shape` models too)."""
-    return {param_path(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

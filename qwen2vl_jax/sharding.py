@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from .params import model_params
+from .layers import model_params
 
 # logical axis (see the Linear/Embed/Norm definitions) -> mesh axis name, or None for replicated.
 LOGICAL_RULES: dict[str, str | None] = {

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-# Reference §6: the Qwen2 pre-tokenizer regex (digits are split one by one: \p{N} without a `+`).
+# The Qwen2 pre-tokenizer regex (digits are split one by one: \p{N} without a `+`).
 PRETOKENIZE_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -64,7 +64,7 @@ PREPROCESSOR_CONFIG = {
     "processor_class": "Qwen2VLProcessor",
 }
 
-# Reference §1.4 (Instruct generation_config.json).
+# The Instruct checkpoints' generation_config.json.
 GENERATION_CONFIG = {
     "bos_token_id": 151643,
     "pad_token_id": 151643,

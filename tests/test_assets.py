@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 import qwen_tokenizer_files
 
-# Reference §12.1 (transformers tests/models/qwen2/test_tokenization_qwen2.py).
+# transformers tests/models/qwen2/test_tokenization_qwen2.py.
 CHINESE = ("🤗 Transformers 提供了可以轻松地下载并且训练先进的预训练模型的 API 和工具。"
            "使用预训练模型可以减少计算消耗和碳排放，并且节省从头训练所需要的时间和资源。")
 PUBLISHED = {

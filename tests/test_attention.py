@@ -71,7 +71,7 @@ def test_backend_logits_match_transformers(models, hf_tiny, hf_tokenizer, photos
     mask = inputs["attention_mask"].astype(bool)
     err = helpers.rel_err(got[mask], ref[mask])
     helpers.record(f"logits/tiny/{case}/attn={backend}", rel_err=err, tokens=int(mask.sum()),
-                   batch=int(mask.shape[0]))
+                   batch=int(mask.shape[0]), top1_agree=float((got[mask].argmax(-1) == ref[mask].argmax(-1)).mean()))
     assert err <= TOL, err
 
 
@@ -106,7 +106,8 @@ def test_backend_real_width_2b_slice_logits(slice_2b_checkpoint, slice_hf, hf_to
         mask = inputs["attention_mask"].astype(bool)
         err = helpers.rel_err(got[mask], ref[mask])
         helpers.record(f"logits/2b-slice/{case}/attn={backend}", rel_err=err, tokens=int(mask.sum()),
-                       batch=int(mask.shape[0]))
+                       batch=int(mask.shape[0]),
+                       top1_agree=float((got[mask].argmax(-1) == ref[mask].argmax(-1)).mean()))
         assert err <= TOL, (case, err)
 
 

@@ -52,6 +52,8 @@ def test_generate_streams_the_same_answer(converted, photo_file, capsys):
     answer = json.loads(capsys.readouterr().out)["answer"]
     assert cli.main(base + ["--stream"]) == 0
     assert capsys.readouterr().out.strip() == answer.strip()
+    assert cli.main(base + ["--json", "--attn-implementation", "xla"]) == 0  # the accelerators' attention
+    assert json.loads(capsys.readouterr().out)["answer"] == answer
 
 
 def test_chat_two_turns_with_an_image(converted, photo_file, capsys, monkeypatch):
@@ -76,7 +78,7 @@ def test_info(converted, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "unknown_model_offline", "missing_dir",
-                                  "not_enough_memory", "bad_temperature", "unreadable_video"])
+                                  "not_enough_memory", "bad_temperature", "unreadable_video", "unknown_attention"])
 def test_user_errors_exit_2_with_a_message(case, converted, tmp_path, capsys, monkeypatch):
     argv = ["generate", "--model", str(converted), "--prompt", "x", "--max-new-tokens", "2", "--dtype", "float32"]
     expect = ""
@@ -108,6 +110,9 @@ def test_user_errors_exit_2_with_a_message(case, converted, tmp_path, capsys, mo
     elif case == "bad_temperature":
         argv += ["--temperature", "-1"]
         expect = "temperature"
+    elif case == "unknown_attention":
+        argv += ["--attn-implementation", "flash2"]
+        expect = "unknown attn_implementation 'flash2'; registered: ['cpu', 'jax', 'pallas'"
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err

@@ -7,14 +7,13 @@ import pytest
 
 from qwen2vl_jax.config import (
     Qwen2VLConfig,
-    Qwen2VLTextConfig,
     Qwen2VLVisionConfig,
     qwen2_vl_2b,
     qwen2_vl_7b,
     qwen2_vl_72b,
 )
 
-# Reference §1.3.
+# The Instruct checkpoints' config.json values.
 TABLE = {
     "2b": (qwen2_vl_2b, dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                              intermediate_size=8960, vocab_size=151936), True),
@@ -91,12 +90,31 @@ def test_both_layouts_parse_to_the_same_config(preset, tmp_path):
     assert a == b == cfg
 
 
-def test_rms_norm_eps_comes_from_the_file_not_the_class_default():
+def test_rms_norm_eps_comes_from_the_file_else_transformers_class_default():
+    from transformers import Qwen2VLTextConfig as HFTextConfig
+
     d = qwen2_vl_7b().to_hf_dict()
-    assert Qwen2VLTextConfig().rms_norm_eps == 1e-5
     assert Qwen2VLConfig.from_hf(d).text_config.rms_norm_eps == 1e-6
     d["rms_norm_eps"] = 3e-6
     assert Qwen2VLConfig.from_hf(d).text_config.rms_norm_eps == 3e-6
+    del d["rms_norm_eps"]  # a file without the field: transformers' class default (1e-5), not ours (the 72B's)
+    assert Qwen2VLConfig.from_hf(d).text_config.rms_norm_eps == HFTextConfig().rms_norm_eps == 1e-5
+
+
+def test_default_config_is_one_consistent_model():
+    """`Qwen2VLConfig()` used to raise (a 72B-wide decoder under a merger 7B wide); every default is now the
+    72B-Instruct's, and the model it describes builds (abstractly)."""
+    from flax import nnx
+
+    from qwen2vl_jax.model import Qwen2VL
+
+    config = Qwen2VLConfig()
+    assert config == qwen2_vl_72b() and config.attn_implementation is None
+    assert config.vision_config.hidden_size == config.text_config.hidden_size == Qwen2VLVisionConfig().hidden_size
+    model = nnx.eval_shape(lambda: Qwen2VL(config, rngs=nnx.Rngs(0)))
+    assert model.lm_head.weight.shape == (152064, 8192)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        Qwen2VLConfig(attn_implementation=3)
 
 
 def test_transformers_written_config_parses(tiny_checkpoint):

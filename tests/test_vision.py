@@ -88,7 +88,7 @@ def test_real_width_2b_slice_vision_parity(slice_pair, vision_inputs, case):
 
 def test_positions_and_rotary_match_reference(tiny_pair):
     ours, hf = tiny_pair
-    # Reference §3 step 2, worked example for h = w = 4.
+    # The worked example of transformers `Qwen2VisionTransformerPretrainedModel.rot_pos_emb` for h = w = 4.
     pos = merge_order_positions(4, 4, 2)
     assert pos[:, 0].tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 2, 2, 3, 3]
     assert pos[:, 1].tolist() == [0, 1, 0, 1, 2, 3, 2, 3, 0, 1, 0, 1, 2, 3, 2, 3]

@@ -66,11 +66,11 @@ def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
     scale = H**-0.5
     chunk = L if L <= QUERY_CHUNK or L % QUERY_CHUNK else QUERY_CHUNK
 
-    def attend_chunk(q_CNH, k_LNH, v_LNH, valid_L):
-        s_NCL = jnp.einsum("CNH,LNH->NCL", q_CNH, k_LNH, preferred_element_type=jnp.float32) * scale
-        s_NCL = jnp.where(valid_L[None, None, :], s_NCL, jnp.finfo(jnp.float32).min)
-        p_NCL = jax.nn.softmax(s_NCL, axis=-1).astype(v_LNH.dtype)  # softmax in fp32, probs in the act. dtype
-        return jnp.einsum("NCL,LNH->CNH", p_NCL, v_LNH, preferred_element_type=jnp.float32).astype(v_LNH.dtype)
+    def attend_chunk(q_WNH, k_LNH, v_LNH, valid_L):
+        s_NWL = jnp.einsum("WNH,LNH->NWL", q_WNH, k_LNH, preferred_element_type=jnp.float32) * scale
+        s_NWL = jnp.where(valid_L[None, None, :], s_NWL, jnp.finfo(jnp.float32).min)
+        p_NWL = jax.nn.softmax(s_NWL, axis=-1).astype(v_LNH.dtype)  # softmax in fp32, probs in the act. dtype
+        return jnp.einsum("NWL,LNH->WNH", p_NWL, v_LNH, preferred_element_type=jnp.float32).astype(v_LNH.dtype)
 
     def attend_segment(segment):
         rows_L, valid_L = segment
@@ -78,7 +78,7 @@ def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
         if chunk == L:
             return attend_chunk(q_LNH, k_LNH, v_LNH, valid_L)
         q_chunks = q_LNH.reshape(L // chunk, chunk, N, H)
-        out = jax.lax.map(lambda q_CNH: attend_chunk(q_CNH, k_LNH, v_LNH, valid_L), q_chunks)
+        out = jax.lax.map(lambda q_WNH: attend_chunk(q_WNH, k_LNH, v_LNH, valid_L), q_chunks)
         return out.reshape(L, N, H)
 
     def maybe_attend(segment):  # padded segments (no valid slot) are skipped

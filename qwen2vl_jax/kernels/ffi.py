@@ -9,10 +9,10 @@ import numpy as np
 from .build import ATTENTION_TARGET, DECODE_ATTENTION_TARGET, GEMV_TARGET
 
 
-def bf16_gemv(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """`x[M, I] (f32) @ w[O, I]^T (bf16) -> f32[M, O]` (`csrc/bf16_gemv.cc`)."""
-    out = jax.ShapeDtypeStruct((x_MI.shape[0], w_OI.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call(GEMV_TARGET, out)(x_MI.astype(jnp.float32), w_OI)
+def bf16_gemv(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """`x[A, I] (f32) @ w[O, I]^T (bf16) -> f32[A, O]` (`csrc/bf16_gemv.cc`)."""
+    out = jax.ShapeDtypeStruct((x_AI.shape[0], w_OI.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(GEMV_TARGET, out)(x_AI.astype(jnp.float32), w_OI)
 
 
 def segment_attention(q_PNH: jax.Array, k_PNH: jax.Array, v_PNH: jax.Array, bounds_Q2: jax.Array, scale: float,

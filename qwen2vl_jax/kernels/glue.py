@@ -19,7 +19,7 @@ from .ffi import bf16_gemv
 from .ffi import decode_attention as ffi_decode_attention
 from .ffi import segment_attention as ffi_segment_attention
 
-# lax.dot_general dimension numbers for x[M, I] . w[O, I]^T (the PyTorch Linear layout).
+# lax.dot_general dimension numbers for x[A, I] . w[O, I]^T (the PyTorch Linear layout).
 _CONTRACT_MINOR = (((1,), (1,)), ((), ()))
 
 
@@ -49,33 +49,33 @@ def _on_cpu(kernel: Callable, reference: Callable, n_diff: int, *args):
 
 
 # --------------------------------------------------------------------------------------------------- matmul
-def _pad_single_row(x_MI, w_OI):
+def _pad_single_row(x_AI, w_OI):
     # YNNPACK (XLA:CPU's fast library) rejects m == 1 for bf16; two rows are as cheap as one and 10x faster than
     # the fallback. A CPU-only concern: other platforms take one row as it is.
-    return jax.lax.dot_general(jnp.pad(x_MI, ((0, 1), (0, 0))), w_OI, _CONTRACT_MINOR,
+    return jax.lax.dot_general(jnp.pad(x_AI, ((0, 1), (0, 0))), w_OI, _CONTRACT_MINOR,
                                preferred_element_type=jnp.float32)[:1]
 
 
-def xla_matmul(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """`x[M, I] @ w[O, I]^T` as one XLA dot, fp32 accumulation and result.
+def xla_matmul(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """`x[A, I] @ w[O, I]^T` as one XLA dot, fp32 accumulation and result.
 
     Low-precision weights are fed as they are with `preferred_element_type=float32` (a bf16-result dot makes
     XLA:CPU materialise an fp32 copy of the weight on every call); x is cast to the weight's dtype.
     """
     if w_OI.dtype != jnp.float32:
-        x_MI = x_MI.astype(w_OI.dtype)
-        if x_MI.shape[0] == 1:
+        x_AI = x_AI.astype(w_OI.dtype)
+        if x_AI.shape[0] == 1:
             plain = lambda x, w: jax.lax.dot_general(x, w, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
-            return jax.lax.platform_dependent(x_MI, w_OI, cpu=_pad_single_row, default=plain)
-    return jax.lax.dot_general(x_MI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
+            return jax.lax.platform_dependent(x_AI, w_OI, cpu=_pad_single_row, default=plain)
+    return jax.lax.dot_general(x_AI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
 
 
-def matmul(x_MI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """`x[M, I] @ w[O, I]^T -> f32[M, O]`: the native bf16 gemv for decode-sized products with bf16 weights
+def matmul(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """`x[A, I] @ w[O, I]^T -> f32[A, O]`: the native bf16 gemv for decode-sized products with bf16 weights
     (at most `MAX_ROWS` rows) when the kernels are available, `xla_matmul` otherwise."""
-    if w_OI.dtype == jnp.bfloat16 and x_MI.shape[0] <= MAX_ROWS and available():
-        return _on_cpu(bf16_gemv, xla_matmul, 2, x_MI, w_OI)
-    return xla_matmul(x_MI, w_OI)
+    if w_OI.dtype == jnp.bfloat16 and x_AI.shape[0] <= MAX_ROWS and available():
+        return _on_cpu(bf16_gemv, xla_matmul, 2, x_AI, w_OI)
+    return xla_matmul(x_AI, w_OI)
 
 
 # ------------------------------------------------------------------------------------------------ attention

@@ -14,7 +14,7 @@
 //   segments: i32[S, 2] = (first row, length); a length of 0 is a padded segment
 //   o:       f32[P, N, H]    rows that no segment covers are 0
 //
-// Rotary: x * cos + rotate_half(x) * sin per row, rotate_half(x) = cat(-x[H/2:], x[:H/2]) (TF457
+// Rotary: x * cos + rotate_half(x) * sin per row, rotate_half(x) = cat(-x[H/2:], x[:H/2]) (transformers
 // apply_rotary_pos_emb_vision, in fp32). Keys and values are first copied head-major ([N, P, H], each head's rows
 // contiguous: read in place from [P, N, H] their rows are N * H apart and the key loop misses the TLB on every row,
 // 38 GFLOP/s in a first version); the keys are rotated on the way. That copy runs on the pool, one (tensor, head)
