@@ -18,10 +18,11 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
     O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
     A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (max_new_tokens bucket)
 
-Modules (docs/ARCHITECTURE.md has the tour): config · layers · attention/ (the backend seam) · kernels/ (native
-CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint / safetensors_io / hub
-(loading) · convert · sharding · generation · pretrained (`Qwen2VLForConditionalGeneration`, the HF-style facade) ·
-processing / image_processing / tokenizer / chat_template / video (preprocessing) · cli.
+Modules (docs/ARCHITECTURE.md has the tour): config · layers · buckets · attention/ (the backend seam) · kernels/
+(native CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint /
+safetensors_io / hub (loading) · convert · sharding · runtime · generation · pretrained
+(`Qwen2VLForConditionalGeneration`, the HF-style facade) · processing / image_processing / tokenizer /
+chat_template / processing_utils / image_io / qvu_image / video / vision_info (preprocessing) · cli / selfcheck.
 """
 
 from __future__ import annotations

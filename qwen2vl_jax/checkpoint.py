@@ -164,7 +164,8 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
     `sharding.make_mesh(model=4)`): stream each tensor straight to its shards per `sharding.LOGICAL_RULES` (or
     `sharding_rules`). `attn_implementation`: the attention backend (`qwen2vl_jax.attention`).
     """
-    resolve_attention(attn_implementation)  # a bad name fails here, before anything is read
+    if attn_implementation is not None:  # a bad name fails here, before anything is read
+        resolve_attention(attn_implementation)
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
     param_dtype = resolve_dtype(dtype, ckpt.files)
     model = abstract_model(cls, ckpt.config.replace(attn_implementation=attn_implementation), param_dtype)

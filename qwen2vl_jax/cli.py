@@ -82,6 +82,7 @@ def _choose_dtype(args, directory: Path) -> str:
 
 
 def _load_model(args, directory: Path, dtype: str):
+    from .attention import AttentionBackendError
     from .params import CheckpointError
     from .pretrained import Qwen2VLForConditionalGeneration
 
@@ -89,11 +90,7 @@ def _load_model(args, directory: Path, dtype: str):
         return Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
                                                                attn_implementation=args.attn_implementation,
                                                                progress=not getattr(args, "quiet", False))
-    except (FileNotFoundError, CheckpointError) as e:
-        raise UserError(str(e)) from None
-    except ValueError as e:
-        if "attn_implementation" not in str(e):
-            raise
+    except (FileNotFoundError, CheckpointError, AttentionBackendError) as e:
         raise UserError(str(e)) from None
 
 
@@ -263,6 +260,12 @@ def cmd_info(args) -> int:
         config = Qwen2VLConfig.from_hf(directory)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"cannot read the config of {directory}: {e}") from None
+    from .attention import AttentionBackendError, available_backends, resolve
+
+    try:
+        attention = resolve(args.attn_implementation)  # the backend a generate would run
+    except AttentionBackendError as e:
+        raise UserError(str(e)) from None
     numel, nbytes, dtype = _checkpoint_summary(directory)
     abstract = nnx.eval_shape(lambda: Qwen2VLForConditionalGeneration(config, rngs=nnx.Rngs(0)))
     counts = abstract.num_params()
@@ -271,7 +274,7 @@ def cmd_info(args) -> int:
     info = {
         "model": str(args.model), "directory": str(directory), "checkpoint_dtype": dtype,
         "checkpoint_bytes": nbytes, "checkpoint_tensor_elements": numel,
-        "parameters": counts,
+        "parameters": counts, "attention": attention,
         "bytes_float32": counts["total"] * 4, "bytes_bfloat16": counts["total"] * 2,
         "text": {"layers": t.num_hidden_layers, "hidden": t.hidden_size, "heads": t.num_attention_heads,
                  "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim, "mlp": t.intermediate_size,
@@ -292,6 +295,7 @@ def cmd_info(args) -> int:
     print(f"memory       {counts['total'] * 4 / 1e9:.2f} GB float32, {counts['total'] * 2 / 1e9:.2f} GB bfloat16")
     print("text         " + ", ".join(f"{k} {val}" for k, val in info["text"].items()))
     print("vision       " + ", ".join(f"{k} {val}" for k, val in info["vision"].items()))
+    print(f"attention    {attention} (--attn-implementation: {', '.join(available_backends())})")
     return 0
 
 

@@ -107,6 +107,15 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
+def apply_rotary(x_XNH: jax.Array, cos_XH: jax.Array, sin_XH: jax.Array) -> jax.Array:
+    """`x * cos + rotate_half(x) * sin` in fp32, cast back; cos/sin broadcast over the heads axis. The decoder's
+    M-RoPE (`[B, T, N, H]` with `[B, T, H]`) and the vision rotary (`[P, N, H]` with `[P, H]`) alike (transformers
+    `apply_multimodal_rotary_pos_emb` / `apply_rotary_pos_emb_vision`)."""
+    x32 = x_XNH.astype(jnp.float32)
+    out = x32 * cos_XH[..., None, :] + rotate_half(x32) * sin_XH[..., None, :]
+    return out.astype(x_XNH.dtype)
+
+
 def rotate_half(x: jax.Array) -> jax.Array:
     """cat(-x2, x1) over the last axis: the non-interleaved rotary layout of the reference (pairs j, j + H/2)."""
     x1, x2 = jnp.split(x, 2, axis=-1)

@@ -73,7 +73,8 @@ class Qwen2VL(nnx.Module):
 
     def __init__(self, config: Qwen2VLConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
-        resolve_attention(config.attn_implementation)  # an unknown or unusable backend fails here, by name
+        if config.attn_implementation is not None:  # an unknown or unusable backend fails here, by name
+            resolve_attention(config.attn_implementation)
         self.config = config
         attn = config.attn_implementation
         self.visual = VisionTransformer(config.vision_config, param_dtype=param_dtype, rngs=rngs,
@@ -91,7 +92,8 @@ class Qwen2VL(nnx.Module):
     def set_attn_implementation(self, name: str | None) -> None:
         """Switch the attention backend of every layer (`qwen2vl_jax.attention`; None: the platform default).
         The next call compiles anew for the new backend."""
-        resolve_attention(name)
+        if name is not None:
+            resolve_attention(name)
         self.config = self.config.replace(attn_implementation=name)
         for _, module in nnx.iter_modules(self):
             if hasattr(module, "attn_implementation"):

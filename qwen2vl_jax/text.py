@@ -23,7 +23,7 @@ from flax import nnx
 from .attention import DecoderMask, get_attention
 from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
-from .layers import Embed, Linear, RMSNorm, rope_inv_freq, rotate_half, sow
+from .layers import Embed, Linear, RMSNorm, apply_rotary, rope_inv_freq, sow
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
@@ -73,12 +73,6 @@ def mrope_cos_sin(position_ids_ZBT, cfg: Qwen2VLTextConfig):
     angles_BTJ = pos_BTJ * inv_freq_J
     emb_BTH = jnp.concatenate([angles_BTJ, angles_BTJ], axis=-1)
     return jnp.cos(emb_BTH), jnp.sin(emb_BTH)
-
-
-def apply_rotary(x_BTNH, cos_BTH, sin_BTH):
-    x32 = x_BTNH.astype(jnp.float32)
-    out = x32 * cos_BTH[:, :, None, :] + rotate_half(x32) * sin_BTH[:, :, None, :]
-    return out.astype(x_BTNH.dtype)
 
 
 # ------------------------------------------------------------------------------------------------- modules

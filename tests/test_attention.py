@@ -169,7 +169,7 @@ def test_unknown_or_unusable_backends_fail_by_name(tiny_checkpoint, monkeypatch)
         attention.register_attention("bad", decoder_fn="xla")
     monkeypatch.setattr(kernels.build, "_register", lambda: "turned off by QWEN2VL_JAX_CPU_KERNELS=0")
     assert not kernels.available() and attention.default_backend() == "xla"
-    with pytest.raises(ValueError, match="'cpu' cannot run here: turned off by QWEN2VL_JAX_CPU_KERNELS=0"):
+    with pytest.raises(attention.AttentionBackendError, match="'cpu' cannot run here: turned off by QWEN2VL_JAX_CPU"):
         Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="cpu")
 
 
@@ -244,3 +244,37 @@ def test_pallas_runs_the_flash_kernel_inside_the_model(models, hf_tokenizer, pho
     vision_jaxpr = jax.make_jaxpr(lambda v, x, p, s: vision_lib._vision_apply(v, x, p, s, output_hidden_states=False))(
         model.visual, prep.vision_pixels, layout.pos_hw_P2, layout.segments())
     assert _count_calls(vision_jaxpr.jaxpr, "pallas_call") == model.config.vision_config.depth
+
+
+def _decoder_case(B=2, T=5, K=2, G=2, H=16, seed=0):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((B, T, K * G, H)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
+    valid = np.ones((B, T), bool)
+    valid[0, :2] = False  # left padding in row 0
+    causal = np.arange(T)[None, :] <= np.arange(T)[:, None]
+    return q, k, v, attention.DecoderMask(jnp.asarray(causal[None] & valid[:, None]), jnp.asarray(valid), 0)
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_needs_kernels(b)) for b in ["cpu", "jax", "pallas"]])
+def test_backend_gradients_match_xla(backend):
+    """Training differentiates through the chosen backend: same gradients as the `xla` formulation (decoder without
+    a cache; vision over several segments with padding), real rows only."""
+    from qwen2vl_jax import vision as vision_lib
+
+    fns = attention.get_attention(backend), attention.get_attention("xla")
+    q, k, v, mask = _decoder_case()
+    real = np.asarray(mask.key_valid_BS)[:, :, None, None]
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.where(real, jnp.sin(fn(q, k, v, mask)), 0))  # noqa: E731
+    layout = vision_lib.vision_layout(np.array([[1, 4, 6], [2, 2, 4]]))
+    rng = np.random.default_rng(1)
+    P, n = layout.padded_patches, layout.num_patches
+    qv, kv_, vv = (jnp.asarray(rng.standard_normal((P, 2, 16)), jnp.float32) for _ in range(3))
+    angles = rng.uniform(0, 10, (P, 8))
+    cos, sin = (jnp.asarray(f(np.concatenate([angles, angles], -1)), jnp.float32) for f in (np.cos, np.sin))
+    vloss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, cos, sin, layout.segments())[:n]))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        got, ref = (jax.grad(loss(b.decoder), argnums=(0, 1, 2))(q, k, v) for b in fns)
+        vgot, vref = (jax.grad(vloss(b.vision), argnums=(0, 1, 2))(qv, kv_, vv) for b in fns)
+    for g, r in (*zip(got, ref), *zip(vgot, vref)):
+        assert np.abs(np.asarray(r)).max() > 0 and helpers.rel_err(g, r) <= 1e-5

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from qwen2vl_jax import cli
+from qwen2vl_jax import attention, cli
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,9 @@ def test_info(converted, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["parameters"]["total"] == data["checkpoint_tensor_elements"]
     assert data["text"]["mrope_section"] == [2, 3, 3] and data["vision"]["merge"] == 2
+    assert data["attention"] == attention.default_backend()  # the backend a generate would run here
+    assert cli.main(["info", "--model", str(converted), "--attn-implementation", "jax"]) == 0
+    assert "attention    jax (--attn-implementation: cpu, jax, pallas" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "unknown_model_offline", "missing_dir",

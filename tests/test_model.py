@@ -87,7 +87,7 @@ def test_get_rope_index_left_padded_mixed_batch(tiny_pair):
 
 
 def test_get_rope_index_worked_example():
-    """The get_rope_index worked example: [T, T, VS, IMG x 6, VE, T, T], grid (1, 4, 6); with and without 2 left pads."""
+    """A worked example: [T, T, VS, IMG x 6, VE, T, T], grid (1, 4, 6); with and without 2 left pads."""
     ids = [1, 2, VS] + [IMG] * 6 + [VE, 3, 4]
     pos, deltas = get_rope_index(np.array([ids]), [[1, 4, 6]])
     assert pos[0, 0].tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8]

@@ -6,7 +6,7 @@ Two kinds of attention, one signature each (shape letters: the package docstring
   M-RoPE; k / v are the key slots (this call's tokens, or the whole KV cache with this call's rows written); GQA
   query head n reads kv head n // G. Prefill, decode steps and training forwards all go through it.
 * vision: `vision_fn(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments) -> o_PNH` (in v's dtype).
-  q and k arrive *before* the vision tower's 2-D rotary so a backend may fuse it (`xla.apply_vision_rotary` is the
+  q and k arrive *before* the vision tower's 2-D rotary so a backend may fuse it (`xla.rotate_qk` is the
   reference rotation); rows attend only within their segment (one temporal slice of one image or video: the
   reference's `cu_seqlens`), non-causally.
 
@@ -17,8 +17,8 @@ product. Built-in backends:
 * `xla`: the reference formulation in XLA ops, every platform. Vision: per-segment gather, query chunks of 256.
 * `cpu`: the native kernels (`qwen2vl_jax.kernels`): the fused decode-step kernel for one-token steps (else `xla`);
   vision: one fused rotary + flash-attention kernel.
-* `jax`: `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs where it applies, XLA's ops elsewhere);
-  vision: segments as batch rows with their lengths.
+* `jax`: `jax.nn.dot_product_attention` (asks for cuDNN's fused kernel on GPUs in bf16 / fp16, XLA's ops
+  elsewhere); vision: segments as batch rows with their lengths.
 * `pallas`: Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu`) for calls whose queries start at slot 0
   (prefill, training forwards), `xla` for decode steps; vision: flash attention with per-row segment ids.
 
@@ -42,8 +42,12 @@ from collections.abc import Callable
 from .. import kernels
 from .masks import DecoderMask, VisionSegments
 
-__all__ = ["DecoderMask", "VisionSegments", "AttentionBackend", "register_attention", "get_attention",
-           "available_backends", "default_backend", "resolve"]
+__all__ = ["DecoderMask", "VisionSegments", "AttentionBackend", "AttentionBackendError", "register_attention",
+           "get_attention", "available_backends", "default_backend", "resolve"]
+
+
+class AttentionBackendError(ValueError):
+    """An `attn_implementation` that is not registered, or cannot run on this host."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +66,12 @@ _REGISTRY: dict[str, AttentionBackend] = {}
 def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_fn: Callable | None = None,
                        requires: Callable[[], str] | None = None, overwrite: bool = False) -> AttentionBackend:
     """Register a backend under `name` (then `attn_implementation=name` selects it). A kind given as None uses the
-    `xla` formulation. `requires()` may return a reason the backend cannot run here ("" when it can)."""
+    `xla` formulation. `requires()` may return a reason the backend cannot run here ("" when it can).
+
+    Compiled programs are cached by the backend's name: after replacing a backend (`overwrite=True`), models that
+    already ran with that name keep the old functions until they are rebuilt or switched to another name and back
+    (`set_attn_implementation`) in a new process; register under a new name to be sure.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"an attention backend needs a non-empty string name, got {name!r}")
     if name in _REGISTRY and not overwrite:
@@ -96,12 +105,12 @@ def resolve(name: str | None) -> str:
     if name is None:
         return default_backend()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown attn_implementation {name!r}; registered: {available_backends()} "
-                         "(or None for the platform default)")
+        raise AttentionBackendError(f"unknown attn_implementation {name!r}; registered: {available_backends()} "
+                                    "(or None for the platform default)")
     requires = _REGISTRY[name].requires
     why = requires() if requires is not None else ""
     if why:
-        raise ValueError(f"attn_implementation {name!r} cannot run here: {why}")
+        raise AttentionBackendError(f"attn_implementation {name!r} cannot run here: {why}")
     return name
 
 

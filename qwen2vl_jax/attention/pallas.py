@@ -6,23 +6,26 @@ jax-llm-examples use on TPU). On TPU it compiles with Mosaic; anywhere else it r
   training step): `causal=True` with segment ids 1 for real tokens and 0 for padding, so a real query sees exactly
   the real keys at or before it. Calls whose queries start elsewhere (decode steps, continuing a filled cache) use
   the `xla` formulation: the kernel's causal mask has no offset, and a one-token step gains nothing from tiling.
-* vision: non-causal, segment ids = the rows' segments (padding rows in their own segment).
+  Rows at padding positions attend to padding keys here (the `xla` backend spreads them over every slot): garbage
+  in both, and neither is used.
+* vision: each segment is a batch row (`[Q, N, L, H]`, gathered), its padding slots a segment id of their own.
 
 GQA: kv heads are repeated to the query heads (the kernel wants equal head counts). Sequences are padded to the
-kernel's 128-row blocks and the padding is given a segment no real row has. Head dims that are not a multiple of
-128 are passed as they are: correct in interpret mode, not checked on a TPU here.
+kernel's 128-row blocks with segment ids no real row has. Head dims that are not a multiple of 128 are passed as
+they are: correct in interpret mode, not checked on a TPU here. Off TPU the backward pass runs in interpret mode
+too (a custom VJP re-enters the mode, since the backward is traced outside the forward's context).
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from .masks import DecoderMask, VisionSegments
-from .xla import apply_vision_rotary
 from .xla import decoder_attention as xla_decoder_attention
+from .xla import rotate_qk
 
 BLOCK = 128  # the kernel's default (and minimum) key block
 
@@ -36,15 +39,8 @@ def unavailable_reason() -> str:
     return ""
 
 
-def _mode():
-    from jax.experimental.pallas import tpu as pltpu
-
-    return contextlib.nullcontext() if jax.default_backend() == "tpu" else pltpu.force_tpu_interpret_mode()
-
-
-def _pad_to_block(x, axis: int, value=0):
-    n = x.shape[axis]
-    extra = -n % BLOCK
+def _pad(x, axis: int, value=0):
+    extra = -x.shape[axis] % BLOCK
     if not extra:
         return x
     widths = [(0, 0)] * x.ndim
@@ -52,16 +48,43 @@ def _pad_to_block(x, axis: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _flash(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, *, causal: bool):
+def _flash_padded(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, causal: bool):
     from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
 
-    T = q_BNTH.shape[2]
-    pad = lambda x, value=0: _pad_to_block(x, x.ndim - 1 if x.ndim == 2 else 2, value)
-    segment_ids = SegmentIds(q=pad(q_ids_BT.astype(jnp.int32), -2), kv=pad(kv_ids_BS.astype(jnp.int32), -3))
-    with _mode():
-        o_BNTH = flash_attention(pad(q_BNTH), pad(k_BNSH), pad(v_BNSH), segment_ids=segment_ids, causal=causal,
-                                 sm_scale=q_BNTH.shape[-1] ** -0.5)
-    return o_BNTH[:, :, :T]
+    segment_ids = SegmentIds(q=_pad(q_ids_BT.astype(jnp.int32), 1, -2), kv=_pad(kv_ids_BS.astype(jnp.int32), 1, -3))
+    o_BNTH = flash_attention(_pad(q_BNTH, 2), _pad(k_BNSH, 2), _pad(v_BNSH, 2), segment_ids=segment_ids,
+                             causal=causal, sm_scale=q_BNTH.shape[-1] ** -0.5)
+    return o_BNTH[:, :, : q_BNTH.shape[2]]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _interpreted(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, causal):
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode():
+        return _flash_padded(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, causal)
+
+
+def _interpreted_fwd(q, k, v, q_ids, kv_ids, causal):
+    return _interpreted(q, k, v, q_ids, kv_ids, causal), (q, k, v, q_ids, kv_ids)
+
+
+def _interpreted_bwd(causal, residuals, g):
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v, q_ids, kv_ids = residuals
+    with pltpu.force_tpu_interpret_mode():
+        _, pullback = jax.vjp(lambda q, k, v: _flash_padded(q, k, v, q_ids, kv_ids, causal), q, k, v)
+        return (*pullback(g), None, None)
+
+
+_interpreted.defvjp(_interpreted_fwd, _interpreted_bwd)
+
+
+def _flash(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, *, causal: bool):
+    if jax.default_backend() == "tpu":
+        return _flash_padded(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, causal)
+    return _interpreted(q_BNTH, k_BNSH, v_BNSH, q_ids_BT, kv_ids_BS, causal)
 
 
 def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
@@ -70,7 +93,7 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
         return xla_decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask)
     dtype = q_BTNH.dtype
     G = q_BTNH.shape[2] // k_BSKH.shape[2]
-    heads_major = lambda x: jnp.repeat(jnp.swapaxes(x.astype(dtype), 1, 2), G, axis=1)  # [B, S, K, H] -> [B, N, S, H]
+    heads_major = lambda x: jnp.repeat(jnp.swapaxes(x.astype(dtype), 1, 2), G, axis=1)  # [B,S,K,H] -> [B,N,S,H]
     valid_BS = mask.key_valid_BS.astype(jnp.int32)
     o_BNTH = _flash(jnp.swapaxes(q_BTNH, 1, 2), heads_major(k_BSKH), heads_major(v_BSKH), valid_BS[:, :T],
                     valid_BS, causal=True)
@@ -78,9 +101,10 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
 
 
 def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    q_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH)
-    k_PNH = apply_vision_rotary(k_PNH, cos_PH, sin_PH)
-    to_1NPH = lambda x: jnp.swapaxes(x, 0, 1)[None]
-    ids_1P = segments.segment_ids_P[None]
-    o_1NPH = _flash(to_1NPH(q_PNH), to_1NPH(k_PNH), to_1NPH(v_PNH), ids_1P, ids_1P, causal=False)
-    return jnp.swapaxes(o_1NPH[0], 0, 1).astype(v_PNH.dtype)
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
+    rows_QL = segments.rows_QL
+    to_QNLH = lambda x_PNH: jnp.swapaxes(x_PNH[rows_QL], 1, 2)
+    ids_QL = segments.valid_QL.astype(jnp.int32)  # 1: the segment's rows, 0: its padding slots
+    o_QNLH = _flash(to_QNLH(q_PNH), to_QNLH(k_PNH), to_QNLH(v_PNH), ids_QL, ids_QL, causal=False)
+    N, H = q_PNH.shape[1:]
+    return jnp.swapaxes(o_QNLH, 1, 2).reshape(-1, N, H)[segments.row_slot_P].astype(v_PNH.dtype)

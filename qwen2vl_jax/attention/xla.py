@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..layers import rotate_half
+from ..layers import apply_rotary
 from .masks import DecoderMask, VisionSegments
 
 # Vision queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the
@@ -50,11 +50,9 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
 
 
 # ----------------------------------------------------------------------------------------------------- vision
-def apply_vision_rotary(x_PNH, cos_PH, sin_PH):
-    """q/k rotation in fp32, cast back (transformers `apply_rotary_pos_emb_vision`)."""
-    x32 = x_PNH.astype(jnp.float32)
-    out = x32 * cos_PH[:, None, :] + rotate_half(x32) * sin_PH[:, None, :]
-    return out.astype(x_PNH.dtype)
+def rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH):
+    """The vision rotary on q and k (transformers `apply_rotary_pos_emb_vision`: fp32 inside, cast back)."""
+    return apply_rotary(q_PNH, cos_PH, sin_PH), apply_rotary(k_PNH, cos_PH, sin_PH)
 
 
 def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
@@ -92,5 +90,5 @@ def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
 
 
 def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    q_PNH, k_PNH = apply_vision_rotary(q_PNH, cos_PH, sin_PH), apply_vision_rotary(k_PNH, cos_PH, sin_PH)
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
     return segment_attention(q_PNH, k_PNH, v_PNH, segments)
