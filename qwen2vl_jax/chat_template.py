@@ -79,7 +79,7 @@ def compile_chat_template(template: str) -> jinja2.Template:
     return env.from_string(template)
 
 
-def _is_batched_conversation(conversation: Any) -> bool:
+def is_batched_conversation(conversation: Any) -> bool:
     return isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0],
                                                                                          (list, tuple))
 
@@ -127,7 +127,7 @@ def render_chat_template(template: str, conversations: list[list[dict]], *, add_
         rendered.append(text)
     return rendered
 
-def _named_template(template: Any) -> str:
+def named_template(template: Any) -> str:
     """A chat template given as a string, or as HF's list of {"name", "template"} (the "default" one is used)."""
     if isinstance(template, str):
         return template

@@ -172,7 +172,7 @@ def patchify(frames_fhwc: np.ndarray, temporal_patch_size: int = 2, patch_size: 
     return rows, (grid_t, grid_h, grid_w)
 
 
-_IMAGE_PROCESSOR_KEYS = ("min_pixels", "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size",
+IMAGE_PROCESSOR_KEYS = ("min_pixels", "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size",
                          "image_mean", "image_std", "rescale_factor", "resample", "do_resize", "do_rescale",
                          "do_normalize", "do_convert_rgb")
 
@@ -223,10 +223,10 @@ class Qwen2VLImageProcessor:
         both forms are honoured, including as overrides (transformers 4.57 drops a valid `size` in `__init__` and
         its fast processor ignores `max_pixels=` given to `from_pretrained`: transformers #41955).
         """
-        unknown = sorted(set(overrides) - set(_IMAGE_PROCESSOR_KEYS))
+        unknown = sorted(set(overrides) - set(IMAGE_PROCESSOR_KEYS))
         if unknown:
             raise ValueError(f"unknown image processor option(s): {', '.join(unknown)}")
-        merged = {k: v for k, v in (config or {}).items() if k in _IMAGE_PROCESSOR_KEYS}
+        merged = {k: v for k, v in (config or {}).items() if k in IMAGE_PROCESSOR_KEYS}
         if "size" in overrides:
             merged.pop("min_pixels", None)
             merged.pop("max_pixels", None)
@@ -323,13 +323,13 @@ class Qwen2VLImageProcessor:
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
         data = BatchFeature()
         if images is not None:
-            image_list = _flat_image_list(images)
+            image_list = flat_image_list(images)
             if image_list:
                 rows, grids = zip(*(self._preprocess([img], min_pixels, max_pixels) for img in image_list))
                 data["pixel_values"] = rows[0] if len(rows) == 1 else np.concatenate(rows)
                 data["image_grid_thw"] = np.array(grids, dtype=np.int64)
         if videos is not None:
-            video_list = _video_list(videos)
+            video_list = as_video_list(videos)
             if video_list:
                 rows, grids = zip(*(self._preprocess(v, min_pixels, max_pixels) for v in video_list))
                 data["pixel_values_videos"] = rows[0] if len(rows) == 1 else np.concatenate(rows)
@@ -344,7 +344,7 @@ def _is_image(x: Any) -> bool:
         isinstance(x, np.ndarray) and x.ndim in (2, 3))
 
 
-def _flat_image_list(images: Any) -> list:
+def flat_image_list(images: Any) -> list:
     """One image, a list, or a list of per-prompt lists -> a flat list of loaded images (PIL or arrays).
 
     Paths, bytes and base64 strings are decoded like transformers' `load_image` (EXIF orientation applied)."""
@@ -369,7 +369,7 @@ def _flat_image_list(images: Any) -> list:
     return [load_image(item, exif_transpose=True) for item in flat]
 
 
-def _video_list(videos: Any) -> list[list]:
+def as_video_list(videos: Any) -> list[list]:
     """One video or a list of videos -> a list of frame lists. A list whose first item is a frame is one video
     (as HF's `make_batched_videos`); a path is decoded and sampled with qwen-vl-utils' rules (`fetch_video`)."""
     if isinstance(videos, (str, os.PathLike)) or (isinstance(videos, np.ndarray) and videos.ndim == 4):

@@ -19,20 +19,20 @@ import numpy as np
 
 from .chat_template import (
     DEFAULT_CHAT_TEMPLATE,
-    _is_batched_conversation,
-    _named_template,
     compile_chat_template,
+    is_batched_conversation,
+    named_template,
     render_chat_template,
 )
 from .hub import resolve_source
 from .image_processing import (
-    _IMAGE_PROCESSOR_KEYS,
+    IMAGE_PROCESSOR_KEYS,
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     Qwen2VLImageProcessor,
-    _flat_image_list,
-    _video_list,
+    as_video_list,
     convert_to_rgb,
+    flat_image_list,
     patchify,
     smart_resize,
 )
@@ -118,10 +118,10 @@ class Qwen2VLProcessor:
         `padding_side` and `chat_template` configure the text side.
         """
         path = resolve_source(path, local_files_only=local_files_only, revision=revision, patterns=PROCESSOR_PATTERNS)
-        unknown = sorted(set(overrides) - set(_IMAGE_PROCESSOR_KEYS) - set(_PROCESSOR_ONLY_KEYS))
+        unknown = sorted(set(overrides) - set(IMAGE_PROCESSOR_KEYS) - set(_PROCESSOR_ONLY_KEYS))
         if unknown:
             raise ValueError(f"unknown Qwen2VLProcessor.from_pretrained option(s): {', '.join(unknown)}")
-        image_overrides = {k: v for k, v in overrides.items() if k in _IMAGE_PROCESSOR_KEYS and v is not None}
+        image_overrides = {k: v for k, v in overrides.items() if k in IMAGE_PROCESSOR_KEYS and v is not None}
         video_overrides = dict(image_overrides)
         for key in ("min_pixels", "max_pixels", "size"):
             if overrides.get(f"video_{key}") is not None:
@@ -143,7 +143,7 @@ class Qwen2VLProcessor:
         if template is None and (path / "chat_template.jinja").is_file():
             template = (path / "chat_template.jinja").read_text(encoding="utf-8")
         if template is None and (path / "chat_template.json").is_file():
-            template = _named_template(read_json(path / "chat_template.json").get("chat_template"))
+            template = named_template(read_json(path / "chat_template.json").get("chat_template"))
         if template is None:
             template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         return cls(image_processor, tokenizer, video_processor, chat_template=template)
@@ -161,7 +161,7 @@ class Qwen2VLProcessor:
         items, `"video"`/`"url"`/`"path"` on video items, as transformers 4.57 collects them), the processor is run
         on them and placeholders are expanded. Returns the ids (or the whole dict with `return_dict=True`).
         """
-        batched = _is_batched_conversation(conversation)
+        batched = is_batched_conversation(conversation)
         conversations = conversation if batched else [conversation]
         rendered = render_chat_template(chat_template or self.chat_template, conversations,
                                         add_generation_prompt=add_generation_prompt,
@@ -206,8 +206,8 @@ class Qwen2VLProcessor:
         if return_tensors not in ("np", None):
             raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
         # Load every input once and check the placeholder counts before the (expensive) pixel work.
-        image_list = _flat_image_list(images) if images is not None else []
-        video_list = _video_list(videos) if videos is not None else []
+        image_list = flat_image_list(images) if images is not None else []
+        video_list = as_video_list(videos) if videos is not None else []
         texts = None
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Tokenizer
 
-from .chat_template import _is_batched_conversation, _named_template, render_chat_template
+from .chat_template import is_batched_conversation, named_template, render_chat_template
 from .processing_utils import BatchFeature, read_json
 
 __all__ = ["INSTRUCT_ADDITIONAL_SPECIAL_TOKENS", "Qwen2Tokenizer"]
@@ -110,7 +110,7 @@ class Qwen2Tokenizer:
             if key in config:
                 kwargs[key] = config[key]
         template = config.get("chat_template")
-        kwargs["chat_template"] = _named_template(template) if template is not None else None
+        kwargs["chat_template"] = named_template(template) if template is not None else None
         kwargs.update(overrides)
         return cls(backend, **kwargs)
 
@@ -267,7 +267,7 @@ class Qwen2Tokenizer:
         template = chat_template or self.chat_template
         if template is None:
             raise ValueError("the tokenizer has no chat template; pass `chat_template=`")
-        batched = _is_batched_conversation(conversation)
+        batched = is_batched_conversation(conversation)
         rendered = render_chat_template(template, conversation if batched else [conversation],
                                         add_generation_prompt=add_generation_prompt,
                                         continue_final_message=continue_final_message, tools=tools,
