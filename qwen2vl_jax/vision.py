@@ -7,7 +7,7 @@ Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2Vision
 Everything that depends on `grid_thw` (rotary positions in 2x2 merge order, which rows form an attention segment)
 is computed on the host in NumPy (`VisionLayout`); the device side is pure jitted math on padded, static shapes:
 patch rows are padded to a bucket (buckets.py) and the attention segments (one temporal slice of one image or
-video each) are described both as a `[Q, L]` segment-major gather and as per-row segment ids
+video each) are described both as a `[Q, L]` segment-major gather and as (first row, length) bounds
 (`attention.VisionSegments`), so attention never crosses images or frames and a new image size only recompiles when
 it leaves its bucket. The attention itself is the backend's (`qwen2vl_jax.attention`): on x86 CPUs one fused native
 kernel does the rotary and a flash attention per segment.
@@ -44,7 +44,6 @@ class VisionLayout:
     seg_rows_QL: np.ndarray  # int32 [Q_pad, L_pad]: patch row of each slot of each segment
     seg_valid_QL: np.ndarray  # bool  [Q_pad, L_pad]
     row_slot_P: np.ndarray  # int32 [P_pad]: flat slot (q * L_pad + l) holding each patch row
-    segment_ids_P: np.ndarray  # int32 [P_pad]: segment of each patch row, -1 for padding rows
     bounds_Q2: np.ndarray  # int32 [Q_pad, 2]: (first row, length) of each segment; length 0 for padding
 
     @property
@@ -58,7 +57,7 @@ class VisionLayout:
     def segments(self) -> VisionSegments:
         """The segments as the attention backends take them (NumPy leaves; jit moves them to the device)."""
         return VisionSegments(rows_QL=self.seg_rows_QL, valid_QL=self.seg_valid_QL, row_slot_P=self.row_slot_P,
-                              segment_ids_P=self.segment_ids_P, bounds_Q2=self.bounds_Q2)
+                              bounds_Q2=self.bounds_Q2)
 
 
 def check_grid(grid_thw, merge: int, name: str = "grid_thw") -> np.ndarray:
@@ -107,12 +106,9 @@ def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_buck
     row_slot[:P] = seg_of_row * L_pad + (np.arange(P) - seg_start[seg_of_row])
     pos_pad = np.zeros((P_pad, 2), np.int32)
     pos_pad[:P] = pos
-    segment_ids = np.full(P_pad, -1, np.int32)
-    segment_ids[:P] = seg_of_row
     bounds = np.zeros((Q_pad, 2), np.int32)
     bounds[: len(seg_len), 0], bounds[: len(seg_len), 1] = seg_start, seg_len
-    return VisionLayout(grid, P, pos_pad, seg_rows.astype(np.int32), seg_valid, row_slot.astype(np.int32),
-                        segment_ids, bounds)
+    return VisionLayout(grid, P, pos_pad, seg_rows.astype(np.int32), seg_valid, row_slot.astype(np.int32), bounds)
 
 
 # ------------------------------------------------------------------------------------------------- modules

@@ -20,7 +20,7 @@ product. Built-in backends:
 * `jax`: `jax.nn.dot_product_attention` (asks for cuDNN's fused kernel on GPUs in bf16 / fp16, XLA's ops
   elsewhere); vision: segments as batch rows with their lengths.
 * `pallas`: Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu`) for calls whose queries start at slot 0
-  (prefill, training forwards), `xla` for decode steps; vision: flash attention with per-row segment ids.
+  (prefill, training forwards), `xla` for decode steps; vision: flash attention, one batch row per segment.
 
 `None` picks the platform's default (`default_backend()`): `cpu` where the native kernels are available (JAX on
 the CPU of an x86 host with AVX2 + FMA and a C++ compiler), else `xla`. Off TPU, `pallas` runs in Pallas'

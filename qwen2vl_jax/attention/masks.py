@@ -43,12 +43,11 @@ class VisionSegments:
 
     * gathered: segment q's rows are `rows_QL[q, :]` where `valid_QL` (a `[Q, L]` segment-major layout), and row p
       sits at `row_slot_P[p]` of the flattened `[Q * L]` layout (scatter back);
-    * in place: `segment_ids_P[p]` is row p's segment (-1 for padding rows), `bounds_Q2[q] = (first row, length)`
-      (length 0 for padding segments): rows of a segment are contiguous.
+    * in place: `bounds_Q2[q] = (first row, length)` (length 0 for padding segments): rows of a segment are
+      contiguous.
     """
 
     rows_QL: jax.Array  # int32
     valid_QL: jax.Array  # bool
     row_slot_P: jax.Array  # int32
-    segment_ids_P: jax.Array  # int32
     bounds_Q2: jax.Array  # int32
