@@ -241,7 +241,12 @@ def save_pretrained(model, destination, *, format: str = "hf", dtype=None, max_s
                     progress: bool = False, side_files_from: str | os.PathLike | None = None) -> ConversionSummary:
     """Write an in-memory model as a Hugging Face ("hf", loadable by transformers) or qwen2vl_jax ("flax")
     checkpoint, one parameter at a time. Tokenizer / processor files are copied from `side_files_from`
-    (default: the directory the model was loaded from, when known)."""
+    (default: the directory the model was loaded from, when known). A model with LoRA adapters is refused:
+    `lora.merge_lora(model)` first, or `lora.save_adapter` for the adapters alone."""
+    adapters = len(params_lib.model_params(model, adapters=True)) - len(params_lib.model_params(model))
+    if adapters:
+        raise ValueError(f"the model carries {adapters // 2} unmerged LoRA adapters, which a base checkpoint cannot "
+                         "hold: call qwen2vl_jax.lora.merge_lora(model) first (or lora.save_adapter for the adapters)")
     tensors = _from_model(model, _layout_for(format, model.config), _output_dtype(dtype))
     source_dir = side_files_from if side_files_from is not None else getattr(model, "source_dir", None)
     source_dir = Path(source_dir) if source_dir is not None and Path(source_dir).is_dir() else None

@@ -23,18 +23,35 @@ from flax import nnx
 from . import kernels
 
 
-def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+class LoRAParam(nnx.Param):
+    """A low-rank adapter's parameter (`qwen2vl_jax.lora`): trainable on its own, never part of a base checkpoint."""
+
+
+def param(value, axes: tuple[str | None, ...], kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
     """A parameter annotated with logical axis names (placed on a mesh by `sharding`)."""
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 def param_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def model_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    """`{dotted path: nnx.Param}` for every parameter of `model` (works on `nnx.eval_shape` models too)."""
-    return {param_path(path): node for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Param)}
+def model_params(model: nnx.Module, *, adapters: bool = False) -> dict[str, nnx.Param]:
+    """`{dotted path: nnx.Param}` for every base parameter of `model` (works on `nnx.eval_shape` models too): what
+    a checkpoint holds. `adapters=True` adds the LoRA parameters (`LoRAParam`)."""
+    return {param_path(path): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Param) and (adapters or not isinstance(node, LoRAParam))}
+
+
+# Rematerialisation policies by name (`jax.checkpoint_policies`), for `Qwen2VL.set_remat`: what a rematerialised
+# decoder layer / vision block keeps from its forward pass for the backward one.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}")
+    return getattr(jax.checkpoint_policies, name)
 
 
 def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
@@ -56,9 +73,16 @@ class Linear(nnx.Module):
         self.weight = param(init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype),
                             axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
+        self.axes = axes
+        self.lora = nnx.data(None)  # a low-rank adapter, set by `qwen2vl_jax.lora.apply_lora` (None: plain nn.Linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return dense(x, self.weight[...], None if self.bias is None else self.bias[...])
+        y = dense(x, self.weight[...], None if self.bias is None else self.bias[...])
+        if self.lora is not None:
+            # peft `lora.Linear.forward`: base result + B(A(dropout(x))) * scaling computed in the adapter's dtype,
+            # the sum cast back to the base result's dtype.
+            y = (y.astype(jnp.float32) + self.lora(x).astype(jnp.float32)).astype(y.dtype)
+        return y
 
 
 class Embed(nnx.Module):

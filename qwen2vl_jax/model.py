@@ -20,7 +20,7 @@ from flax import nnx
 
 from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
-from .layers import Linear, model_params
+from .layers import Linear, model_params, remat_policy
 from .rope_index import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionLayout, VisionTransformer
@@ -98,6 +98,17 @@ class Qwen2VL(nnx.Module):
         for _, module in nnx.iter_modules(self):
             if hasattr(module, "attn_implementation"):
                 module.attn_implementation = name
+
+    def set_remat(self, policy: str | None = "nothing_saveable", *, vision: bool = True, text: bool = True) -> None:
+        """Rematerialise each decoder layer and/or vision block in the backward pass (`jax.checkpoint` under the
+        named `layers.REMAT_POLICIES` policy; None turns it off). Forward values are unchanged; only forward
+        passes without a KV cache or attention probabilities are rematerialised (training)."""
+        if policy is not None:
+            remat_policy(policy)  # validates the name
+        if text:
+            self.language_model.remat = policy
+        if vision:
+            self.visual.remat = policy
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)

@@ -49,13 +49,23 @@ LOGICAL_RULES: dict[str, str | None] = {
 }
 
 
-def make_mesh(model: int = 1, data: int = 1, devices=None) -> Mesh:
-    """A `("data", "model")` mesh over the first `data * model` devices."""
+# Fully sharded data parallel (ZeRO-3 style) on top of the tensor-parallel table: the residual-width axis of every
+# weight is split over the mesh axis "fsdp" as well (XLA gathers each weight where it is used, and reduce-scatters
+# its gradient); the batch is split over "data" and "fsdp" (`training.shard_batch`).
+FSDP_RULES: dict[str, str | None] = {**LOGICAL_RULES, "embed": "fsdp", "vis_embed": "fsdp", "vis_merge_in": "fsdp"}
+
+
+def make_mesh(model: int = 1, data: int = 1, devices=None, *, fsdp: int = 1) -> Mesh:
+    """A `("data", "model")` mesh over the first `data * model` devices, or `("data", "fsdp", "model")` when
+    `fsdp > 1` (use `FSDP_RULES` with it)."""
     devices = jax.devices() if devices is None else list(devices)
-    if data * model > len(devices):
-        raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
+    n = data * fsdp * model
+    if n > len(devices):
+        raise ValueError(f"a mesh of data={data} x fsdp={fsdp} x model={model} needs {n} devices; "
                          f"{len(devices)} are available")
-    return Mesh(np.array(devices[:data * model]).reshape(data, model), ("data", "model"))
+    if fsdp > 1:
+        return Mesh(np.array(devices[:n]).reshape(data, fsdp, model), ("data", "fsdp", "model"))
+    return Mesh(np.array(devices[:n]).reshape(data, model), ("data", "model"))
 
 
 def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
@@ -74,11 +84,12 @@ def partition_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: M
     return PartitionSpec(*spec)
 
 
-def param_shardings(model: nnx.Module, mesh: Mesh,
-                    rules: Mapping[str, str | None] = LOGICAL_RULES) -> dict[str, NamedSharding]:
-    """`{parameter path: NamedSharding}` for every parameter (abstract `nnx.eval_shape` models too)."""
+def param_shardings(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES, *,
+                    adapters: bool = False) -> dict[str, NamedSharding]:
+    """`{parameter path: NamedSharding}` for every parameter (abstract `nnx.eval_shape` models too); with
+    `adapters=True` the LoRA parameters as well."""
     return {path: NamedSharding(mesh, partition_spec(p.get_metadata()["out_sharding"], tuple(p.shape), mesh, rules))
-            for path, p in model_params(model).items()}
+            for path, p in model_params(model, adapters=adapters).items()}
 
 
 def placer(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES
@@ -89,8 +100,9 @@ def placer(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGI
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, str | None] = LOGICAL_RULES) -> nnx.Module:
-    """Re-place every parameter of a loaded model with its sharding (in place; returns the model)."""
-    shardings = param_shardings(model, mesh, rules)
-    for path, p in model_params(model).items():
+    """Re-place every parameter of a loaded model (LoRA adapters included) with its sharding (in place; returns
+    the model). Build the optimizer after this, so its state takes the same shardings."""
+    shardings = param_shardings(model, mesh, rules, adapters=True)
+    for path, p in model_params(model, adapters=True).items():
         p.set_value(jax.device_put(p[...], shardings[path]))
     return model

@@ -14,6 +14,7 @@ on XLA:CPU and ran 4x slower (docs/BENCHMARKS.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from flax import nnx
 from .attention import DecoderMask, get_attention
 from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
-from .layers import Embed, Linear, RMSNorm, apply_rotary, rope_inv_freq, sow
+from .layers import Embed, Linear, RMSNorm, apply_rotary, remat_policy, rope_inv_freq, sow
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
@@ -157,6 +158,7 @@ class TextModel(nnx.Module):
                                              attn_implementation=attn_implementation)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.remat: str | None = None  # a `layers.REMAT_POLICIES` name: rematerialise each layer (training)
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
                  output_hidden_states=False, output_attentions=False, cache_empty=False):
@@ -187,6 +189,10 @@ class TextModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x_BTD)
+            if self.remat is not None and cache is None and not output_attentions:
+                # jax.checkpoint per layer: the backward pass recomputes what the policy did not keep.
+                x_BTD = _remat_layer(self.remat)(layer, x_BTD, cos_BTH, sin_BTH, mask)
+                continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
             x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask, kv, start,
                                          output_attentions=output_attentions)
@@ -201,3 +207,9 @@ class TextModel(nnx.Module):
             cache = dataclasses.replace(cache, keys=new_keys, values=new_values, mask_BS=key_valid_BS,
                                         length=cache.length + T)
         return x_BTD, cache, tuple(hidden_states), tuple(attentions)
+
+
+@functools.cache
+def _remat_layer(policy: str):
+    """A decoder layer's residual stream output under `nnx.remat` with the named policy (no cache, no probs)."""
+    return nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask)[0], policy=remat_policy(policy))

@@ -27,7 +27,7 @@ from .attention import VisionSegments, get_attention
 from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, rope_inv_freq, sow
+from .layers import LayerNorm, Linear, remat_policy, rope_inv_freq, sow
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
@@ -200,6 +200,7 @@ class VisionTransformer(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs,
                                             attn_implementation=attn_implementation) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.remat: str | None = None  # a `layers.REMAT_POLICIES` name: rematerialise each block (training)
 
     @property
     def dtype(self):
@@ -219,7 +220,10 @@ class VisionTransformer(nnx.Module):
         x_PE = self.patch_embed(pixels_PC.astype(self.dtype))
         hidden = []
         for block in self.blocks:
-            x_PE = block(x_PE, cos_PH, sin_PH, segments)
+            if self.remat is not None:  # jax.checkpoint per block (training)
+                x_PE = _remat_block(self.remat)(block, x_PE, cos_PH, sin_PH, segments)
+            else:
+                x_PE = block(x_PE, cos_PH, sin_PH, segments)
             if output_hidden_states:
                 hidden.append(x_PE)
         return self.merger(x_PE), tuple(hidden)
@@ -266,6 +270,11 @@ class VisionTransformer(nnx.Module):
         if output_hidden_states:
             return merged, tuple(h[: layout.num_patches] for h in hidden)
         return merged
+
+
+@functools.cache
+def _remat_block(policy: str):
+    return nnx.remat(lambda block, x, cos, sin, segments: block(x, cos, sin, segments), policy=remat_policy(policy))
 
 
 def _vision_apply(visual: VisionTransformer, pixels, pos, segments, *, output_hidden_states):
