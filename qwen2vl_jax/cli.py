@@ -87,11 +87,19 @@ def _load_model(args, directory: Path, dtype: str):
     from .pretrained import Qwen2VLForConditionalGeneration
 
     try:
-        return Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
-                                                               attn_implementation=args.attn_implementation,
-                                                               progress=not getattr(args, "quiet", False))
+        model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
+                                                                attn_implementation=args.attn_implementation,
+                                                                progress=not getattr(args, "quiet", False))
     except (FileNotFoundError, CheckpointError, AttentionBackendError) as e:
         raise UserError(str(e)) from None
+    if getattr(args, "adapter", None):
+        from .lora import LoRAError, load_adapter
+
+        try:  # kept unmerged: the adapted model computes exactly what PEFT's does
+            load_adapter(model, args.adapter)
+        except LoRAError as e:
+            raise UserError(str(e)) from None
+    return model
 
 
 def _load_processor(args, directory: Path):
@@ -342,6 +350,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-pixels", type=int, help="lower bound on pixels per image (processor override)")
     p.add_argument("--max-pixels", type=int, help="upper bound on pixels per image (processor override)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter in PEFT's format (e.g. finetune's out/adapter)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="where to write the random checkpoint (default: a temp dir)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_selfcheck)
+    from .cli_finetune import add_finetune_parser  # its own file: the command has many flags
+
+    add_finetune_parser(sub)
     return parser
 
 

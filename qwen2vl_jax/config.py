@@ -40,6 +40,10 @@ def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
                  f"must be a positive integer, got {value!r}")
 
 
+# Rematerialisation policies by name (`jax.checkpoint_policies`), for `Qwen2VL.set_remat`: what a rematerialised
+# decoder layer / vision block keeps from its forward pass for the backward one (a runtime choice, never saved).
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
 @dataclass(frozen=True)
 class Qwen2VLVisionConfig:
     """The ViT: Conv3d patch embed, `depth` pre-LN blocks with 2-D rotary attention, and the 2x2 patch merger."""

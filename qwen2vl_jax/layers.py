@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from . import kernels
+from .config import REMAT_POLICIES
 
 
 class LoRAParam(nnx.Param):
@@ -43,12 +44,8 @@ def model_params(model: nnx.Module, *, adapters: bool = False) -> dict[str, nnx.
             if isinstance(node, nnx.Param) and (adapters or not isinstance(node, LoRAParam))}
 
 
-# Rematerialisation policies by name (`jax.checkpoint_policies`), for `Qwen2VL.set_remat`: what a rematerialised
-# decoder layer / vision block keeps from its forward pass for the backward one.
-REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
-
-
 def remat_policy(name: str):
+    """The `jax.checkpoint` policy named by one of `config.REMAT_POLICIES`."""
     if name not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}")
     return getattr(jax.checkpoint_policies, name)

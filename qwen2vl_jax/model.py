@@ -101,7 +101,7 @@ class Qwen2VL(nnx.Module):
 
     def set_remat(self, policy: str | None = "nothing_saveable", *, vision: bool = True, text: bool = True) -> None:
         """Rematerialise each decoder layer and/or vision block in the backward pass (`jax.checkpoint` under the
-        named `layers.REMAT_POLICIES` policy; None turns it off). Forward values are unchanged; only forward
+        named `config.REMAT_POLICIES` policy; None turns it off). Forward values are unchanged; only forward
         passes without a KV cache or attention probabilities are rematerialised (training)."""
         if policy is not None:
             remat_policy(policy)  # validates the name

@@ -158,7 +158,7 @@ class TextModel(nnx.Module):
                                              attn_implementation=attn_implementation)
                                 for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.remat: str | None = None  # a `layers.REMAT_POLICIES` name: rematerialise each layer (training)
+        self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each layer (training)
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
                  output_hidden_states=False, output_attentions=False, cache_empty=False):

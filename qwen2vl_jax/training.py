@@ -198,18 +198,26 @@ def trainable_params(model: nnx.Module, spec="all") -> dict[str, nnx.Param]:
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
-def default_recipe(lr: float = 1e-4, steps: int = 1000, *, warmup_steps: int | None = None,
-                   warmup_ratio: float = 0.03, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, end_lr: float = 0.0
-                   ) -> optax.GradientTransformation:
-    """AdamW on a linear-warmup + cosine-decay schedule with global-norm clipping (transformers' Trainer defaults:
-    `get_cosine_schedule_with_warmup`, `max_grad_norm=1.0`, betas (0.9, 0.999), eps 1e-8)."""
+def recipe_schedule(lr: float, steps: int, *, warmup_steps: int | None = None, warmup_ratio: float = 0.03,
+                    end_lr: float = 0.0) -> optax.Schedule:
+    """Linear warmup from 0 to `lr` over `warmup_steps` (default: ceil(warmup_ratio * steps)), then cosine decay to
+    `end_lr` at `steps` (transformers `get_cosine_schedule_with_warmup`)."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     warmup = int(np.ceil(warmup_ratio * steps)) if warmup_steps is None else int(warmup_steps)
     warmup = min(max(warmup, 0), steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_lr) if warmup else \
-        optax.cosine_decay_schedule(lr, steps, end_lr / lr if lr else 0.0)
+    if warmup:
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_lr)
+    return optax.cosine_decay_schedule(lr, steps, end_lr / lr if lr else 0.0)
+
+
+def default_recipe(lr: float = 1e-4, steps: int = 1000, *, warmup_steps: int | None = None,
+                   warmup_ratio: float = 0.03, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, end_lr: float = 0.0
+                   ) -> optax.GradientTransformation:
+    """AdamW on `recipe_schedule` (linear warmup + cosine decay) with global-norm clipping (transformers' Trainer
+    defaults: `get_cosine_schedule_with_warmup`, `max_grad_norm=1.0`, betas (0.9, 0.999), eps 1e-8)."""
+    schedule = recipe_schedule(lr, steps, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, end_lr=end_lr)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm else adamw
 

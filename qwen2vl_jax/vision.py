@@ -200,7 +200,7 @@ class VisionTransformer(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs,
                                             attn_implementation=attn_implementation) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.remat: str | None = None  # a `layers.REMAT_POLICIES` name: rematerialise each block (training)
+        self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each block (training)
 
     @property
     def dtype(self):

@@ -15,9 +15,9 @@ from .video import fetch_video
 __all__ = ["extract_vision_info", "process_vision_info"]
 
 
-_VIDEO_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
+VIDEO_OPTIONS = ("fps", "nframes", "min_pixels", "max_pixels", "total_pixels", "min_frames", "max_frames",
                   "resized_height", "resized_width", "video_start", "video_end")
-_IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
 def extract_vision_info(conversations: list[dict] | list[list[dict]]) -> list[dict]:
@@ -52,9 +52,9 @@ def process_vision_info(conversations: list[dict] | list[list[dict]]
             source = item["image"] if "image" in item else item["image_url"]
             if isinstance(source, dict) and "url" in source:
                 source = source["url"]
-            images.append(fetch_image(source, **{k: item[k] for k in _IMAGE_OPTIONS if k in item}))
+            images.append(fetch_image(source, **{k: item[k] for k in IMAGE_OPTIONS if k in item}))
         elif "video" in item:
-            frames, _ = fetch_video(item["video"], **{k: item[k] for k in _VIDEO_OPTIONS if k in item})
+            frames, _ = fetch_video(item["video"], **{k: item[k] for k in VIDEO_OPTIONS if k in item})
             videos.append(frames)
         else:
             raise ValueError("a content item of type image/video needs the media under `image`, `image_url` or "

@@ -16,8 +16,9 @@ MAX_LINES = 500
 
 # Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI.
 MODEL_MATH = ["layers", "vision", "text", "model", "config", "rope_index", "buckets", "attention", "kernels"]
-ABOVE_THE_MODEL = ["generation", "training", "lora", "hooks", "convert", "checkpoint", "params", "safetensors_io",
-                   "hub", "pretrained", "cli", "selfcheck", "sharding", "processing"]
+ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetune_checkpoint", "cli_finetune", "hooks",
+                   "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "selfcheck",
+                   "sharding", "processing"]
 
 
 def _modules() -> dict[str, Path]:

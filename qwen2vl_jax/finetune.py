@@ -1,0 +1,346 @@
+"""Fine-tuning: the training loop behind `qwen2vl-jax finetune`, and the same from Python.
+
+    cfg = FinetuneConfig(model="Qwen/Qwen2-VL-2B-Instruct", data="train.jsonl", out="runs/a", lora_rank=16, steps=500)
+    result = finetune(cfg)          # {"loss", "eval", "paths", "compiles", ...}; runs/a/adapter in PEFT's format
+
+What trains: LoRA adapters (`lora_rank`: PEFT's default targets, the decoder's q/k/v/o and gate/up/down), or every
+weight (full fine-tuning; `freeze_vision`: the vision tower frozen except its merger). Each optimizer step takes
+`grad_accum` micro-batches from the `data.Loader` (`training.accumulate_step`: the loss is the mean over the kept
+tokens of all of them). Batches are padded to shape buckets, so a run compiles once per bucket it meets.
+
+Written to `out/`: `metrics.jsonl` (a line per step, plus eval lines), `finetune_config.json`, `checkpoints/<step>`
+(orbax-checkpoint, atomic: written to a temporary directory, then renamed; the last `keep_checkpoints` kept): the
+trainable weights, optimizer state, RNG streams (LoRA dropout), loader position and config, so `resume=True`
+continues bit for bit; at the end `adapter/` (LoRA, PEFT format) or `model/` (full: HF checkpoint + tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from . import lora as lora_lib
+from . import training
+from .attention import AttentionBackendError
+from .config import REMAT_POLICIES
+from .data import IGNORE_INDEX, Loader, collate, encode_conversation, read_jsonl
+from .finetune_checkpoint import (  # noqa: F401  (read_checkpoint, read_meta: re-exported for users)
+    CHECKPOINTS,
+    FinetuneError,
+    checkpoint_manager,
+    read_checkpoint,
+    read_meta,
+    restore_checkpoint,
+    save_checkpoint,
+    train_state,
+)
+from .params import CheckpointError
+
+METRICS, CONFIG_FILE = "metrics.jsonl", "finetune_config.json"
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}  # the usual LoRA / full fine-tuning rates for Qwen2-VL
+# Settings a resumed run may change; any other difference would not fit the saved state.
+RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "eval_data", "steps", "epochs", "out", "keep_checkpoints"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning run. `lora_rank=None` means full fine-tuning. `lr=None`: 2e-4 with LoRA, 1e-5 full.
+    `lora_alpha=None`: 2 x rank. `steps` or `epochs` (neither: one epoch). `remat`: a `layers.REMAT_POLICIES` name."""
+
+    model: str
+    data: str
+    out: str
+    eval_data: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | str | None = None
+    vision_lora: bool = False
+    freeze_vision: bool = False
+    lr: float | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_length: int | None = None
+    save_every: int | None = None
+    eval_every: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    remat: str | None = None
+    dtype: str = "float32"
+    resume: bool = False
+    attn_implementation: str | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("model", "data", "out", "eval_data"):  # paths as strings: the config is saved as JSON
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        if self.lora_targets is not None and not isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        self.validate()
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR["lora" if self.lora else "full"]
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise FinetuneError(message)
+
+        for name in ("batch_size", "grad_accum", "max_length", "save_every", "eval_every", "steps",
+                     "keep_checkpoints", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1), f"{name} must be a positive integer, "
+                 f"got {value!r}")
+        need(self.steps is None or self.epochs is None, "give steps or epochs, not both")
+        need(self.epochs is None or self.epochs > 0, f"epochs must be positive, got {self.epochs}")
+        need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(0.0 <= self.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        need(self.remat is None or self.remat in REMAT_POLICIES, f"unknown remat policy {self.remat!r}; use one "
+             f"of {', '.join(REMAT_POLICIES)}")
+        need(self.eval_every is None or self.eval_data is not None, "eval_every needs eval_data")
+        need(self.lora_rank is None or (isinstance(self.lora_rank, int) and self.lora_rank >= 1),
+             f"lora_rank must be a positive integer, got {self.lora_rank!r}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora:
+            used = [n for n in ("lora_alpha", "lora_targets") if getattr(self, n) is not None]
+            used += [n for n in ("lora_dropout", "vision_lora") if getattr(self, n)]
+            need(not used, f"{', '.join(used)} only apply to LoRA: give lora_rank (--lora-rank)")
+        need(not (self.freeze_vision and self.vision_lora), "freeze_vision and vision_lora contradict each other")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["lora_targets"] = list(self.lora_targets) if isinstance(self.lora_targets, tuple) else self.lora_targets
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _lr_at(cfg: FinetuneConfig, steps: int, update: int) -> float:
+    """The rate of optimizer update `update` (0-based): `training.default_recipe`'s own schedule."""
+    return float(training.recipe_schedule(cfg.learning_rate, steps, warmup_ratio=cfg.warmup_ratio)(update))
+
+
+def _load(cfg: FinetuneConfig):
+    """(processor, model) from `cfg.model`, user errors as `FinetuneError`."""
+    from .hub import resolve_source
+    from .pretrained import Qwen2VLForConditionalGeneration
+    from .processing import Qwen2VLProcessor
+
+    try:
+        directory = resolve_source(cfg.model)
+        overrides = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
+        processor = Qwen2VLProcessor.from_pretrained(directory, **overrides)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=cfg.dtype,
+                                                                attn_implementation=cfg.attn_implementation)
+    except (FileNotFoundError, NotADirectoryError, CheckpointError, AttentionBackendError) as e:
+        raise FinetuneError(f"cannot load the model {cfg.model}: {e}") from None
+    except ValueError as e:  # processor files
+        raise FinetuneError(f"cannot load the processor of {cfg.model}: {e}") from None
+    return processor, model
+
+
+def _setup_trainable(cfg: FinetuneConfig, model) -> str:
+    """Adapters or the trainable preset; returns the `training.trainable_filter` spec."""
+    if not cfg.lora:
+        return "merger" if cfg.freeze_vision else "all"
+    targets = cfg.lora_targets
+    if targets is None:
+        targets = lora_lib.DEFAULT_TARGETS + (lora_lib.VISION_TARGETS if cfg.vision_lora else ())
+    elif cfg.vision_lora and not isinstance(targets, str):
+        targets = tuple(targets) + lora_lib.VISION_TARGETS
+    alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank
+    lora_lib.apply_lora(model, cfg.lora_rank, alpha, targets, dropout=cfg.lora_dropout, seed=cfg.seed)
+    if cfg.lora_dropout > 0:
+        lora_lib.set_lora_training(model, True)
+    return "lora"
+
+
+def _eval_batches(cfg: FinetuneConfig, processor, model, conversations) -> list[training.Batch]:
+    """The whole eval set as prepared batches of `batch_size` rows, encoded once. The last batch is filled with
+    copies of its first example whose labels are all -100: same shape as the others, no extra tokens counted."""
+    examples = [encode_conversation(processor, c.messages, max_length=cfg.max_length, line=c.line, source=c.source)
+                for c in conversations]
+    pad, batches = Loader(conversations, processor, batch_size=1).pad_token_id, []
+    for i in range(0, len(examples), cfg.batch_size):
+        chunk = examples[i:i + cfg.batch_size]
+        filler = dataclasses.replace(chunk[0], labels=np.full_like(chunk[0].labels, IGNORE_INDEX))
+        chunk += [filler] * (cfg.batch_size - len(chunk))
+        batches.append(training.prepare_batch(model, **collate(chunk, pad_token_id=pad)))
+    return batches
+
+
+def evaluate(model, batches, *, dropout: bool = False) -> dict:
+    """Loss, tokens and accuracy over all `batches` (sums over every batch, then one mean), adapters' dropout off."""
+    if dropout:
+        lora_lib.set_lora_training(model, False)
+    try:
+        sums = None
+        for batch in batches:
+            s = jax.device_get(training.eval_step(model, batch))
+            sums = s if sums is None else {k: sums[k] + s[k] for k in s}
+    finally:
+        if dropout:
+            lora_lib.set_lora_training(model, True)
+    return {k: float(v) if k != "tokens" else int(v) for k, v in training.finish_metrics(sums).items()}
+
+
+def _prepare_out(cfg: FinetuneConfig, manager) -> int | None:
+    """The step to resume from (None: a fresh run); refuses to mix a new run into an old one."""
+    latest = manager.latest_step()
+    if cfg.resume and latest is None:
+        raise FinetuneError(f"resume: no checkpoint in {Path(cfg.out) / CHECKPOINTS} to resume from")
+    if not cfg.resume and latest is not None:
+        raise FinetuneError(f"{cfg.out} already holds checkpoints (latest: step {latest}); resume it (--resume) or "
+                            "choose another output directory")
+    return latest
+
+
+def _check_resumable(cfg: FinetuneConfig, saved: dict) -> None:
+    now = cfg.to_dict()
+    changed = sorted(k for k in set(now) | set(saved) if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k))
+    if changed:
+        raise FinetuneError("cannot resume with different settings: " + ", ".join(
+            f"{k} was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed))
+
+
+def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) one fine-tuning run; returns the final metrics, the eval metrics, the paths written, the
+    compile counts (`training.TRACE_COUNTS` deltas) and the distinct batch shapes met.
+
+    User errors raise before the first step: `FinetuneError` (settings, output directory, model),
+    `data.DataError` (a bad line, a missing image), `lora.LoRAError` (targets)."""
+    t_start, traces0 = time.perf_counter(), dict(training.TRACE_COUNTS)
+    out = Path(cfg.out)
+    train_data = read_jsonl(cfg.data)  # every line and media file checked before anything is loaded or written
+    eval_data = read_jsonl(cfg.eval_data) if cfg.eval_data else None
+    manager = checkpoint_manager(out / CHECKPOINTS, cfg.keep_checkpoints)
+    resume_from = _prepare_out(cfg, manager)
+
+    processor, model = _load(cfg)
+    if cfg.remat:
+        model.set_remat(cfg.remat)
+    spec = _setup_trainable(cfg, model)
+    loader = Loader(train_data, processor, batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)
+    steps = cfg.steps or max(1, math.ceil((cfg.epochs or 1) * loader.batches_per_epoch / cfg.grad_accum))
+    tx = training.default_recipe(cfg.learning_rate, steps, warmup_ratio=cfg.warmup_ratio,
+                                 weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+    optimizer = training.make_optimizer(model, tx, spec)
+
+    start = 0
+    if resume_from is not None:
+        saved = read_meta(manager, resume_from)
+        _check_resumable(cfg, saved["config"])
+        restore_checkpoint(manager, model, optimizer, resume_from)
+        loader.load_state_dict(saved["loader"])
+        start = int(saved["step"])
+        if start > steps:
+            raise FinetuneError(f"the checkpoint is at step {start}, past this run's {steps} steps")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(json.dumps({**cfg.to_dict(), "resolved": {
+        "lr": cfg.learning_rate, "steps": steps, "trainable": spec}}, indent=1) + "\n")
+    log_path = out / METRICS
+    _truncate_log(log_path, start)
+    eval_batches = _eval_batches(cfg, processor, model, eval_data) if eval_data else None
+    dropout = cfg.lora and cfg.lora_dropout > 0
+
+    shapes, batches, last, final_eval, saved_step = set(), iter(loader), {}, None, resume_from
+    bar = tqdm(total=steps, initial=start, desc="finetune", unit="step", file=sys.stderr, disable=not progress)
+    pending = None  # (step, device metrics, input tokens): fetched after the next step is dispatched
+    t_last = time.perf_counter()
+
+    def flush():
+        nonlocal pending, t_last, last
+        if pending is None:
+            return
+        step, metrics, n_in = pending
+        pending = None
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        seconds, t_last = now - t_last, now
+        last = {"step": step, "loss": float(m["loss"]), "tokens": int(m["tokens"]),
+                "accuracy": float(m["accuracy"]), "lr": _lr_at(cfg, steps, step - 1), "seconds": round(seconds, 4)}
+        _append(log_path, last)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{n_in / max(seconds, 1e-9):.0f}", refresh=False)
+        bar.update(1)
+
+    def checkpoint(step):
+        nonlocal saved_step
+        flush()
+        meta = {"step": step, "loader": loader.state_dict(), "config": cfg.to_dict(), "steps": steps,
+                "parts": sorted(train_state(model, optimizer))}
+        save_checkpoint(manager, step, model, optimizer, meta)
+        saved_step = step
+
+    try:
+        for step in range(start + 1, steps + 1):
+            micro = [training.prepare_batch(model, **next(batches)[0]) for _ in range(cfg.grad_accum)]
+            shapes.update(b.shape for b in micro)
+            n_in = int(sum(np.asarray(b.attention_mask_BT).sum() for b in micro))
+            metrics = training.accumulate_step(model, optimizer, micro)
+            flush()
+            pending = (step, metrics, n_in)
+            if cfg.save_every and step % cfg.save_every == 0:
+                checkpoint(step)
+            if eval_batches and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+                flush()
+                _append(log_path, {"step": step, **_prefixed(evaluate(model, eval_batches, dropout=dropout))})
+        flush()
+        if saved_step != steps:
+            checkpoint(steps)
+    finally:
+        bar.close()
+    if eval_batches:
+        final_eval = evaluate(model, eval_batches, dropout=dropout)
+        _append(log_path, {"step": steps, **_prefixed(final_eval)})
+
+    paths = {"out": str(out), "metrics": str(log_path), "config": str(out / CONFIG_FILE),
+             "checkpoints": str(out / CHECKPOINTS)}
+    if cfg.lora:
+        paths["adapter"] = str(lora_lib.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
+                                                     force=True))
+    else:
+        model.save_pretrained(out / "model", force=True)
+        paths["model"] = str(out / "model")
+    return {"steps": steps, "resumed_from": resume_from, "loss": last.get("loss"), "accuracy": last.get("accuracy"),
+            "tokens": last.get("tokens"), "eval": final_eval, "paths": paths,
+            "compiles": {k: training.TRACE_COUNTS[k] - traces0.get(k, 0) for k in training.TRACE_COUNTS},
+            "batch_shapes": sorted(shapes), "seconds": round(time.perf_counter() - t_start, 2)}
+
+
+_prefixed = lambda metrics: {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def _append(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (a resumed run redoes the steps after its checkpoint) or all (a fresh run)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if step and line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
