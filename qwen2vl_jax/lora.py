@@ -288,8 +288,17 @@ def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.fl
     rank = cfg["r"]
     targets = linears(model)
     found: dict[str, dict[str, str]] = {}
+    base_weights: dict[str, str] = {}  # PEFT also saves an adapted lm_head's base weight (save_embedding_layers)
     problems = []
     for key in sf.keys():
+        base = re.fullmatch(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.base_layer\.weight", key)
+        if base is not None and our_linear_path(base["module"]) in targets:
+            path = our_linear_path(base["module"])
+            if sf.shape(key) != tuple(targets[path].weight.shape):
+                problems.append(f"wrong shape: {key} expected {list(targets[path].weight.shape)}, "
+                                f"found {list(sf.shape(key))}")
+            base_weights[path] = key
+            continue
         m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(?P<module>.+)\.(?P<ab>lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
         path = None if m is None else our_linear_path(m["module"])
         if path is None or path not in targets:
@@ -303,6 +312,9 @@ def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.fl
     for path, ab in found.items():
         if len(ab) != 2:
             problems.append(f"incomplete: {hf_module_name(path)} has only {list(ab)}")
+    for path, key in base_weights.items():
+        if path not in found:
+            problems.append(f"unexpected: {key} belongs to a module without LoRA weights")
     if not found and not problems:
         problems.append("no LoRA weights in the file")
     if problems:
@@ -322,6 +334,9 @@ def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.fl
         lo.lora_B.set_value(jnp.asarray(sf.read(ab["lora_B"]).astype(np.float32), dtype))
         lin.lora = lo
         adapted[path] = lin
+        if path in base_weights:  # peft `set_peft_model_state_dict` loads it into the base layer: so do we
+            w = lin.weight
+            w.set_value(jnp.asarray(sf.read(base_weights[path]).astype(np.float32), w.dtype))
     targets_cfg = cfg.get("target_modules")
     model.lora_config = LoRAConfig(rank, alpha, float(cfg.get("lora_dropout") or 0.0), use_rslora,
                                    targets_cfg if isinstance(targets_cfg, str) else tuple(sorted(targets_cfg or ())))

@@ -20,6 +20,7 @@ Everything host-side (rope positions, the vision layout, bucket padding) happens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 
@@ -162,16 +163,17 @@ def trainable_filter(spec: str | Sequence[str] = "all"):
 
     `spec`: a preset — "all" (every parameter: base weights and adapters), "language_model" (decoder, embeddings,
     head), "merger" (the vision tower frozen except its merger), "lora" (adapter parameters only) — or regexes
-    over dotted parameter paths (`re.search`), e.g. `[r"visual\\.merger\\.", r"layers\\.1[0-9]\\."]`.
+    over dotted parameter paths (`re.search`), e.g. `[r"visual\\.merger\\.", r"layers\\.1[0-9]\\."]`. The same spec
+    gives the same filter object, so optimizers built from it share one compiled step.
     """
-    if isinstance(spec, str) and spec in TRAINABLE_PRESETS:
-        if spec == "lora":
-            return LoRAParam
-        patterns = [TRAINABLE_PRESETS[spec]]
-    elif isinstance(spec, str):
-        patterns = [spec]
-    else:
-        patterns = list(spec)
+    return _filter(spec if isinstance(spec, str) else tuple(spec))
+
+
+@functools.cache
+def _filter(spec: str | tuple[str, ...]):
+    if spec == "lora":
+        return LoRAParam
+    patterns = [TRAINABLE_PRESETS.get(spec, spec)] if isinstance(spec, str) else list(spec)
     try:
         compiled = [re.compile(p) for p in patterns]
     except re.error as e:
@@ -179,10 +181,7 @@ def trainable_filter(spec: str | Sequence[str] = "all"):
                          f"({e})") from None
 
     def selected(path, value) -> bool:
-        if not isinstance(value, nnx.Param):
-            return False
-        name = param_path(path)
-        return any(r.search(name) for r in compiled)
+        return isinstance(value, nnx.Param) and any(r.search(param_path(path)) for r in compiled)
 
     return selected
 

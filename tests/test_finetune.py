@@ -88,7 +88,8 @@ def test_lora_through_the_cli_overfits_a_caption(tiny_checkpoint, caption_data, 
     assert json.loads((out / "finetune_config.json").read_text())["lora_rank"] == 16
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31))
-    assert set(log[0]) == {"step", "loss", "tokens", "accuracy", "lr", "seconds"} and log[0]["lr"] == pytest.approx(3e-3, rel=1e-6)
+    assert set(log[0]) == {"step", "loss", "tokens", "accuracy", "lr", "seconds"}
+    assert log[0]["lr"] == pytest.approx(3e-3, rel=1e-6)
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert greedy_answer(model, tiny_checkpoint, media / "rocket.png") != CAPTION
