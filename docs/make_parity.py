@@ -124,6 +124,19 @@ def main(argv: list[str]) -> int:
         for k, r in shard.items():
             out.append(f"| {k} | {_e(r['max_rel'])} |")
         out.append("")
+    for prefix, title, note in (
+            ("training/", "Training: loss and gradients vs torch autograd", "Gradient rows: max over every parameter "
+             "tensor of max |ours − torch| / max |torch| (transformers' `labels=` loss, backward); `xla` rows: the "
+             "native CPU kernels off. Bound 1e-5 (the 2B-width slice: see its row)."),
+            ("lora/", "LoRA vs PEFT", "Our adapters in PEFT and PEFT's in ours (logits), LoRA gradients, three AdamW "
+             "steps (optax vs torch.optim.AdamW), merged checkpoints in transformers. Bound 1e-5.")):
+        rows = by(prefix)
+        if rows:
+            out += [f"## {title}", "", note, "", "| check | measured |", "|---|---|"]
+            for k, r in rows.items():
+                vals = ", ".join(f"{n} {_e(v)}" for n, v in r.items() if n != "test")
+                out.append(f"| {k} | {vals} |")
+            out.append("")
     proc = by("processor/")
     if proc:
         worst = max(r["max_abs_diff"] for r in proc.values())

@@ -228,34 +228,74 @@ def make_optimizer(model: Qwen2VL, tx: optax.GradientTransformation, trainable="
 
 
 # -------------------------------------------------------------------------------------------------- steps
-@nnx.jit(donate_argnums=(0, 1))
+# The steps are jitted in NNX's functional form: the model is split into the trainable parameters, the frozen ones
+# and the other state (RNG streams), and only what changes goes out of the program. Frozen weights are inputs only:
+# returning them (as `nnx.jit` returns a module's whole state) would make XLA copy every frozen weight on each step
+# wherever donation is impossible (on the CPU, buffers adopted from the loader), doubling the weights' memory.
+def _split(model: nnx.Module, wrt):
+    """(graphdef, trainable, frozen params, other state) of `model`."""
+    return nnx.split(model, wrt, nnx.Param, ...)
+
+
 def train_step(model: Qwen2VL, optimizer: nnx.Optimizer, batch: Batch) -> dict:
-    """One optimizer step on one batch (mean loss over its kept tokens); returns the batch's metrics."""
-    TRACE_COUNTS["train_step"] += 1
-    grad_fn = nnx.value_and_grad(batch_loss, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
-    (_, metrics), grads = grad_fn(model, batch)
-    optimizer.update(model, grads)
+    """One optimizer step on one batch (mean loss over its kept tokens), in place; returns the batch's metrics."""
+    graphdef, trainable, frozen, rest = _split(model, optimizer.wrt)
+    opt_def, opt_state = nnx.split(optimizer)
+    trainable, rest, opt_state, metrics = _train_step(graphdef, opt_def, optimizer.wrt, trainable, rest, opt_state,
+                                                      frozen, batch)
+    nnx.update(model, trainable, rest)
+    nnx.update(optimizer, opt_state)
     return metrics
 
 
-@nnx.jit(static_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
+def _train_step(graphdef, opt_def, wrt, trainable, rest, opt_state, frozen, batch):
+    TRACE_COUNTS["train_step"] += 1  # runs once per compile
+    model = nnx.merge(graphdef, trainable, frozen, rest)
+    optimizer = nnx.merge(opt_def, opt_state)
+    grad_fn = nnx.value_and_grad(batch_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
+    (_, metrics), grads = grad_fn(model, batch)
+    optimizer.update(model, grads)
+    _, trainable, _, rest = _split(model, wrt)
+    return trainable, rest, nnx.state(optimizer), metrics
+
+
 def grad_step(model: Qwen2VL, batch: Batch, wrt) -> tuple[nnx.State, dict]:
     """Gradients of the *summed* token loss w.r.t. the `wrt` parameters, and the additive metric sums."""
-    TRACE_COUNTS["grad_step"] += 1
-    grad_fn = nnx.grad(loss_sums, argnums=nnx.DiffState(0, wrt), has_aux=True)
-    grads, sums = grad_fn(model, batch)
+    graphdef, trainable, frozen, rest = _split(model, wrt)
+    grads, sums, rest = _grad_step(graphdef, wrt, trainable, rest, frozen, batch)
+    nnx.update(model, rest)  # RNG streams advanced by dropout
     return grads, sums
 
 
-@nnx.jit(donate_argnums=(0, 1, 2))
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _grad_step(graphdef, wrt, trainable, rest, frozen, batch):
+    TRACE_COUNTS["grad_step"] += 1
+    model = nnx.merge(graphdef, trainable, frozen, rest)
+    grads, sums = nnx.grad(loss_sums, argnums=nnx.DiffState(0, wrt), has_aux=True)(model, batch)
+    return grads, sums, _split(model, wrt)[3]
+
+
 def apply_gradients(model: Qwen2VL, optimizer: nnx.Optimizer, grads: nnx.State, tokens: jax.Array) -> None:
-    """Divide summed gradients by the kept-token count of the whole step, then update."""
+    """Divide summed gradients by the kept-token count of the whole step, then update (in place)."""
+    graphdef, trainable, frozen, rest = _split(model, optimizer.wrt)
+    opt_def, opt_state = nnx.split(optimizer)
+    trainable, opt_state = _apply_gradients(graphdef, opt_def, trainable, opt_state, frozen, rest, grads, tokens)
+    nnx.update(model, trainable)
+    nnx.update(optimizer, opt_state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _apply_gradients(graphdef, opt_def, trainable, opt_state, frozen, rest, grads, tokens):
     TRACE_COUNTS["apply_gradients"] += 1
+    model = nnx.merge(graphdef, trainable, frozen, rest)
+    optimizer = nnx.merge(opt_def, opt_state)
     scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
     optimizer.update(model, jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads))
+    return nnx.state(model, optimizer.wrt), nnx.state(optimizer)
 
 
-_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=(0,))
 
 
 def accumulate_step(model: Qwen2VL, optimizer: nnx.Optimizer, batches: Sequence[Batch]) -> dict:
@@ -273,11 +313,16 @@ def accumulate_step(model: Qwen2VL, optimizer: nnx.Optimizer, batches: Sequence[
     return finish_metrics(sums)
 
 
-@nnx.jit
 def eval_step(model: Qwen2VL, batch: Batch) -> dict:
     """The additive metric sums of one batch (no gradient); combine batches with `finish_metrics`."""
+    graphdef, state = nnx.split(model)
+    return _eval_step(graphdef, state, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _eval_step(graphdef, state, batch):
     TRACE_COUNTS["eval_step"] += 1
-    return loss_sums(model, batch)[1]
+    return loss_sums(nnx.merge(graphdef, state), batch)[1]
 
 
 # ----------------------------------------------------------------------------------------------- meshes
