@@ -60,14 +60,39 @@ def xla_matmul(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """`x[A, I] @ w[O, I]^T` as one XLA dot, fp32 accumulation and result.
 
     Low-precision weights are fed as they are with `preferred_element_type=float32` (a bf16-result dot makes
-    XLA:CPU materialise an fp32 copy of the weight on every call); x is cast to the weight's dtype.
+    XLA:CPU materialise an fp32 copy of the weight on every call); x is cast to the weight's dtype, and so is the
+    gradient in the backward pass (`_low_precision_dot`).
     """
     if w_OI.dtype != jnp.float32:
         x_AI = x_AI.astype(w_OI.dtype)
         if x_AI.shape[0] == 1:
             plain = lambda x, w: jax.lax.dot_general(x, w, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
             return jax.lax.platform_dependent(x_AI, w_OI, cpu=_pad_single_row, default=plain)
+        return _low_precision_dot(x_AI, w_OI)
     return jax.lax.dot_general(x_AI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _low_precision_dot(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """A bf16 x bf16 -> fp32 dot whose backward dots are bf16 x bf16 -> fp32 too (torch's bf16 autograd). JAX's own
+    transpose rule contracts the fp32 cotangent with the bf16 weight, which upcasts every weight to an fp32 copy:
+    twice the weights' memory in a training step."""
+    return jax.lax.dot_general(x_AI, w_OI, _CONTRACT_MINOR, preferred_element_type=jnp.float32)
+
+
+def _low_precision_dot_fwd(x_AI, w_OI):
+    return _low_precision_dot(x_AI, w_OI), (x_AI, w_OI)
+
+
+def _low_precision_dot_bwd(res, g_AO):
+    x_AI, w_OI = res
+    g_AO = g_AO.astype(w_OI.dtype)
+    dx_AI = jax.lax.dot_general(g_AO, w_OI, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    dw_OI = jax.lax.dot_general(g_AO, x_AI, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx_AI.astype(x_AI.dtype), dw_OI.astype(w_OI.dtype)
+
+
+_low_precision_dot.defvjp(_low_precision_dot_fwd, _low_precision_dot_bwd)
 
 
 def matmul(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
