@@ -177,22 +177,27 @@ def _setup_trainable(cfg: FinetuneConfig, model) -> str:
     return "lora"
 
 
-def _eval_batches(cfg: FinetuneConfig, processor, model, conversations) -> list[training.Batch]:
-    """The whole eval set as prepared batches of `batch_size` rows, encoded once. The last batch is filled with
+def _eval_batches(cfg: FinetuneConfig, processor, model, conversations):
+    """The eval set as prepared batches of `batch_size` rows, encoded lazily on each pass (holding every eval
+    image's pixels between evals would cost memory in proportion to the eval set). The last batch is filled with
     copies of its first example whose labels are all -100: same shape as the others, no extra tokens counted."""
-    examples = [encode_conversation(processor, c.messages, max_length=cfg.max_length, line=c.line, source=c.source)
-                for c in conversations]
-    pad, batches = Loader(conversations, processor, batch_size=1).pad_token_id, []
-    for i in range(0, len(examples), cfg.batch_size):
-        chunk = examples[i:i + cfg.batch_size]
-        filler = dataclasses.replace(chunk[0], labels=np.full_like(chunk[0].labels, IGNORE_INDEX))
-        chunk += [filler] * (cfg.batch_size - len(chunk))
-        batches.append(training.prepare_batch(model, **collate(chunk, pad_token_id=pad)))
+    pad = Loader(conversations, processor, batch_size=1).pad_token_id
+
+    def batches():
+        for i in range(0, len(conversations), cfg.batch_size):
+            chunk = [encode_conversation(processor, c.messages, max_length=cfg.max_length, line=c.line,
+                                         source=c.source) for c in conversations[i:i + cfg.batch_size]]
+            filler = dataclasses.replace(chunk[0], labels=np.full_like(chunk[0].labels, IGNORE_INDEX))
+            chunk += [filler] * (cfg.batch_size - len(chunk))
+            yield training.prepare_batch(model, **collate(chunk, pad_token_id=pad))
+
     return batches
 
 
 def evaluate(model, batches, *, dropout: bool = False) -> dict:
-    """Loss, tokens and accuracy over all `batches` (sums over every batch, then one mean), adapters' dropout off."""
+    """Loss, tokens and accuracy over all `batches` (an iterable of `training.Batch`, or a function returning one;
+    sums over every batch, then one mean), adapters' dropout off."""
+    batches = batches() if callable(batches) else batches
     if dropout:
         lora_lib.set_lora_training(model, False)
     try:
