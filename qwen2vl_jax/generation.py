@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .buckets import bucket, pow2_bucket
+from .hook_points import HookSet, hook_point_axes, install, make_hookset
 from .model import PreparedInputs, Qwen2VL
 from .text import KVCache
 
@@ -102,6 +103,7 @@ class GenerateOutput:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     new_tokens: int = 0
+    records: dict | None = None  # values recorded at hook points (`cache_names=`), by name; see `generate`
 
 
 # ------------------------------------------------------------------------------------------ logits processors
@@ -165,6 +167,8 @@ class DecodeState:
     step: jax.Array  # int32 scalar: tokens generated so far
     rng: jax.Array
     logits_BRV: jax.Array | None  # optional raw logits of every step
+    records: dict | None = None  # hook point name -> [R, *value of one decode step]: what decode steps recorded
+    offset: jax.Array | int = 0  # int32: cache slots before the caller's first token (our bucket's left padding)
 
 
 def _select(state: DecodeState, logits_BV, knobs: Knobs, *, do_sample: bool) -> DecodeState:
@@ -188,44 +192,79 @@ def _select(state: DecodeState, logits_BV, knobs: Knobs, *, do_sample: bool) -> 
     )
 
 
-def _step_logits(model: Qwen2VL, state: DecodeState):
+def _step_logits(model: Qwen2VL, state: DecodeState, hooks: HookSet | None = None):
     """One-token forward: the new token sits at slot `cache.length`, position slot + rope_delta (transformers 4.57
-    `Qwen2VLModel.forward`)."""
+    `Qwen2VLModel.forward`). Hooks see `ctx.step` = tokens generated so far; recorded values go to row step - 1
+    of `state.records`."""
     cache = state.cache
     B = state.last_B.shape[0]
     pos_B = cache.length + cache.rope_deltas_B
     pos_ZB1 = jnp.broadcast_to(pos_B[None, :, None], (3, B, 1))
-    logits, cache, _, _ = model.forward(state.last_B[:, None], jnp.ones((B, 1), jnp.int32), pos_ZB1, cache=cache)
-    return logits[:, -1], cache
+    with install(hooks, step=state.step, offset=state.offset) as run:
+        logits, cache, _, _ = model.forward(state.last_B[:, None], jnp.ones((B, 1), jnp.int32), pos_ZB1, cache=cache)
+    records = state.records
+    if records:
+        records = {n: jax.lax.dynamic_update_slice(buf, run.records[n][None].astype(buf.dtype),
+                                                   (state.step - 1,) + (0,) * (buf.ndim - 1))
+                   for n, buf in records.items()}
+    return logits[:, -1], dataclasses.replace(state, cache=cache, records=records)
 
 
-def _prefill(model, ids, mask, pos, vision, vision_index, cache, seen, rng, knobs, *, do_sample, keep_logits, n_bucket):
+def _prefill(model, ids, mask, pos, vision, vision_index, cache, seen, rng, knobs, hooks=None, offset=0, *, do_sample,
+             keep_logits, n_bucket):
     TRACE_COUNTS["prefill"] += 1
-    logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True, cache_empty=True)
+    with install(hooks, offset=offset) as run:
+        logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True,
+                                            cache_empty=True)
     B, V = seen.shape
+    axes = hook_point_axes(model.config)
+    # a decode step's value of each recorded point: the prefill's with one token on the token axis
+    step_buffers = {n: jnp.zeros((n_bucket, *(1 if a == "T" else d for a, d in zip(axes[n], v.shape))), v.dtype)
+                    for n, v in run.records.items()}
     state = DecodeState(cache=cache, tokens_BR=jnp.zeros((B, n_bucket), jnp.int32), last_B=jnp.zeros((B,), jnp.int32),
                         seen_BV=seen, finished_B=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), rng=rng,
-                        logits_BRV=jnp.zeros((B, n_bucket, V), jnp.float32) if keep_logits else None)
-    return _select(state, logits[:, -1], knobs, do_sample=do_sample)
+                        logits_BRV=jnp.zeros((B, n_bucket, V), jnp.float32) if keep_logits else None,
+                        records=step_buffers or None, offset=offset)
+    return _select(state, logits[:, -1], knobs, do_sample=do_sample), run.records
 
 
-def _decode_loop(model, state: DecodeState, knobs: Knobs, *, do_sample):
+def _decode_loop(model, state: DecodeState, knobs: Knobs, hooks=None, *, do_sample):
     TRACE_COUNTS["decode_loop"] += 1
 
     def keep_going(s: DecodeState):
         return (s.step < knobs.max_new_tokens) & ~jnp.all(s.finished_B)
 
     def body(s: DecodeState):
-        logits, cache = _step_logits(model, s)
-        return _select(dataclasses.replace(s, cache=cache), logits, knobs, do_sample=do_sample)
+        logits, s = _step_logits(model, s, hooks)
+        return _select(s, logits, knobs, do_sample=do_sample)
 
     return jax.lax.while_loop(keep_going, body, state)
 
 
-def _decode_step(model, state: DecodeState, knobs: Knobs, *, do_sample):
+def _decode_step(model, state: DecodeState, knobs: Knobs, hooks=None, *, do_sample):
     TRACE_COUNTS["decode_step"] += 1
-    logits, cache = _step_logits(model, state)
-    return _select(dataclasses.replace(state, cache=cache), logits, knobs, do_sample=do_sample)
+    logits, state = _step_logits(model, state, hooks)
+    return _select(state, logits, knobs, do_sample=do_sample)
+
+
+def _join_records(axes: dict[str, str], prefill: dict, steps: dict | None, extra: int, prompt_slots: int,
+                  n: int) -> dict:
+    """One array per recorded text point over the prompt and the fed-back tokens, as one forward over the final
+    sequence (without its last token) would record it: our bucket padding dropped from the token and slot axes,
+    the n - 1 decode steps appended on the token axis. `logits` holds the n rows that picked the new tokens."""
+    out = {}
+    for name, first in prefill.items():
+        a = axes[name]
+        t = a.index("T")
+        first = np.asarray(first)
+        if first.shape[t] > 1 or name != "logits":
+            first = np.take(first, np.arange(extra, first.shape[t]), axis=t)
+        parts = [first] + ([np.asarray(steps[name][i]) for i in range(n - 1)] if steps else [])
+        value = np.concatenate(parts, axis=t)
+        if "S" in a:  # cache slots -> token positions of the final sequence
+            value = np.take(value, np.arange(extra, prompt_slots + n - 1), axis=a.index("S"))
+        out[name] = value
+    return out
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("do_sample", "keep_logits", "n_bucket"), donate_argnames=("cache",))
@@ -254,13 +293,18 @@ def left_pad(input_ids, attention_mask, length: int, pad_id: int) -> tuple[np.nd
 def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *,
              generation_config: GenerationConfig | None = None, streamer=None, output_logits: bool = False,
-             return_dict: bool = False, **kwargs):
+             return_dict: bool = False, hooks=None, cache_names=None, **kwargs):
     """transformers-style `generate`: returns `[B, prompt + new]` token ids (or a `GenerateOutput`).
 
     Settings come from `generation_config` (default: the checkpoint's generation_config.json when the model was
     loaded from a directory holding one), overridden by keyword arguments (`max_new_tokens`, `do_sample`,
     `temperature`, `top_k`, `top_p`, `repetition_penalty`, `min_new_tokens`, `eos_token_id`, `pad_token_id`,
     `seed`). `streamer` gets `put(tokens_B)` after each step and `end()` at the end.
+
+    `hooks` (`{name or pattern: fn(value, ctx)}`, see `qwen2vl_jax.hooks`) run in the prefill and in every decode
+    step (`ctx.step`: tokens generated so far). `cache_names` records points: `GenerateOutput.records[name]`
+    holds text values over the prompt and every fed-back token (what one forward over the output sequence minus
+    its last token records; `logits` holds the rows that picked each new token) and vision values once.
     """
     import time
 
@@ -290,9 +334,15 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     t0 = time.perf_counter()
     prep: PreparedInputs = model.prepare_inputs(ids, mask, pixel_values, image_grid_thw, pixel_values_videos,
                                                 video_grid_thw)
-    vision = None
+    hookset = make_hookset(cfg, hooks, cache_names) if hooks or cache_names else None
+    vision, vision_records = None, {}
     if prep.vision_pixels is not None:
-        vision, _ = model.visual.run_padded(prep.vision_pixels, prep.vision_layout)
+        if hookset and hookset.only("vision."):
+            vision, vision_records = model.visual.run_hooked(prep.vision_pixels, prep.vision_layout,
+                                                             hookset.only("vision."))
+        else:
+            vision, _ = model.visual.run_padded(prep.vision_pixels, prep.vision_layout)
+    text_hooks = (hookset.only("vision.", keep=False) or None) if hookset else None
 
     # Repetition penalty sees the caller's ids (their pads too, as transformers 4.57), never our bucket padding.
     seen = np.zeros((B, cfg.text_config.vocab_size), bool)
@@ -304,28 +354,33 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
         top_p=jnp.float32(gc.top_p), repetition_penalty=jnp.float32(gc.repetition_penalty),
         min_new_tokens=jnp.int32(gc.min_new_tokens), max_new_tokens=jnp.int32(gc.max_new_tokens),
         eos_ids=jnp.asarray(gc.eos_token_id, jnp.int32), pad_id=jnp.int32(gc.pad_id))
-    state = _prefill_jit(model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision,
-                         prep.vision_index_BT, cache, jnp.asarray(seen), jax.random.key(gc.seed), knobs,
-                         do_sample=gc.do_sample, keep_logits=output_logits, n_bucket=n_bucket)
+    state, prefill_records = _prefill_jit(
+        model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT, cache,
+        jnp.asarray(seen), jax.random.key(gc.seed), knobs, text_hooks, jnp.int32(T_pad - T), do_sample=gc.do_sample,
+        keep_logits=output_logits, n_bucket=n_bucket)
     first = np.asarray(state.last_B)  # waits for the prefill
     t1 = time.perf_counter()
     if streamer is not None:
         streamer.put(first)
         while int(state.step) < gc.max_new_tokens and not bool(np.all(np.asarray(state.finished_B))):
-            state = _decode_step_jit(model, state, knobs, do_sample=gc.do_sample)
+            state = _decode_step_jit(model, state, knobs, text_hooks, do_sample=gc.do_sample)
             streamer.put(np.asarray(state.last_B))
         streamer.end()
     else:
-        state = _decode_loop_jit(model, state, knobs, do_sample=gc.do_sample)
+        state = _decode_loop_jit(model, state, knobs, text_hooks, do_sample=gc.do_sample)
     n = int(state.step)
     new = np.asarray(state.tokens_BR)[:, :n].astype(np.int64)
     t2 = time.perf_counter()
     sequences = np.concatenate([ids0.astype(np.int64), new], axis=1)
-    if not return_dict and not output_logits:
+    records = None
+    if hookset is not None and hookset.record:
+        records = {**vision_records, **_join_records(hook_point_axes(cfg), prefill_records, state.records,
+                                                      T_pad - T, T_pad, n)}
+    if not return_dict and not output_logits and records is None:
         return sequences
     logits = np.asarray(state.logits_BRV)[:, :n] if output_logits else None
     return GenerateOutput(sequences=sequences, logits=logits, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
-                          new_tokens=n)
+                          new_tokens=n, records=records)
 
 
 # ------------------------------------------------------------------------------------------------ streaming

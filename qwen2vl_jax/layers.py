@@ -149,9 +149,3 @@ def rope_inv_freq(dim: int, theta: float):
 
     exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
     return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
-
-
-def sow(module: nnx.Module, name: str, value) -> None:
-    """Record `value` for interpretability, only when the caller runs under `nnx.capture(...)` (free otherwise)."""
-    if getattr(module, "__captures__", None) is not None:
-        module.sow(nnx.Intermediate, name, value)

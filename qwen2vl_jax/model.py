@@ -11,7 +11,6 @@ Data flow of one forward (transformers 4.57 `Qwen2VLModel.forward`), host steps 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from flax import nnx
 
 from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
+from .hook_points import HookSet, install, point
 from .layers import Linear, model_params, remat_policy
 from .rope_index import get_rope_index
 from .text import KVCache, TextModel
@@ -37,6 +37,7 @@ class Qwen2VLOutput:
     cache: KVCache | None = None
     hidden_states: tuple[jax.Array, ...] | None = None  # embeddings, each layer's output, final norm (HF order)
     attentions: tuple[jax.Array, ...] | None = None  # per layer [B, N, T, S]
+    records: dict[str, jax.Array] | None = None  # values recorded at hook points (`hooks=`), by name
 
 
 @dataclasses.dataclass
@@ -183,13 +184,19 @@ class Qwen2VL(nnx.Module):
         if last_only:  # generation needs one row of logits, not [T, V]
             h_BTD = h_BTD[:, -1:]
         logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
+        logits_BTV = point("logits", logits_BTV)
         return logits_BTV, cache, hidden, attentions
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: KVCache | None = None,
-                 *, output_hidden_states: bool = False, output_attentions: bool = False) -> Qwen2VLOutput:
+                 *, output_hidden_states: bool = False, output_attentions: bool = False,
+                 hooks: HookSet | None = None) -> Qwen2VLOutput:
         """HF-style forward. With `cache`, this call's tokens are appended to it (prefill when it is empty,
-        then one or more decode tokens whose positions continue from the cache: slot + rope_delta)."""
+        then one or more decode tokens whose positions continue from the cache: slot + rope_delta).
+
+        `hooks`: a `hook_points.HookSet` (exact names; `qwen2vl_jax.hooks` builds them from patterns): its hooks
+        edit values inside the jitted forward and the names it records come back in `.records` (vision values
+        cut to the real rows, `vision.trim_records`)."""
         decoding = cache is not None and int(cache.length) > 0
         if decoding and position_ids is None:
             ids = _as_2d_ids(input_ids, self.config.text_config.vocab_size)
@@ -200,27 +207,31 @@ class Qwen2VL(nnx.Module):
                                    video_grid_thw, position_ids)
         if cache is not None and not decoding:
             cache = dataclasses.replace(cache, rope_deltas_B=jnp.asarray(prep.rope_deltas_B1[:, 0], jnp.int32))
-        capture = getattr(self, "__captures__", None) is not None
-        vision = None
+        vision, records = None, {}
         if prep.vision_pixels is not None:
-            vision, _ = self.visual.run_padded(prep.vision_pixels, prep.vision_layout, capture=capture)
-        fn = _forward_capture if capture else _forward_jit
-        logits, cache, hidden, attentions = fn(
+            if hooks and hooks.only("vision."):
+                vision, records = self.visual.run_hooked(prep.vision_pixels, prep.vision_layout, hooks.only("vision."))
+            else:
+                vision, _ = self.visual.run_padded(prep.vision_pixels, prep.vision_layout)
+        text_hooks = hooks.only("vision.", keep=False) if hooks else None
+        logits, cache, hidden, attentions, text_records = _forward_jit(
             self, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT,
-            cache, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            cache, text_hooks or None, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             cache_empty=cache is not None and not decoding)
         return Qwen2VLOutput(logits=logits, rope_deltas=prep.rope_deltas_B1, cache=cache,
                              hidden_states=hidden if output_hidden_states else None,
-                             attentions=attentions if output_attentions else None)
+                             attentions=attentions if output_attentions else None,
+                             records={**records, **text_records} if hooks is not None else None)
 
 
-def _forward_apply(model: Qwen2VL, ids, mask, pos, vision, vision_index, cache, *,
+def _forward_apply(model: Qwen2VL, ids, mask, pos, vision, vision_index, cache, hooks=None, *,
                    output_hidden_states=False, output_attentions=False, last_only=False, cache_empty=False):
     TRACE_COUNTS["forward"] += 1  # runs once per compile
-    return model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
-                         output_attentions=output_attentions, last_only=last_only, cache_empty=cache_empty)
+    with install(hooks) as run:
+        out = model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions, last_only=last_only, cache_empty=cache_empty)
+    return (*out, run.records)
 
 
 _STATIC = ("output_hidden_states", "output_attentions", "last_only", "cache_empty")
 _forward_jit = jax.jit(_forward_apply, static_argnames=_STATIC, donate_argnames=("cache",))
-_forward_capture = nnx.jit(functools.partial(_forward_apply), static_argnames=_STATIC)

@@ -24,7 +24,8 @@ from flax import nnx
 from .attention import DecoderMask, get_attention
 from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
-from .layers import Embed, Linear, RMSNorm, apply_rotary, remat_policy, rope_inv_freq, sow
+from .hook_points import point, recording, set_call, wants
+from .layers import Embed, Linear, RMSNorm, apply_rotary, remat_policy, rope_inv_freq
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
@@ -79,12 +80,15 @@ def mrope_cos_sin(position_ids_ZBT, cfg: Qwen2VLTextConfig):
 # ------------------------------------------------------------------------------------------------- modules
 class Attention(nnx.Module):
     """GQA self-attention with M-RoPE. The attention itself goes through the backend named by
-    `attn_implementation` (`qwen2vl_jax.attention`; None: the platform default)."""
+    `attn_implementation` (`qwen2vl_jax.attention`; None: the platform default). Hook points `{name}.q / .k / .v /
+    .probs / .head_out` (`qwen2vl_jax.hook_points`)."""
 
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None,
+                 name: str = "text.layers.0.attn", layer: int = 0):
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.attn_implementation = attn_implementation
+        self.name, self.layer = name, layer
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.q_proj = Linear(D, N * H, use_bias=True, axes=("q_heads", "embed"), **kw)
         self.k_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
@@ -94,56 +98,64 @@ class Attention(nnx.Module):
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
         """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first.
 
-        Probabilities (`output_attentions`, or values captured under `nnx.capture`) come only from the `xla`
-        formulation, so asking for them runs that one whatever the backend.
+        Probabilities (`output_attentions`, or `.probs` hooked / recorded) come only from the `xla` formulation, so
+        asking for them runs that one whatever the backend.
         """
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BTNH = apply_rotary(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH)
-        k_BTKH = apply_rotary(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH)
-        v_BTKH = self.v_proj(x_BTD).reshape(B, T, K, H)
+        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
+        q_BTNH = at("q", apply_rotary(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH))
+        k_BTKH = at("k", apply_rotary(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH))
+        v_BTKH = at("v", self.v_proj(x_BTD).reshape(B, T, K, H))
         if kv is None:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
         else:
             k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), (0, start, 0, 0))
             v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), (0, start, 0, 0))
         probs_BNTS = None
-        if output_attentions or getattr(self, "__captures__", None) is not None:
-            o_BTNH, p_BKGTS = attention_xla.attention_with_probs(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS)
-            probs_BNTS = p_BKGTS.reshape(B, N, T, -1)
-            sow(self, "attn_probs", probs_BNTS)
+        if output_attentions or wants(f"{self.name}.probs"):
+            probs_BNTS = at("probs", attention_xla.decoder_probs(q_BTNH, k_BSKH, mask.allowed_BTS))
+            o_BTNH = attention_xla.probs_times_values(probs_BNTS, v_BSKH, q_BTNH.dtype)
         else:
             o_BTNH = get_attention(self.attn_implementation).decoder(q_BTNH, k_BSKH, v_BSKH, mask)
-        out = self.o_proj(o_BTNH.reshape(B, T, N * H))
+        out = self.o_proj(at("head_out", o_BTNH).reshape(B, T, N * H))
         return out, (k_BSKH, v_BSKH), probs_BNTS if output_attentions else None
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "text.layers.0.mlp",
+                 layer: int = 0):
         D, F = cfg.hidden_size, cfg.intermediate_size
+        self.name, self.layer = name, layer
         kw = dict(use_bias=False, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.up_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
 
     def __call__(self, x_BTD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+        act_BTF = point(f"{self.name}.act", jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD), self.layer)
+        return self.down_proj(act_BTF)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None):
+    """Hook points `text.layers.{i}.resid_pre / attn_out / resid_mid / mlp_out / resid_post` (+ attention's, MLP's)."""
+
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None,
+                 layer: int = 0):
+        self.name, self.layer = f"text.layers.{layer}", layer
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
+                                   name=f"{self.name}.attn", layer=layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
+        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
+        x_BTD = at("resid_pre", x_BTD)
         attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
                                              output_attentions=output_attentions)
-        x_BTD = x_BTD + attn_out
-        sow(self, "after_attention", x_BTD)
-        x_BTD = x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
-        sow(self, "hidden", x_BTD)
+        x_BTD = at("resid_mid", x_BTD + at("attn_out", attn_out))
+        x_BTD = at("resid_post", x_BTD + at("mlp_out", self.mlp(self.post_attention_layernorm(x_BTD))))
         return x_BTD, kv, probs
 
 
@@ -155,8 +167,8 @@ class TextModel(nnx.Module):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs,
-                                             attn_implementation=attn_implementation)
-                                for _ in range(cfg.num_hidden_layers)])
+                                             attn_implementation=attn_implementation, layer=i)
+                                for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each layer (training)
 
@@ -184,12 +196,14 @@ class TextModel(nnx.Module):
         causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
         mask = DecoderMask(allowed_BTS=causal_TS[None] & key_valid_BS[:, None, :], key_valid_BS=key_valid_BS,
                            query_start=start)
+        set_call("text", valid=valid_BT, position_ids=position_ids_ZBT, slots=query_slot_T)
+        x_BTD = point("text.embed", x_BTD)
 
         hidden_states, attentions, new_keys, new_values = [], [], [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x_BTD)
-            if self.remat is not None and cache is None and not output_attentions:
+            if self.remat is not None and cache is None and not output_attentions and not recording():
                 # jax.checkpoint per layer: the backward pass recomputes what the policy did not keep.
                 x_BTD = _remat_layer(self.remat)(layer, x_BTD, cos_BTH, sin_BTH, mask)
                 continue
@@ -200,7 +214,7 @@ class TextModel(nnx.Module):
             new_values.append(v)
             if output_attentions:
                 attentions.append(probs)
-        x_BTD = self.norm(x_BTD)
+        x_BTD = point("text.final_norm", self.norm(x_BTD))
         if output_hidden_states:
             hidden_states.append(x_BTD)  # like HF: the last entry is after the final norm
         if cache is not None:

@@ -27,7 +27,8 @@ from .attention import VisionSegments, get_attention
 from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
-from .layers import LayerNorm, Linear, remat_policy, rope_inv_freq, sow
+from .hook_points import install, point, recording, set_call, wants
+from .layers import LayerNorm, Linear, remat_policy, rope_inv_freq
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
@@ -113,53 +114,70 @@ def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_buck
 
 # ------------------------------------------------------------------------------------------------- modules
 class VisionAttention(nnx.Module):
-    """Multi-head attention within segments; q and k get the 2-D rotary inside the backend (which may fuse it)."""
+    """Multi-head attention within segments; q and k get the 2-D rotary inside the backend (which may fuse it).
+    Hook points `{name}.q / .k / .v / .probs / .head_out` (`qwen2vl_jax.hook_points`)."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, name: str = "vision.blocks.0.attn", layer: int = 0):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.attn_implementation = attn_implementation
+        self.name, self.layer = name, layer
         E = cfg.embed_dim
         self.qkv = Linear(E, 3 * E, use_bias=True, axes=("vis_qkv", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
         self.proj = Linear(E, E, use_bias=True, axes=("vis_embed", "vis_heads"), param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
         P = x_PE.shape[0]
+        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
         # qkv output features are [q | k | v], each head-major (transformers `VisionAttention.forward`).
         qkv_P3NH = self.qkv(x_PE).reshape(P, 3, self.num_heads, self.head_dim)
         q_PNH, k_PNH, v_PNH = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
-        o_PNH = get_attention(self.attn_implementation).vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
-        return self.proj(o_PNH.reshape(P, -1))
+        if any(wants(f"{self.name}.{s}") for s in ("q", "k", "v", "probs")):  # the xla formulation, in the open
+            q_PNH, k_PNH = attention_xla.rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
+            q_PNH, k_PNH, v_PNH = at("q", q_PNH), at("k", k_PNH), at("v", v_PNH)
+            if wants(f"{self.name}.probs"):
+                probs_QNLL = at("probs", attention_xla.segment_probs(q_PNH, k_PNH, segments))
+                o_PNH = attention_xla.segment_probs_times_values(probs_QNLL, v_PNH, segments)
+            else:
+                o_PNH = attention_xla.segment_attention(q_PNH, k_PNH, v_PNH, segments)
+        else:
+            o_PNH = get_attention(self.attn_implementation).vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
+        return self.proj(at("head_out", o_PNH).reshape(P, -1))
 
 
 class VisionMLP(nnx.Module):
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "vision.blocks.0.mlp",
+                 layer: int = 0):
         E, F = cfg.embed_dim, cfg.mlp_dim
+        self.name, self.layer = name, layer
         self.fc1 = Linear(E, F, use_bias=True, axes=("vis_mlp", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
         self.fc2 = Linear(F, E, use_bias=True, axes=("vis_embed", "vis_mlp"), param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_PE):
         h = self.fc1(x_PE)
         h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
-        return self.fc2(h)
+        return self.fc2(point(f"{self.name}.act", h, self.layer))
 
 
 class VisionBlock(nnx.Module):
-    """Pre-LN ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-LN ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). Hook points `vision.blocks.{i}.resid_pre /
+    attn_out / resid_mid / mlp_out / resid_post` (+ the attention's and the MLP's)."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, layer: int = 0):
         E, eps = cfg.embed_dim, cfg.layer_norm_eps
+        self.name, self.layer = f"vision.blocks.{layer}", layer
         self.norm1 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
         self.norm2 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
-        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation)
-        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
+                                    name=f"{self.name}.attn", layer=layer)
+        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
 
     def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
-        x_PE = x_PE + self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)
-        x_PE = x_PE + self.mlp(self.norm2(x_PE))
-        sow(self, "hidden", x_PE)
-        return x_PE
+        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
+        x_PE = at("resid_pre", x_PE)
+        x_PE = at("resid_mid", x_PE + at("attn_out", self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)))
+        return at("resid_post", x_PE + at("mlp_out", self.mlp(self.norm2(x_PE))))
 
 
 class PatchEmbed(nnx.Module):
@@ -198,7 +216,8 @@ class VisionTransformer(nnx.Module):
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
         self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs,
-                                            attn_implementation=attn_implementation) for _ in range(cfg.depth)])
+                                            attn_implementation=attn_implementation, layer=i)
+                                for i in range(cfg.depth)])
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each block (training)
 
@@ -217,16 +236,19 @@ class VisionTransformer(nnx.Module):
     def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, *, output_hidden_states=False):
         """The pure math on padded inputs: merged features `[P_pad/4, D]` (+ per-block hidden states)."""
         cos_PH, sin_PH = self.rotary(pos_hw_P2)
-        x_PE = self.patch_embed(pixels_PC.astype(self.dtype))
+        # real patch rows: padding rows are slot 0 of no segment (a hook may read this; unused, it is compiled out)
+        valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[segments.rows_QL].max(segments.valid_QL)
+        set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
+        x_PE = point("vision.patch_embed", self.patch_embed(pixels_PC.astype(self.dtype)))
         hidden = []
         for block in self.blocks:
-            if self.remat is not None:  # jax.checkpoint per block (training)
+            if self.remat is not None and not recording():  # jax.checkpoint per block (training)
                 x_PE = _remat_block(self.remat)(block, x_PE, cos_PH, sin_PH, segments)
             else:
                 x_PE = block(x_PE, cos_PH, sin_PH, segments)
             if output_hidden_states:
                 hidden.append(x_PE)
-        return self.merger(x_PE), tuple(hidden)
+        return point("vision.merger.out", self.merger(x_PE)), tuple(hidden)
 
     def prepare(self, pixel_values, grid_thw) -> tuple[np.ndarray, VisionLayout]:
         """Validate on the host and pad the patch rows to their bucket."""
@@ -251,13 +273,17 @@ class VisionTransformer(nnx.Module):
         merged, hidden = self.run_padded(pixels, layout, output_hidden_states=output_hidden_states)
         return merged, hidden, layout
 
-    def run_padded(self, pixels, layout: VisionLayout, *, output_hidden_states: bool = False,
-                   capture: bool | None = None):
-        """Run the jitted tower on already padded rows (from `prepare`)."""
-        if capture is None:
-            capture = getattr(self, "__captures__", None) is not None
-        fn = _vision_capture if capture else _vision_jit
-        return fn(self, pixels, layout.pos_hw_P2, layout.segments(), output_hidden_states=output_hidden_states)
+    def run_padded(self, pixels, layout: VisionLayout, *, output_hidden_states: bool = False):
+        """Run the jitted tower on already padded rows (from `prepare`): (features, hidden states)."""
+        merged, hidden, _ = _vision_jit(self, pixels, layout.pos_hw_P2, layout.segments(),
+                                        output_hidden_states=output_hidden_states)
+        return merged, hidden
+
+    def run_hooked(self, pixels, layout: VisionLayout, hooks):
+        """`run_padded` with a `hook_points.HookSet` active: (padded features, {name: value}) with the recorded
+        values cut to the real rows (`trim_records`)."""
+        merged, _, records = _vision_jit(self, pixels, layout.pos_hw_P2, layout.segments(), hooks)
+        return merged, trim_records(records, layout)
 
     def __call__(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
         """Merged vision features `[sum(t*h*w)/4, D]` (a jax Array), like the reference's `model.visual`.
@@ -277,11 +303,25 @@ def _remat_block(policy: str):
     return nnx.remat(lambda block, x, cos, sin, segments: block(x, cos, sin, segments), policy=remat_policy(policy))
 
 
-def _vision_apply(visual: VisionTransformer, pixels, pos, segments, *, output_hidden_states):
+def trim_records(records: dict, layout: VisionLayout) -> dict:
+    """Recorded vision values without the bucket padding: patch rows `[:P]`, merged rows `[:M]`, and attention
+    probabilities as one `[N, L, L]` array per segment (its real rows and keys, in row order)."""
+    out = {}
+    for name, value in records.items():
+        if name.endswith(".attn.probs"):
+            out[name] = tuple(value[q, :, :n, :n] for q, n in enumerate(layout.bounds_Q2[:, 1]) if n > 0)
+        elif name == "vision.merger.out":
+            out[name] = value[: layout.num_merged]
+        else:
+            out[name] = value[: layout.num_patches]
+    return out
+
+
+def _vision_apply(visual: VisionTransformer, pixels, pos, segments, hooks=None, *, output_hidden_states=False):
     TRACE_COUNTS["vision"] += 1  # runs once per compile
-    return visual.forward(pixels, pos, segments, output_hidden_states=output_hidden_states)
+    with install(hooks) as run:
+        merged, hidden = visual.forward(pixels, pos, segments, output_hidden_states=output_hidden_states)
+    return merged, hidden, run.records
 
 
 _vision_jit = jax.jit(_vision_apply, static_argnames=("output_hidden_states",))
-# Under nnx.capture, nnx.jit carries the sown intermediates back out (jax.jit would drop them).
-_vision_capture = nnx.jit(functools.partial(_vision_apply), static_argnames=("output_hidden_states",))

@@ -7,6 +7,7 @@ import torch
 from flax import nnx
 
 import helpers
+from qwen2vl_jax import hooks
 from qwen2vl_jax.config import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.rope_index import get_rope_index
@@ -161,13 +162,11 @@ def test_hidden_states_and_attentions_match_reference(tiny_pair, hf_tokenizer, p
         assert helpers.rel_err(h, r.numpy()) <= TOL
     for a, r in zip(out.attentions, ref.attentions, strict=True):
         assert np.max(np.abs(np.asarray(a) - r.numpy())) <= 1e-5
-    # the same values through the sow points (nnx.capture)
-    # the same values through the sow points (nnx.capture; a separately compiled program, so compare at TOL)
-    captured_out, captured = nnx.capture(ours, nnx.Intermediate)(**inputs)
-    assert helpers.rel_err(captured_out.logits, out.logits) <= TOL
-    layers = captured["language_model"]["layers"]
-    assert helpers.rel_err(layers[0]["hidden"][0], out.hidden_states[1]) <= TOL
-    assert helpers.rel_err(layers[1]["self_attn"]["attn_probs"][0], out.attentions[1]) <= TOL
+    # the same values through the hook points (a separately compiled program, so compare at TOL)
+    hooked_out, cache = hooks.run_with_cache(ours, ["text.layers.0.resid_post", "text.layers.1.attn.probs"], **inputs)
+    assert helpers.rel_err(hooked_out.logits, out.logits) <= TOL
+    assert helpers.rel_err(cache["text.layers.0.resid_post"], out.hidden_states[1]) <= TOL
+    assert helpers.rel_err(cache["text.layers.1.attn.probs"], out.attentions[1]) <= TOL
 
 
 @pytest.mark.parametrize("case", ["one_photo", "left_padded_batch"])

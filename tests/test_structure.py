@@ -15,8 +15,10 @@ PACKAGE = ROOT / "qwen2vl_jax"
 MAX_LINES = 500
 
 # Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI.
-MODEL_MATH = ["layers", "vision", "text", "model", "config", "rope_index", "buckets", "attention", "kernels"]
+MODEL_MATH = ["layers", "vision", "text", "model", "config", "rope_index", "buckets", "attention", "kernels",
+              "hook_points"]
 ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetune_checkpoint", "cli_finetune", "hooks",
+                   "interventions", "geometry", "demo",
                    "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "selfcheck",
                    "sharding", "processing"]
 

@@ -9,6 +9,7 @@ from flax import nnx
 import helpers
 from qwen2vl_jax import vision as vision_lib
 from qwen2vl_jax.config import qwen2_vl_2b
+from qwen2vl_jax.hook_points import make_hookset
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.vision import VisionTransformer, merge_order_positions, vision_layout
 
@@ -141,15 +142,17 @@ def test_2b_vision_parameter_count_without_allocation():
     assert n == 665_271_296
 
 
-def test_sow_captures_block_outputs(tiny_pair, vision_inputs):
+def test_hook_points_record_block_outputs(tiny_pair, vision_inputs):
     ours, _ = tiny_pair
     pixels, grid = vision_inputs["three_images"]
     merged, hidden = ours.visual(pixels, grid, output_hidden_states=True)
-    out, captured = nnx.capture(ours.visual, nnx.Intermediate)(pixels, grid)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(merged), rtol=0, atol=1e-6)
+    names = make_hookset(ours.config, record=["vision.blocks.*.resid_post", "vision.merger.out"])
+    padded, layout = ours.visual.prepare(pixels, grid)
+    out, records = ours.visual.run_hooked(padded, layout, names)
+    np.testing.assert_allclose(np.asarray(records["vision.merger.out"]), np.asarray(merged), rtol=0, atol=1e-6)
     for i, h in enumerate(hidden):
-        sown = np.asarray(captured["blocks"][i]["hidden"][0])[: pixels.shape[0]]
-        np.testing.assert_allclose(sown, np.asarray(h), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(records[f"vision.blocks.{i}.resid_post"]), np.asarray(h), rtol=0,
+                                   atol=1e-6)
 
 
 @pytest.mark.parametrize("pixels_shape, grid, match", [

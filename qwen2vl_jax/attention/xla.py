@@ -21,23 +21,33 @@ QUERY_CHUNK = 256
 
 
 # ---------------------------------------------------------------------------------------------------- decoder
-def attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
-    """Masked GQA softmax attention; returns (o [B, T, N, H] in q's dtype, probabilities [B, K, G, T, S] fp32).
-
-    Query head n uses kv head n // G (transformers `repeat_kv`), so N splits into (K, G). A query with no allowed
-    slot (a padding row) gets a uniform distribution, as the reference's finfo.min mask gives.
-    """
+def decoder_probs(q_BTNH, k_BSKH, allowed_BTS):
+    """Masked GQA softmax probabilities `[B, N, T, S]` in fp32. Query head n uses kv head n // G (transformers
+    `repeat_kv`), so N splits into (K, G). A query with no allowed slot (a padding row) gets a uniform
+    distribution, as the reference's finfo.min mask gives."""
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
-    dtype = q_BTNH.dtype
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(dtype),
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(q_BTNH.dtype),
                          preferred_element_type=jnp.float32) * (H**-0.5)
     s_BKGTS = jnp.where(allowed_BTS[:, None, None], s_BKGTS, jnp.finfo(jnp.float32).min)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1)
+    return jax.nn.softmax(s_BKGTS, axis=-1).reshape(B, N, T, -1)
+
+
+def probs_times_values(p_BNTS, v_BSKH, dtype):
+    """`o [B, T, N, H]` in `dtype`: probabilities cast to the activation dtype, then the value product."""
+    B, N, T, S = p_BNTS.shape
+    K = v_BSKH.shape[2]
+    p_BKGTS = p_BNTS.reshape(B, K, N // K, T, S)
     o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p_BKGTS.astype(dtype), v_BSKH.astype(dtype),
                          preferred_element_type=jnp.float32).astype(dtype)
-    return o_BTKGH.reshape(B, T, N, H), p_BKGTS
+    return o_BTKGH.reshape(B, T, N, -1)
+
+
+def attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+    """Masked GQA softmax attention; returns (o [B, T, N, H] in q's dtype, probabilities [B, N, T, S] fp32)."""
+    p_BNTS = decoder_probs(q_BTNH, k_BSKH, allowed_BTS)
+    return probs_times_values(p_BNTS, v_BSKH, q_BTNH.dtype), p_BNTS
 
 
 def masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
@@ -86,6 +96,25 @@ def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
         o_QLNH = attend_segment((seg_rows_QL[0], seg_valid_QL[0]))[None]
     else:
         o_QLNH = jax.lax.map(maybe_attend, (seg_rows_QL, seg_valid_QL))
+    return o_QLNH.reshape(-1, N, H)[segments.row_slot_P]
+
+
+def segment_probs(q_PNH, k_PNH, segments: VisionSegments):
+    """Every segment's probabilities at once, `[Q, N, L, L]` fp32 (padded slots get no weight; padded query rows
+    are junk). Same numbers as `segment_attention`, which never holds them all."""
+    q_QLNH, k_QLNH = q_PNH[segments.rows_QL], k_PNH[segments.rows_QL]
+    s_QNLL = jnp.einsum("QLNH,QMNH->QNLM", q_QLNH, k_QLNH, preferred_element_type=jnp.float32)
+    s_QNLL = s_QNLL * (q_PNH.shape[-1] ** -0.5)
+    s_QNLL = jnp.where(segments.valid_QL[:, None, None, :], s_QNLL, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(s_QNLL, axis=-1)
+
+
+def segment_probs_times_values(p_QNLL, v_PNH, segments: VisionSegments):
+    """`o [P, N, H]` from per-segment probabilities (cast to v's dtype, as the reference) and the values."""
+    v_QLNH = v_PNH[segments.rows_QL]
+    o_QLNH = jnp.einsum("QNLM,QMNH->QLNH", p_QNLL.astype(v_PNH.dtype), v_QLNH,
+                        preferred_element_type=jnp.float32).astype(v_PNH.dtype)
+    N, H = v_PNH.shape[1:]
     return o_QLNH.reshape(-1, N, H)[segments.row_slot_P]
 
 
