@@ -40,6 +40,10 @@ setup(
             "scikit-video==1.1.11",
             "matplotlib",
             "safetensors",  # an independent reader/writer to check ours against (the package has its own)
+            # tests/test_notebooks.py executes notebooks/*.ipynb in a python3 kernel
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
         ],
     },
     entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"]},

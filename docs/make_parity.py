@@ -128,6 +128,11 @@ def main(argv: list[str]) -> int:
             ("training/", "Training: loss and gradients vs torch autograd", "Gradient rows: max over every parameter "
              "tensor of max |ours − torch| / max |torch| (transformers' `labels=` loss, backward); `xla` rows: the "
              "native CPU kernels off. Bound 1e-5 (the 2B-width slice: see its row)."),
+            ("hooks/", "Hook points and interventions vs transformers", "Recorded rows: max over every hook point "
+             "(vision and text: residual streams, q / k after the rotary, v, attention probabilities, head outputs, "
+             "MLP activations, merger, final norm, logits) of the rel. err. against transformers' modules (torch "
+             "forward hooks); ablation rows: a zeroed / mean-replaced head vs transformers with that head's "
+             "projection input columns zeroed / replaced. Bound 1e-5."),
             ("lora/", "LoRA vs PEFT", "Our adapters in PEFT and PEFT's in ours (logits), LoRA gradients, three AdamW "
              "steps (optax vs torch.optim.AdamW), merged checkpoints in transformers. Bound 1e-5.")):
         rows = by(prefix)

@@ -21,8 +21,11 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
 Modules (docs/ARCHITECTURE.md has the tour): config · layers · buckets · attention/ (the backend seam) · kernels/
 (native CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint /
 safetensors_io / hub (loading) · convert · sharding · runtime · generation · pretrained
-(`Qwen2VLForConditionalGeneration`, the HF-style facade) · processing / image_processing / tokenizer /
-chat_template / processing_utils / image_io / qvu_image / video / vision_info (preprocessing) · cli / selfcheck.
+(`Qwen2VLForConditionalGeneration`, the HF-style facade) · hook_points (named places in the model) · hooks
+(`run_with_cache`, `run_with_hooks`) · interventions (ablation, patching, steering, logit lens) · geometry (vision
+tokens on the photo) · demo (a tiny random checkpoint) · training / lora / data / finetune · processing /
+image_processing / tokenizer / chat_template / processing_utils / image_io / qvu_image / video / vision_info
+(preprocessing) · cli / selfcheck.
 """
 
 from __future__ import annotations

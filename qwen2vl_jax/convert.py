@@ -27,7 +27,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import params as params_lib
 from .checkpoint import (
@@ -171,6 +170,8 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     start = time.perf_counter()
     total = sum(s.nbytes for s in tensors.specs)
+    from tqdm.auto import tqdm  # imported when writing: in a Jupyter kernel without ipywidgets it warns at import
+
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"writing {dst.name}", disable=not progress)
     try:
         files = write_checkpoint(tmp, tensors.specs, tensors.read, max_shard_size=max_shard_size,

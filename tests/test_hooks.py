@@ -132,10 +132,7 @@ def _hf_record(hf, inputs) -> tuple[dict, np.ndarray]:
     return got, out.logits.numpy()
 
 
-@pytest.mark.parametrize("case", ["one_photo", "video", "left_padded_batch"])
-def test_recorded_values_match_transformers(pair, hf_tokenizer, photos, case):
-    ours, hf = pair
-    inputs = helpers.parity_inputs(hf_tokenizer, photos, case)
+def _check_recorded(ours, hf, inputs, tag):
     ref, _ = _hf_record(hf, inputs)
     out, cache = hooks.run_with_cache(ours, None, **inputs)
     names = hooks.list_hook_points(ours)
@@ -161,9 +158,22 @@ def test_recorded_values_match_transformers(pair, hf_tokenizer, photos, case):
             err = helpers.rel_err(np.asarray(got)[mask], want[mask])
         worst[name] = err
     bad = {n: e for n, e in worst.items() if e > TOL}
-    helpers.record(f"hooks/recorded/{case}", max_rel_err=max(worst.values()), points=len(worst))
+    helpers.record(f"hooks/recorded/{tag}", max_rel_err=max(worst.values()), points=len(worst))
     assert not bad, bad
     assert helpers.rel_err(np.asarray(out.logits)[mask], ref["logits"][mask]) <= TOL
+
+
+@pytest.mark.parametrize("case", ["one_photo", "video", "left_padded_batch"])
+def test_recorded_values_match_transformers(pair, hf_tokenizer, photos, case):
+    ours, hf = pair
+    _check_recorded(ours, hf, helpers.parity_inputs(hf_tokenizer, photos, case), case)
+
+
+def test_recorded_values_on_the_xla_backend(pair, tiny_checkpoint, hf_tokenizer, photos):
+    """The path accelerators run: every attention in the `xla` formulation (unhooked blocks too)."""
+    _, hf = pair
+    ours = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="xla")
+    _check_recorded(ours, hf, helpers.parity_inputs(hf_tokenizer, photos, "image_and_video"), "image_and_video/xla")
 
 
 # ------------------------------------------------------------------------------------------- free when unused
@@ -226,6 +236,7 @@ def test_zero_head_ablation_equals_zeroed_projection_columns(pair, hf_tokenizer,
         with torch.no_grad():
             proj.weight.copy_(saved)
     plain = _hf_logits(hf, inputs)
+    helpers.record(f"hooks/zero_ablation/{tower}/layer{layer}/head{head}", rel_err=helpers.rel_err(got, want))
     assert helpers.rel_err(got, want) <= TOL
     assert helpers.rel_err(got, plain) > 1e-3  # the ablation did something
 
@@ -247,6 +258,7 @@ def test_mean_head_ablation_matches_transformers(pair, hf_tokenizer, photos):
         want = _hf_logits(hf, inputs)
     finally:
         handle.remove()
+    helpers.record(f"hooks/mean_ablation/text/layer{layer}/head{head}", rel_err=helpers.rel_err(got, want))
     assert helpers.rel_err(got, want) <= TOL
     # the same through means measured on a reference input (here: the same input)
     means = iv.mean_head_outputs(ours, [layer], **inputs)
