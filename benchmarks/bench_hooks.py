@@ -5,10 +5,12 @@
 
 The code before the hook points is checked out at `--base-ref` into a temporary git worktree. Each measurement is
 a fresh subprocess importing one tree (PYTHONPATH), loading the model (the random-weight 2B checkpoint of
-benchmarks/common.py, or the tiny demo checkpoint), processing one photo + prompt, compiling, then timing
+benchmarks/common.py, or the tiny demo checkpoint), processing one photo (`--max-pixels`, default 224²) + prompt,
+compiling, then timing
 `--repeats` forwards (`model(**inputs).logits`, blocked until ready): its median. The two trees alternate
 (base, head, base, head, ...) for `--rounds` rounds, since this machine is noisy; the table reports the median
-over rounds and the head/base ratio. In the head tree it also times a run with identity hooks on every
+over rounds and the head/base ratio, and whether the optimised HLO of the vision tower and the forward is the same
+text in both trees (names and source locations aside). In the head tree it also times a run with identity hooks on every
 residual-stream point (`run_with_hooks`) and a `run_with_cache` of every layer's `resid_post`.
 No PyTorch column: this compares our code with itself (the forward's speed against transformers is in
 docs/BENCHMARKS.md). Prints a table and writes benchmarks/results/hooks.json.
@@ -36,14 +38,15 @@ CHILD = r"""
 import json, statistics, sys, time
 import numpy as np, jax
 from PIL import Image
-path, dtype, repeats, hooked = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+path, dtype, repeats, hooked, max_pixels = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", \
+    int(sys.argv[5])
 from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 import skimage.data
 model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
 processor = Qwen2VLProcessor.from_pretrained(path)
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 photo = Image.fromarray(skimage.data.astronaut())
-inputs = dict(processor(text=[processor.apply_chat_template(messages)], images=[photo]))
+inputs = dict(processor(text=[processor.apply_chat_template(messages)], images=[photo], max_pixels=max_pixels))
 
 def timed(fn):
     jax.block_until_ready(fn())  # compile
@@ -64,9 +67,49 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _child(tree: Path, path: Path, dtype: str, repeats: int, hooked: bool) -> dict:
+# The compiled programs themselves: optimised HLO of the vision tower and the forward, names and source locations
+# stripped, must be the same text in both trees (then any timing difference is noise).
+CHILD_HLO = r"""
+import re, sys
+from PIL import Image
+import skimage.data
+from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+from qwen2vl_jax import model as model_lib, vision as vision_lib
+path, dtype, max_pixels = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+pr = Qwen2VLProcessor.from_pretrained(path)
+msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+inp = pr(text=[pr.apply_chat_template(msgs)], images=[Image.fromarray(skimage.data.astronaut())],
+         max_pixels=max_pixels)
+prep = m.prepare_inputs(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp["image_grid_thw"])
+L = prep.vision_layout
+texts = [vision_lib._vision_jit.lower(m.visual, prep.vision_pixels, L.pos_hw_P2, L.segments(),
+                                      output_hidden_states=False).compile().as_text()]
+vis = m.visual.run_padded(prep.vision_pixels, L)[0]
+texts.append(model_lib._forward_jit.lower(m, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vis,
+                                          prep.vision_index_BT, None).compile().as_text())
+for text in texts:
+    for line in text.splitlines():
+        if re.match(r"^\d+ ", line) or line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            continue
+        line = re.sub(r", metadata=\{[^}]*\}", "", re.sub(r", stack_frame_id=\d+", "", line))
+        print(re.sub(r"%[\w.\-]+", "%x", line))
+"""
+
+
+def _hlo(tree: Path, path: Path, dtype: str, max_pixels: int) -> str:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype, str(repeats), "1" if hooked else "0"],
+    done = subprocess.run([sys.executable, "-c", CHILD_HLO, str(path), dtype, str(max_pixels)], capture_output=True,
+                          text=True, env=env, cwd=tempfile.gettempdir(), timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"HLO child in {tree} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _child(tree: Path, path: Path, dtype: str, repeats: int, hooked: bool, max_pixels: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run([sys.executable, "-c", CHILD, str(path), dtype, str(repeats), "1" if hooked else "0",
+                           str(max_pixels)],
                           capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=3600)
     line = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
     if done.returncode or not line:
@@ -81,6 +124,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-pixels", type=int, default=224 * 224, help="the photo's processor max_pixels")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
@@ -94,7 +138,8 @@ def main() -> None:
 
         path = demo.tiny_checkpoint()
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "model": args.model,
-               "base_ref": args.base_ref, "repeats": args.repeats, "rounds": args.rounds, "runs": {}}
+               "base_ref": args.base_ref, "repeats": args.repeats, "rounds": args.rounds,
+               "max_pixels": args.max_pixels, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         subprocess.run(["git", "worktree", "add", "--detach", str(base), args.base_ref], cwd=REPO, check=True,
@@ -105,11 +150,14 @@ def main() -> None:
                 for r in range(args.rounds):
                     for name, tree in (("base", base), ("head", REPO)):
                         t0 = time.perf_counter()
-                        res = _child(tree, path, dtype, args.repeats, hooked=name == "head")
+                        res = _child(tree, path, dtype, args.repeats, hooked=name == "head", max_pixels=args.max_pixels)
                         runs[name].append(res)
                         print(f"{dtype} round {r} {name}: forward {res['forward']:.3f} s "
                               f"({time.perf_counter() - t0:.0f} s with load)", flush=True)
                 results["runs"][dtype] = runs
+                same = _hlo(base, path, dtype, args.max_pixels) == _hlo(REPO, path, dtype, args.max_pixels)
+                results[f"same_compiled_program_{dtype}"] = same
+                print(f"{dtype}: compiled vision + forward programs identical to the base tree's: {same}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
 
@@ -129,7 +177,8 @@ def main() -> None:
     print(f"{'dtype':10} {'before (s)':>11} {'no hooks (s)':>13} {'ratio':>7} {'identity hooks':>15} "
           f"{'cache resid':>12}")
     for dtype, b, h, ratio, ident, cache in rows:
-        print(f"{dtype:10} {b:11.3f} {h:13.3f} {ratio:7.3f} {ident:15.3f} {cache:12.3f}")
+        print(f"{dtype:10} {b:11.3f} {h:13.3f} {ratio:7.3f} {ident:15.3f} {cache:12.3f}   same program: "
+              f"{results[f'same_compiled_program_{dtype}']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")

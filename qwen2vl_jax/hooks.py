@@ -18,6 +18,11 @@ and `list_hook_points(model)`. A hook is `fn(value, ctx) -> value` with `ctx` a 
 dtype is cast back). Keys may be glob patterns (`text.layers.*.attn.head_out`); several hooks on one point run in
 order (give a list).
 
+Inside `generate`, a hook sees each call as the model runs it: the prefill with the prompt left-padded to its
+length bucket (`ctx.valid` marks real tokens; `ctx.slots` are token indices of the caller's prompt, negative on that
+padding), then one token per decode step (`ctx.step` = tokens generated so far, `ctx.slots` = its index). What
+`run_with_cache(..., generate=True)` returns has that padding removed.
+
 Compiles: the hooked names are part of the compile key, and so is each hook function's identity. Arrays a hook
 needs are best passed as `jax.tree_util.Partial(fn, array, ...)` arguments (the ready interventions in
 `qwen2vl_jax.interventions` do): they are traced inputs, so a new vector or patch reuses the compiled program,

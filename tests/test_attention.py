@@ -36,6 +36,16 @@ def _needs_kernels(name):
     return pytest.mark.skipif(name == "cpu" and not kernels.available(), reason=kernels.unavailable_reason())
 
 
+# Heavier cases already run elsewhere in the default suite run only with `-m slow`: the xla long prompt and three
+# images are test_model.py's cases in the kernels-off child run (the xla backend end to end); pallas keeps the
+# left-padded mixed batch by default.
+SLOW_CASES = {("xla", "long_prompt"), ("xla", "three_images"), ("pallas", "long_prompt")}
+
+
+def _marks(backend, case):
+    return [_needs_kernels(backend)] + ([pytest.mark.slow] if (backend, case) in SLOW_CASES else [])
+
+
 @pytest.fixture(scope="module")
 def hf_tiny(tiny_checkpoint):
     return helpers.load_hf_model(tiny_checkpoint)
@@ -60,7 +70,7 @@ def _hf_logits(hf, inputs, key):
     return _HF_LOGITS[key]
 
 
-@pytest.mark.parametrize("backend, case", [pytest.param(b, c, marks=_needs_kernels(b)) for b in BACKENDS
+@pytest.mark.parametrize("backend, case", [pytest.param(b, c, marks=_marks(b, c)) for b in BACKENDS
                                            for c in CASES[b]])
 def test_backend_logits_match_transformers(models, hf_tiny, hf_tokenizer, photos, backend, case):
     inputs = helpers.parity_inputs(hf_tokenizer, photos, case)

@@ -266,6 +266,29 @@ def test_mean_head_ablation_matches_transformers(pair, hf_tokenizer, photos):
     assert helpers.rel_err(fixed.logits, got) <= 1e-6
 
 
+def test_vision_mean_head_ablation_matches_transformers(pair, hf_tokenizer, photos):
+    ours, hf = pair
+    inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
+    block, head, H = 0, 1, ours.config.vision_config.head_dim
+    ablation = iv.ablate_heads(ours, {block: [head]}, tower="vision", mode="mean")
+    got = np.asarray(hooks.run_with_hooks(ours, ablation, **inputs).logits)
+
+    def replace_with_mean(mod, args):  # the one image's real patch rows: the reference has no padding rows
+        x = args[0].clone()
+        cols = slice(head * H, (head + 1) * H)
+        x[:, cols] = x[:, cols].mean(0)
+        return (x,)
+
+    handle = hf.model.visual.blocks[block].attn.proj.register_forward_pre_hook(replace_with_mean)
+    try:
+        want = _hf_logits(hf, inputs)
+    finally:
+        handle.remove()
+    helpers.record(f"hooks/mean_ablation/vision/block{block}/head{head}", rel_err=helpers.rel_err(got, want))
+    assert helpers.rel_err(got, want) <= TOL
+    assert helpers.rel_err(got, _hf_logits(hf, inputs)) > 1e-4
+
+
 # --------------------------------------------------------------------------------------------- activation patching
 def _same_shape_pair(processor_inputs, photos):
     a = processor_inputs(photos["astronaut"])
