@@ -334,7 +334,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     t0 = time.perf_counter()
     prep: PreparedInputs = model.prepare_inputs(ids, mask, pixel_values, image_grid_thw, pixel_values_videos,
                                                 video_grid_thw)
-    hookset = make_hookset(cfg, hooks, cache_names) if hooks or cache_names else None
+    hookset = make_hookset(cfg, hooks, cache_names or ()) if hooks or cache_names else None
     vision, vision_records = None, {}
     if prep.vision_pixels is not None:
         if hookset and hookset.only("vision."):
