@@ -82,14 +82,16 @@ class Checkpoint:
 
     directory: Path
     format: str  # "hf" or FORMAT_NAME
-    config: Qwen2VLConfig  # tie_word_embeddings follows the tensors, not only the flag
+    config: Qwen2VLConfig  # tie_word_embeddings: the flag, or tied when an untied config lacks lm_head.weight
     files: list[SafetensorsFile]
     layout: params_lib.KeyLayout
     marker: dict | None = None
+    ignore: frozenset[str] = frozenset()  # stored tensors not loaded (a tied config's lm_head.weight)
 
     def match(self, expected: dict[str, tuple[int, ...]]) -> dict[str, params_lib.TensorRef]:
         """`{our path: TensorRef}` for every expected parameter, or one CheckpointError listing every problem."""
-        return params_lib.match_checkpoint(expected, self.files, self.layout, where=self.directory)
+        return params_lib.match_checkpoint(expected, self.files, self.layout, where=self.directory,
+                                           ignore=self.ignore)
 
     @property
     def total_bytes(self) -> int:
@@ -121,14 +123,20 @@ def open_checkpoint(source, *, local_files_only: bool | None = None, revision: s
         fmt, marker, layout = FORMAT_NAME, _read_marker(directory), params_lib.OURS_LAYOUT
     else:
         fmt, marker, layout = "hf", None, params_lib.hf_layout(config.vision_config)
-    # Follow the tensors, not only the flag (mlx-vlm issue 459 trusted a flag that did not match the file): an
-    # lm_head present means untied.
+    # A tied config with a stored lm_head.weight: transformers 4.57 ties anyway (`PreTrainedModel.tie_weights`
+    # points lm_head at embed_tokens after loading, so the file's head is never used); we do the same and say so.
+    # An untied config without a head: follow the tensors (tie; transformers would leave a random head).
     has_head = any(layout.to_path(n) == "lm_head.weight" for n in params_lib.tensor_names(files))
-    if has_head == config.tie_word_embeddings:
-        log.warning("checkpoint %s: tie_word_embeddings=%s but lm_head.weight is %s; following the tensors",
-                    directory, config.tie_word_embeddings, "present" if has_head else "absent")
-        config = config.replace(tie_word_embeddings=not has_head)
-    return Checkpoint(directory, fmt, config, files, layout, marker)
+    ignore = frozenset()
+    if has_head and config.tie_word_embeddings:
+        log.warning("checkpoint %s: the stored lm_head.weight is ignored because the config ties it "
+                    "(tie_word_embeddings=true: the head is embed_tokens, as in transformers)", directory)
+        ignore = frozenset({"lm_head.weight"})
+    elif not has_head and not config.tie_word_embeddings:
+        log.warning("checkpoint %s: tie_word_embeddings=false but lm_head.weight is absent; following the tensors "
+                    "(tied)", directory)
+        config = config.replace(tie_word_embeddings=True)
+    return Checkpoint(directory, fmt, config, files, layout, marker, ignore)
 
 
 class _FixedKey:
@@ -182,7 +190,8 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc=f"loading {ckpt.directory.name}")
     try:
         kwargs = {} if place is None else {"place": place}
-        params_lib.load_into(model, ckpt.files, ckpt.layout, progress=bar.update if bar else None, **kwargs)
+        params_lib.load_into(model, ckpt.files, ckpt.layout, progress=bar.update if bar else None,
+                             ignore=ckpt.ignore, **kwargs)
     finally:
         if bar is not None:
             bar.close()

@@ -12,7 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+from .runtime import COMPILE_CACHE_ENV  # stdlib only: importing it changes nothing
+
 EXIT_USER_ERROR = 2
+COMPILING_COMMANDS = ("generate", "chat", "selfcheck", "finetune")  # run the model; they use the compile cache
 
 
 class UserError(Exception):
@@ -398,12 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_finetune import add_finetune_parser  # its own file: the command has many flags
 
     add_finetune_parser(sub)
+    for name in COMPILING_COMMANDS:  # the commands that compile programs share the persistent cache's opt-out
+        sub.choices[name].add_argument("--no-compile-cache", action="store_true",
+                                       help=f"don't read or write the persistent XLA compilation cache "
+                                            f"(default: $XDG_CACHE_HOME/qwen2vl_jax/xla_cache; "
+                                            f"{COMPILE_CACHE_ENV}=0 also turns it off, =DIR moves it)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in COMPILING_COMMANDS and not args.no_compile_cache:
+        from .runtime import enable_compilation_cache
+
+        enable_compilation_cache()  # before anything compiles; warns and carries on when the directory is unusable
     try:
         return args.func(args)
     except UserError as e:

@@ -31,7 +31,7 @@ import numpy as np
 
 from .buckets import bucket, pow2_bucket
 from .hook_points import HookSet, hook_point_axes, install, make_hookset
-from .model import PreparedInputs, Qwen2VL
+from .model import PreparedInputs, Qwen2VL, as_attention_mask
 from .text import KVCache
 
 TRACE_COUNTS: dict[str, int] = {"prefill": 0, "decode_loop": 0, "decode_step": 0}
@@ -73,19 +73,51 @@ class GenerationConfig:
             values["eos_token_id"] = tuple(values["eos_token_id"])
         return cls(**values)
 
+    def __post_init__(self):
+        # NumPy scalars (np.int64(4), np.float32(0.7), np.bool_) become Python numbers, so they validate, hash
+        # and bucket like the Python values; anything else is left for `validate` to name.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.bool_):
+                value = bool(value)
+            elif isinstance(value, np.integer):
+                value = int(value)
+            elif isinstance(value, np.floating):
+                value = float(value)
+            if f.name == "eos_token_id" and isinstance(value, int) and not isinstance(value, bool):
+                value = (value,)
+            elif f.name == "eos_token_id" and isinstance(value, (list, tuple, np.ndarray)):
+                value = tuple(np.asarray(value).ravel().tolist())
+            object.__setattr__(self, f.name, value)
+
     def validate(self, vocab_size: int) -> None:
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
+
+        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else ()
+        pad = self.pad_token_id
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
              f"must be an integer >= 1, got {self.max_new_tokens!r}"),
-            (self.min_new_tokens >= 0, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens!r}"),
-            (self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature!r}"),
+            (is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
+             f"must be an integer >= 0, got {self.min_new_tokens!r}"),
+            (isinstance(self.do_sample, bool), "do_sample", f"must be True or False, got {self.do_sample!r}"),
+            (is_num(self.temperature) and self.temperature >= 0, "temperature",
+             f"must be a number >= 0, got {self.temperature!r}"),
             (not (self.do_sample and self.temperature == 0), "temperature",
              "must be > 0 when sampling (use do_sample=False for greedy decoding)"),
-            (0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}"),
-            (self.repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {self.repetition_penalty!r}"),
-            (len(self.eos_token_id) > 0 and all(0 <= e < vocab_size for e in self.eos_token_id), "eos_token_id",
-             f"needs at least one id below {vocab_size}, got {self.eos_token_id!r}"),
+            (is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}"),
+            (is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}"),
+            (is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+             f"must be > 0, got {self.repetition_penalty!r}"),
+            (len(eos) > 0 and all(is_int(e) and 0 <= e < vocab_size for e in eos), "eos_token_id",
+             f"needs at least one id, each in [0, {vocab_size}), got {self.eos_token_id!r}"),
+            (pad is None or (is_int(pad) and 0 <= pad < vocab_size), "pad_token_id",
+             f"must be None or an id in [0, {vocab_size}), got {pad!r}"),
+            (is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}"),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -278,7 +310,7 @@ def left_pad(input_ids, attention_mask, length: int, pad_id: int) -> tuple[np.nd
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+    mask = np.ones_like(ids) if attention_mask is None else as_attention_mask(attention_mask, ids.shape)
     if not mask.any(axis=1).all():
         raise ValueError("every row needs at least one token with attention_mask == 1")
     if (np.diff(mask.astype(np.int8), axis=1) < 0).any():

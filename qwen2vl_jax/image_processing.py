@@ -193,12 +193,10 @@ class Qwen2VLImageProcessor:
                  image_std: Sequence[float] = OPENAI_CLIP_STD, rescale_factor: float = 1 / 255,
                  resample: int = Image.Resampling.BICUBIC, do_resize: bool = True, do_rescale: bool = True,
                  do_normalize: bool = True, do_convert_rgb: bool = True):
-        for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels), ("patch_size", patch_size),
-                            ("temporal_patch_size", temporal_patch_size), ("merge_size", merge_size)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
-        if min_pixels > max_pixels:
-            raise ValueError(f"`min_pixels` ({min_pixels}) must not exceed `max_pixels` ({max_pixels})")
+        for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
+                            ("merge_size", merge_size)):
+            _check_positive_int(name, value)
+        check_pixel_bounds(min_pixels, max_pixels)
         image_mean, image_std = tuple(float(v) for v in image_mean), tuple(float(v) for v in image_std)
         if len(image_mean) != 3 or len(image_std) != 3 or any(s == 0 for s in image_std):
             raise ValueError(f"`image_mean`/`image_std` need 3 values and a nonzero std, got {image_mean} / "
@@ -234,8 +232,10 @@ class Qwen2VLImageProcessor:
         size = merged.pop("size", None) or {}
         if not isinstance(size, dict):
             raise ValueError(f"`size` must be a dict with shortest_edge/longest_edge, got {size!r}")
-        min_pixels = merged.pop("min_pixels", None) or size.get("shortest_edge", size.get("min_pixels"))
-        max_pixels = merged.pop("max_pixels", None) or size.get("longest_edge", size.get("max_pixels"))
+        min_pixels = merged.pop("min_pixels", None)  # `is None`, not `or`: an explicit 0 must fail, not fall back
+        min_pixels = size.get("shortest_edge", size.get("min_pixels")) if min_pixels is None else min_pixels
+        max_pixels = merged.pop("max_pixels", None)
+        max_pixels = size.get("longest_edge", size.get("max_pixels")) if max_pixels is None else max_pixels
         if min_pixels is not None:
             merged["min_pixels"] = min_pixels
         if max_pixels is not None:
@@ -321,6 +321,7 @@ class Qwen2VLImageProcessor:
             raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
         min_pixels = self.min_pixels if min_pixels is None else min_pixels
         max_pixels = self.max_pixels if max_pixels is None else max_pixels
+        check_pixel_bounds(min_pixels, max_pixels)
         data = BatchFeature()
         if images is not None:
             image_list = flat_image_list(images)
@@ -337,6 +338,20 @@ class Qwen2VLImageProcessor:
         return data
 
     preprocess = __call__
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+
+
+def check_pixel_bounds(min_pixels: Any, max_pixels: Any) -> None:
+    """Both bounds positive integers with min <= max (`smart_resize` divides by them: 0 would be a raw
+    ZeroDivisionError)."""
+    _check_positive_int("min_pixels", min_pixels)
+    _check_positive_int("max_pixels", max_pixels)
+    if min_pixels > max_pixels:
+        raise ValueError(f"`min_pixels` ({min_pixels}) must not exceed `max_pixels` ({max_pixels})")
 
 
 def _is_image(x: Any) -> bool:

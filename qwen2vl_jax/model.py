@@ -64,6 +64,38 @@ def _as_2d_ids(input_ids, vocab_size: int) -> np.ndarray:
     return ids
 
 
+def as_attention_mask(attention_mask, shape: tuple[int, int]) -> np.ndarray:
+    """`attention_mask` as a [B, T] array, the shape of input_ids (one 1-D row is accepted, like `input_ids`)."""
+    mask = np.asarray(attention_mask)
+    if mask.ndim == 1 and shape[0] == 1:
+        mask = mask[None]
+    if mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask must have the shape of input_ids [B, T] = {list(shape)}, "
+                         f"got {list(mask.shape)}")
+    return mask
+
+
+def _check_vision_inputs(ids: np.ndarray, config: Qwen2VLConfig, pixel_values, pixel_values_videos,
+                         decoding: bool) -> None:
+    """Placeholders need pixels, and pixels must be finite. transformers 4.57 `Qwen2VLModel.forward` only checks
+    the placeholder count when pixels are given (`get_placeholder_mask`); without pixels it would embed the
+    placeholder ids as text, silently. We refuse instead, in `get_placeholder_mask`'s wording."""
+    for kind, pv, token, noun in (("image", pixel_values, config.image_token_id, "Image features and image"),
+                                  ("video", pixel_values_videos, config.video_token_id, "Videos features and video")):
+        n_tokens = int((ids == token).sum())  # placeholder count, as get_placeholder_mask
+        if pv is None and n_tokens and not decoding:
+            raise ValueError(f"{noun} tokens do not match: tokens: {n_tokens}, features 0 (input_ids hold "
+                             f"{n_tokens} {kind} placeholder token(s) but no pixel values were given: pass "
+                             f"`{'pixel_values' if kind == 'image' else 'pixel_values_videos'}` and `{kind}_grid_thw` "
+                             f"from the processor)")
+        if pv is not None:
+            arr = np.asarray(pv)
+            if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+                name = "pixel_values" if kind == "image" else "pixel_values_videos"
+                what = f"dtype {arr.dtype}" if not np.issubdtype(arr.dtype, np.number) else "NaN or inf values"
+                raise ValueError(f"`{name}` must be finite numbers, got {what}")
+
+
 class Qwen2VL(nnx.Module):
     """Qwen2-VL's math: `visual` (the vision tower), `language_model` (the decoder) and `lm_head` (None when tied),
     with the host-side input preparation and the forward (transformers 4.57 `Qwen2VLForConditionalGeneration`).
@@ -126,11 +158,14 @@ class Qwen2VL(nnx.Module):
         return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, self.config)
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                       pixel_values_videos=None, video_grid_thw=None, position_ids=None) -> PreparedInputs:
-        """Validate and lay out everything on the host: rope positions, vision layout, feature scatter index."""
+                       pixel_values_videos=None, video_grid_thw=None, position_ids=None, *,
+                       decoding: bool = False) -> PreparedInputs:
+        """Validate and lay out everything on the host: rope positions, vision layout, feature scatter index.
+        `decoding`: these are tokens fed back after a prefill (generated ids need no pixels, as in HF)."""
         cfg = self.config
         ids = _as_2d_ids(input_ids, cfg.text_config.vocab_size)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+        mask = np.ones_like(ids) if attention_mask is None else as_attention_mask(attention_mask, ids.shape)
+        _check_vision_inputs(ids, cfg, pixel_values, pixel_values_videos, decoding)
         if position_ids is None:
             pos, deltas = get_rope_index(ids, image_grid_thw, video_grid_thw, mask, cfg)
         else:
@@ -204,7 +239,7 @@ class Qwen2VL(nnx.Module):
             deltas = np.asarray(cache.rope_deltas_B)[:, None]
             position_ids = np.broadcast_to(slots[None, :] + deltas, (3, *ids.shape))
         prep = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                   video_grid_thw, position_ids)
+                                   video_grid_thw, position_ids, decoding=decoding)
         if cache is not None and not decoding:
             cache = dataclasses.replace(cache, rope_deltas_B=jnp.asarray(prep.rope_deltas_B1[:, 0], jnp.int32))
         vision, records = None, {}

@@ -241,13 +241,15 @@ def _problem_report(where, problems: list[str]) -> str:
 
 
 def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: KeyLayout,
-                     where: str | os.PathLike | None = None) -> dict[str, TensorRef]:
+                     where: str | os.PathLike | None = None, ignore: frozenset[str] = frozenset()
+                     ) -> dict[str, TensorRef]:
     """Pair every expected parameter (`{path: our shape}`) with exactly one tensor of the checkpoint.
 
     Reads headers only. Every problem is collected and raised as one `CheckpointError`:
     `unexpected` (a tensor that is no parameter of this model), `duplicate` (two tensors for one parameter),
     `wrong shape`, `wrong dtype` (not floating point) and `missing`. Returns `{path: TensorRef}` in file order,
-    so streaming through it reads each file front to back.
+    so streaming through it reads each file front to back. Tensors whose path is in `ignore` are skipped (a
+    stored lm_head.weight of a tied config, which transformers ties over).
     """
     opened = open_files(files)
     where = where if where is not None else (opened[0].path.parent if opened else "?")
@@ -256,6 +258,8 @@ def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: 
     for sf in opened:
         for name in sorted(sf.keys(), key=sf.offset):
             path = layout.to_path(name)
+            if path in ignore:
+                continue
             found = sf.shape(name)
             if path is None or path not in expected:
                 problems.append(f"unexpected: {name} {list(found)} is not a parameter of this model")
@@ -300,7 +304,7 @@ def place_on_default_device(path: str, array: np.ndarray) -> jax.Array:
 
 def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *,
               place: Callable[[str, np.ndarray], jax.Array] = place_on_default_device,
-              progress: Callable[[int], object] | None = None) -> LoadReport:
+              progress: Callable[[int], object] | None = None, ignore: frozenset[str] = frozenset()) -> LoadReport:
     """Fill every parameter of an abstract (`nnx.eval_shape`) model from safetensors files, tensor by tensor.
 
     All headers are checked first (`match_checkpoint`: one error listing every problem, before any data is
@@ -311,7 +315,7 @@ def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *
     """
     params = model_params(model)
     layout = layout if layout is not None else hf_layout(model.config.vision_config)
-    refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout)
+    refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout, ignore=ignore)
     report = LoadReport()
     for path, ref in refs.items():
         param = params[path]

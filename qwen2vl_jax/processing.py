@@ -31,6 +31,7 @@ from .image_processing import (
     OPENAI_CLIP_STD,
     Qwen2VLImageProcessor,
     as_video_list,
+    check_pixel_bounds,
     convert_to_rgb,
     flat_image_list,
     patchify,
@@ -210,9 +211,11 @@ class Qwen2VLProcessor:
         video_list = as_video_list(videos) if videos is not None else []
         texts = None
         if text is not None:
-            texts = [text] if isinstance(text, str) else list(text)
-            if not all(isinstance(t, str) for t in texts):
-                raise ValueError("text must be a string or a list of strings")
+            texts = [text] if isinstance(text, str) else None
+            texts = list(text) if isinstance(text, (list, tuple, np.ndarray)) else texts
+            if not texts or not all(isinstance(t, str) for t in texts):
+                got = "an empty list" if texts == [] else f"{type(text).__name__} {text!r}"[:200]
+                raise ValueError(f"`text` must be a non-empty string or list of strings, got {got}")
             for token, n_given, kind in ((IMAGE_TOKEN, len(image_list), "image"),
                                          (VIDEO_TOKEN, len(video_list), "video")):
                 n_found = sum(t.count(token) for t in texts)
@@ -220,6 +223,10 @@ class Qwen2VLProcessor:
                     raise ValueError(f"{n_given} {kind}(s) given but the text has {n_found} {token} placeholder(s); "
                                      f"each {kind} needs exactly one placeholder (the chat template writes them)")
 
+        if min_pixels is not None or max_pixels is not None:  # this call's bounds, checked even without media
+            ip = self.image_processor
+            check_pixel_bounds(ip.min_pixels if min_pixels is None else min_pixels,
+                               ip.max_pixels if max_pixels is None else max_pixels)
         vision = BatchFeature()
         if image_list:
             vision.update(self.image_processor(images=image_list, min_pixels=min_pixels, max_pixels=max_pixels))

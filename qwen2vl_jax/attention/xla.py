@@ -50,9 +50,74 @@ def attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
     return probs_times_values(p_BNTS, v_BSKH, q_BTNH.dtype), p_BNTS
 
 
+# Above this many bytes of fp32 scores ([B, N, T, S]), a decoder call attends in chunks (`chunked_attention`):
+# a long prefill then needs memory linear in the prompt, not quadratic (a 16k-token prompt on the 2B would hold
+# 12 x 16k x 16k x 4 B = 12.9 GB of scores, twice with the softmax). Below it, one softmax over whole rows.
+CHUNK_ABOVE_BYTES = 256 * 2**20
+QUERY_BLOCK = 512  # query rows per chunk
+KEY_BLOCK = 1024  # key slots per step of the online softmax
+
+
 def masked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
-    """`attention_with_probs` without the probabilities (the CPU decode kernel's reference and gradient)."""
+    """`attention_with_probs` without the probabilities (the CPU decode kernel's reference and gradient); long
+    calls go through `chunked_attention` (same numbers to float rounding, bounded memory)."""
+    B, T, N, _ = q_BTNH.shape
+    if B * N * T * k_BSKH.shape[1] * 4 > CHUNK_ABOVE_BYTES:
+        return chunked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)
     return attention_with_probs(q_BTNH, k_BSKH, v_BSKH, allowed_BTS)[0]
+
+
+def chunked_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, *, query_block=QUERY_BLOCK, key_block=KEY_BLOCK):
+    """Masked GQA attention in query blocks, each over key blocks with an online softmax (flash attention's
+    recurrence, in XLA ops): peak memory `[B, K, G, query_block, key_block]` scores instead of `[B, N, T, S]`.
+
+    Same numbers as `attention_with_probs` up to float rounding: scores and the running max / sum in fp32, the
+    exponentials cast to the activation dtype before the value product (as the reference casts probabilities),
+    fp32 accumulation, one division at the end. Masked-out slots score finfo.min like the reference's mask, so a
+    query with no allowed slot averages all real slots (a padding row); slots added to fill the last key block
+    score -inf and get no weight.
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    G, dtype = N // K, q_BTNH.dtype
+    Wq, Wk = min(query_block, T), min(key_block, S)
+    Tp, Sp = -(-T // Wq) * Wq, -(-S // Wk) * Wk
+    q_BTKGH = jnp.pad(q_BTNH, ((0, 0), (0, Tp - T), (0, 0), (0, 0))).reshape(B, Tp, K, G, H)
+    k_BSKH = jnp.pad(k_BSKH.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    v_BSKH = jnp.pad(v_BSKH.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    allowed_BTS = jnp.pad(allowed_BTS, ((0, 0), (0, Tp - T), (0, Sp - S)))
+    real_S = jnp.arange(Sp) < S
+    lowest = jnp.finfo(jnp.float32).min
+
+    def query_block_out(i):
+        q_BWKGH = jax.lax.dynamic_slice_in_dim(q_BTKGH, i * Wq, Wq, axis=1)
+        allowed_BWS = jax.lax.dynamic_slice_in_dim(allowed_BTS, i * Wq, Wq, axis=1)
+
+        def step(carry, j):
+            m_BKGW, l_BKGW, acc_BKGWH = carry
+            k_BUKH = jax.lax.dynamic_slice_in_dim(k_BSKH, j * Wk, Wk, axis=1)
+            v_BUKH = jax.lax.dynamic_slice_in_dim(v_BSKH, j * Wk, Wk, axis=1)
+            allowed_BWU = jax.lax.dynamic_slice_in_dim(allowed_BWS, j * Wk, Wk, axis=2)
+            real_U = jax.lax.dynamic_slice_in_dim(real_S, j * Wk, Wk)
+            s_BKGWU = jnp.einsum("BWKGH,BUKH->BKGWU", q_BWKGH, k_BUKH, preferred_element_type=jnp.float32) * (H**-0.5)
+            s_BKGWU = jnp.where(allowed_BWU[:, None, None], s_BKGWU, lowest)
+            s_BKGWU = jnp.where(real_U, s_BKGWU, -jnp.inf)
+            m_new = jnp.maximum(m_BKGW, s_BKGWU.max(-1))
+            p_BKGWU = jnp.exp(s_BKGWU - m_new[..., None])
+            scale_BKGW = jnp.exp(m_BKGW - m_new)
+            l_BKGW = l_BKGW * scale_BKGW + p_BKGWU.sum(-1)
+            pv_BKGWH = jnp.einsum("BKGWU,BUKH->BKGWH", p_BKGWU.astype(dtype), v_BUKH,
+                                  preferred_element_type=jnp.float32)
+            return (m_new, l_BKGW, acc_BKGWH * scale_BKGW[..., None] + pv_BKGWH), None
+
+        init = (jnp.full((B, K, G, Wq), lowest, jnp.float32), jnp.zeros((B, K, G, Wq), jnp.float32),
+                jnp.zeros((B, K, G, Wq, H), jnp.float32))
+        (_, l_BKGW, acc_BKGWH), _ = jax.lax.scan(step, init, jnp.arange(Sp // Wk))
+        return (acc_BKGWH / l_BKGW[..., None]).astype(dtype)
+
+    o_QBKGWH = jax.lax.map(query_block_out, jnp.arange(Tp // Wq))
+    o_BTNH = jnp.moveaxis(o_QBKGWH, 0, 1).transpose(0, 1, 4, 2, 3, 5)  # [B, Q, W, K, G, H]
+    return o_BTNH.reshape(B, Tp, N, H)[:, :T]
 
 
 def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
