@@ -37,9 +37,10 @@ def _needs_kernels(name):
 
 
 # Heavier cases already run elsewhere in the default suite run only with `-m slow`: the xla long prompt and three
-# images are test_model.py's cases in the kernels-off child run (the xla backend end to end); pallas keeps the
-# left-padded mixed batch by default.
-SLOW_CASES = {("xla", "long_prompt"), ("xla", "three_images"), ("pallas", "long_prompt")}
+# images are test_model.py's cases in the kernels-off child run (the xla backend end to end); jax and pallas keep
+# the text-only / image-and-video / left-padded mixed batch cases by default.
+SLOW_CASES = {("xla", "long_prompt"), ("xla", "three_images"), ("pallas", "long_prompt"), ("jax", "long_prompt"),
+              ("jax", "three_images")}
 
 
 def _marks(backend, case):
@@ -266,7 +267,8 @@ def _decoder_case(B=2, T=5, K=2, G=2, H=16, seed=0):
     return q, k, v, attention.DecoderMask(jnp.asarray(causal[None] & valid[:, None]), jnp.asarray(valid), 0)
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=_needs_kernels(b)) for b in ["cpu", "jax", "pallas"]])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=_needs_kernels(b)) for b in ["cpu", "jax"]]
+                         + [pytest.param("pallas", marks=pytest.mark.slow)])  # interpret-mode backward: 18 s
 def test_backend_gradients_match_xla(backend):
     """Training differentiates through the chosen backend: same gradients as the `xla` formulation (decoder without
     a cache; vision over several segments with padding), real rows only."""

@@ -76,6 +76,7 @@ def test_second_run_loads_every_program_from_the_cache(two_runs):
     assert out2["answer"] == out1["answer"] and out2["new_tokens"] == out1["new_tokens"] == 2
 
 
+@pytest.mark.slow  # a CLI run per case; the default suite keeps the hit / miss test
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_opting_out_writes_nothing(tiny_checkpoint, tmp_path, how):
     flags, extra = (["--no-compile-cache"], {}) if how == "flag" else ([], {COMPILE_CACHE_ENV: "0"})
@@ -85,6 +86,7 @@ def test_opting_out_writes_nothing(tiny_checkpoint, tmp_path, how):
     assert events.get("cache_misses", 0) == 0 and events.get("cache_hits", 0) == 0
 
 
+@pytest.mark.slow
 def test_unusable_directory_warns_once_and_the_command_succeeds(tiny_checkpoint, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")  # mkdir below a file fails even for root (chmod would not stop root)

@@ -219,7 +219,8 @@ def _hf_logits(hf, inputs):
         return hf(**_torch_inputs(inputs)).logits.numpy()
 
 
-@pytest.mark.parametrize("tower, layer, head", [("text", 1, 2), ("text", 0, 0), ("vision", 1, 1)])
+@pytest.mark.parametrize("tower, layer, head", [("text", 1, 2), pytest.param("text", 0, 0, marks=pytest.mark.slow),
+                                                ("vision", 1, 1)])
 def test_zero_head_ablation_equals_zeroed_projection_columns(pair, hf_tokenizer, photos, tower, layer, head):
     ours, hf = pair
     inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
