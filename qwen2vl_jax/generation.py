@@ -291,8 +291,10 @@ def _join_records(axes: dict[str, str], prefill: dict, steps: dict | None, extra
         first = np.asarray(first)
         if first.shape[t] > 1 or name != "logits":
             first = np.take(first, np.arange(extra, first.shape[t]), axis=t)
-        parts = [first] + ([np.asarray(steps[name][i]) for i in range(n - 1)] if steps else [])
-        value = np.concatenate(parts, axis=t)
+        if steps and n > 1:  # one device-to-host copy of the used steps, stepped axis onto the token axis
+            fed_R = np.moveaxis(np.asarray(steps[name][: n - 1]), 0, t)  # [..., n-1, 1, ...]
+            first = np.concatenate([first, fed_R.reshape(*fed_R.shape[:t], n - 1, *fed_R.shape[t + 2:])], axis=t)
+        value = first
         if "S" in a:  # cache slots -> token positions of the final sequence
             value = np.take(value, np.arange(extra, prompt_slots + n - 1), axis=a.index("S"))
         out[name] = value

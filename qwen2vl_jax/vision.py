@@ -27,7 +27,7 @@ from .attention import VisionSegments, get_attention
 from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
-from .hook_points import install, point, recording, set_call, wants
+from .hook_points import active, install, point, recording, set_call, wants
 from .layers import LayerNorm, Linear, remat_policy, rope_inv_freq
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
@@ -236,9 +236,9 @@ class VisionTransformer(nnx.Module):
     def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, *, output_hidden_states=False):
         """The pure math on padded inputs: merged features `[P_pad/4, D]` (+ per-block hidden states)."""
         cos_PH, sin_PH = self.rotary(pos_hw_P2)
-        # real patch rows: padding rows are slot 0 of no segment (a hook may read this; unused, it is compiled out)
-        valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[segments.rows_QL].max(segments.valid_QL)
-        set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
+        if active():  # what hooks are told: the real patch rows (padding rows belong to no segment)
+            valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[segments.rows_QL].max(segments.valid_QL)
+            set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
         x_PE = point("vision.patch_embed", self.patch_embed(pixels_PC.astype(self.dtype)))
         hidden = []
         for block in self.blocks:
