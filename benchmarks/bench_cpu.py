@@ -5,6 +5,7 @@
     python benchmarks/bench_cpu.py --quick         # skip the 896x896 input
     python benchmarks/bench_cpu.py --dtypes bfloat16 --repeats 5
     python benchmarks/bench_cpu.py --repeats-896 1 # one run of the 896x896 case (HF bf16 takes minutes per run)
+    python benchmarks/bench_cpu.py --cold-start-only --dtypes float32   # only the cold-start rows (below)
 
 One checkpoint (benchmarks/common.py, built once with transformers, reused). The parent process preprocesses the
 inputs once (our processor, identical to HF's) and every (implementation, dtype) pair runs in its own fresh
@@ -13,6 +14,12 @@ Measured per pair: load time, vision encoder time, prefill latency (448x448 phot
 text-only 128 tokens), time to first token, decode tok/s over 32 forced tokens (min_new_tokens = max_new_tokens),
 our compile time (first call minus steady state), peak RSS. Steady-state figures are medians of `--repeats` runs.
 A roofline worker measures this machine's streaming read bandwidth and matmul rate in the same run.
+Cold start (`--cold-start-only` runs just these; `--no-cold-start` skips them): process start -> first token, i.e.
+from spawning a fresh process until `generate(max_new_tokens=1)` returns, imports, load, image preprocessing (each
+side's own image processor on the 448x448 photo, saved as PNG), compile, vision and prefill included; ours with an
+EMPTY persistent XLA compile cache (a fresh directory per run) and with a WARM one (filled by the first empty run),
+HF once (PyTorch has no compile cache: its cold and warm are the same); processes alternate, medians of
+`--repeats`, with a per-phase breakdown (ours: trace / lower / XLA compile / cache reads inside the first call).
 Prints the table with ours/HF ratios, writes benchmarks/results/cpu.json.
 """
 
@@ -49,8 +56,8 @@ def _timed(fn):
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def make_inputs(ckpt: Path, out: Path) -> dict:
-    """Processed inputs shared by both implementations, saved as .npz."""
+def make_inputs(ckpt: Path, out: Path, image: Path | None = None) -> dict:
+    """Processed inputs shared by both implementations, saved as .npz (and the 448x448 photo as `image`, PNG)."""
     from PIL import Image
 
     from qwen2vl_jax.processing import Qwen2VLProcessor
@@ -61,10 +68,12 @@ def make_inputs(ckpt: Path, out: Path) -> dict:
     proc = Qwen2VLProcessor.from_pretrained(ckpt)
     text_ids = proc.tokenizer.encode(TEXT_20)[:20]
     assert len(text_ids) == 20
-    photo = helpers.photo("astronaut")
+    photo, out_image = helpers.photo("astronaut"), image
     saved = {}
     for side in (448, 896):
         image = photo.resize((side, side), Image.BICUBIC)
+        if side == 448 and out_image is not None:
+            image.save(out_image)
         vis = proc.image_processor(images=[image])
         assert vis["image_grid_thw"][0].tolist() == [1, side // 14, side // 14]
         n = int(np.prod(vis["image_grid_thw"][0])) // 4
@@ -210,6 +219,123 @@ def worker_roofline(repeats: int) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- cold start
+def _cold_inputs(inputs_path: Path, vis: dict) -> dict:
+    """The 448 case's token ids (precomputed text) around this process's own pixel rows."""
+    ids = load_inputs(inputs_path)["img448"]["input_ids"]
+    n = int(np.prod(np.asarray(vis["image_grid_thw"])[0])) // 4
+    assert ids.shape[1] == n + 22, "the image processor's grid differs from the precomputed input"
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "pixel_values": vis["pixel_values"],
+            "image_grid_thw": vis["image_grid_thw"]}
+
+
+def worker_cold_ours(ckpt: Path, dtype: str, inputs_path: Path, image: Path, cache_dir: str) -> dict:
+    stamps = {"start": time.time()}  # the interpreter is up (the parent measures from spawning it)
+    import jax
+    from PIL import Image
+
+    from qwen2vl_jax import runtime
+    from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
+    from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
+
+    phases: dict[str, float] = {}
+
+    def listen(event: str, seconds: float, **_) -> None:  # JAX's own timers: where the first call's time goes
+        for key, name in (("backend_compile", "xla_compile"), ("cache_retrieval", "cache_read"),
+                          ("jaxpr_trace", "trace"), ("jaxpr_to_mlir", "lower")):
+            if key in event:
+                phases[name] = phases.get(name, 0.0) + seconds
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    assert runtime.enable_compilation_cache(cache_dir) is not None
+    stamps["imports"] = time.time()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=dtype)
+    stamps["load"] = time.time()
+    proc = Qwen2VLImageProcessor.from_dict(json.loads((ckpt / "preprocessor_config.json").read_text()))
+    x = _cold_inputs(inputs_path, proc(images=[Image.open(image).convert("RGB")]))
+    stamps["preprocess"] = time.time()
+    out = model.generate(**x, max_new_tokens=1, do_sample=False, return_dict=True)
+    stamps["first_token"] = time.time()
+    return {"stamps": stamps, "jax_phases": phases, "token": int(out.sequences[0, -1])}
+
+
+def worker_cold_hf(ckpt: Path, dtype: str, inputs_path: Path, image: Path) -> dict:
+    stamps = {"start": time.time()}
+    import torch
+    from PIL import Image
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor
+    torch.set_num_threads(2)
+    stamps["imports"] = time.time()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, dtype=getattr(torch, dtype),
+                                                            attn_implementation="sdpa").eval()
+    stamps["load"] = time.time()
+    vis = Qwen2VLImageProcessor.from_pretrained(ckpt)(images=[Image.open(image).convert("RGB")], return_tensors="np")
+    x = {k: torch.from_numpy(np.asarray(v)) for k, v in _cold_inputs(inputs_path, vis).items()}
+    stamps["preprocess"] = time.time()
+    with torch.inference_mode():
+        out = model.generate(**x, max_new_tokens=1, do_sample=False, repetition_penalty=1.0)
+        stamps["first_token"] = time.time()
+    return {"stamps": stamps, "token": int(out[0, -1])}
+
+
+def _cold_run(args, impl: str, dtype: str, inputs: Path, image: Path, out: Path, cache: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, "--dtype-worker", dtype, "--inputs", str(inputs),
+           "--image", str(image), "--out", str(out)] + (["--cache-dir", str(cache)] if cache else [])
+    spawned = time.time()
+    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
+    r = json.loads(out.read_text())
+    st = r["stamps"]
+    r["total_s"] = st["first_token"] - spawned
+    r["phases_s"] = {"interpreter": st["start"] - spawned, "imports": st["imports"] - st["start"],
+                     "load": st["load"] - st["imports"], "preprocess": st["preprocess"] - st["load"],
+                     "first_call": st["first_token"] - st["preprocess"], **r.get("jax_phases", {})}
+    print(f"   {impl:<10} {dtype:<9} {r['total_s']:7.2f} s  " + " ".join(
+        f"{k} {v:.2f}" for k, v in r["phases_s"].items()), flush=True)
+    return r
+
+
+def cold_start(args, work: Path, inputs: Path, image: Path) -> dict:
+    """Alternating processes per dtype: ours with an empty cache, ours with a warm cache, HF; `--repeats` rounds.
+    The first empty-cache run's directory becomes the warm cache (copied once, before any warm run)."""
+    import shutil
+    import tempfile
+    results: dict = {}
+    for dtype in args.dtypes.split(","):
+        warm = Path(tempfile.mkdtemp(prefix=f"qwen2vl_cold_warm_{dtype}_"))
+        runs: dict[str, list] = {"ours_empty": [], "ours_warm": [], "hf": []}
+        for i in range(args.repeats):
+            empty = Path(tempfile.mkdtemp(prefix=f"qwen2vl_cold_empty_{dtype}_"))
+            runs["ours_empty"].append(_cold_run(args, "cold-ours", dtype, inputs, image, work / "cold.json", empty))
+            if i == 0:
+                shutil.copytree(empty, warm, dirs_exist_ok=True)
+            shutil.rmtree(empty, ignore_errors=True)
+            runs["ours_warm"].append(_cold_run(args, "cold-ours", dtype, inputs, image, work / "cold.json", warm))
+            if "hf" in args.impls.split(","):
+                runs["hf"].append(_cold_run(args, "cold-hf", dtype, inputs, image, work / "cold.json", None))
+        shutil.rmtree(warm, ignore_errors=True)
+        results[dtype] = {k: {"runs": v, "total_s": _median([r["total_s"] for r in v]) if v else None,
+                              "phases_s": {p: _median([r["phases_s"].get(p, 0.0) for r in v])
+                                           for p in (v[0]["phases_s"] if v else {})}}
+                          for k, v in runs.items()}
+    return results
+
+
+def cold_report(cold: dict) -> list[str]:
+    lines = []
+    for dtype, r in cold.items():
+        hf = r["hf"]["total_s"]
+        for key, label, target in (("ours_empty", "empty XLA cache", 1.0), ("ours_warm", "warm XLA cache", 0.5)):
+            ours = r[key]["total_s"]
+            ratio = f"{ours / hf:.2f}" if hf else "-"
+            lines.append(f"{'cold start s (' + label + ')':<34} {dtype:<9} {_fmt(ours):>10} {_fmt(hf):>10} "
+                         f"{ratio:>8}  (target <= {target})")
+        for key in ("ours_empty", "ours_warm", "hf"):
+            if r[key]["phases_s"]:
+                lines.append(f"  phases {key} {dtype} (medians, s): " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in r[key]["phases_s"].items()))
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------- report
 def model_costs(ckpt: Path) -> dict:
     """Decode bytes per token and vision FLOPs, from the config."""
@@ -313,14 +439,28 @@ def main(argv=None) -> int:
                     help="runs of the 896x896 case (default: --repeats); an HF bf16 run takes minutes here")
     ap.add_argument("--quick", action="store_true", help="skip the 896x896 input")
     ap.add_argument("--cases", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["ours", "hf", "roofline"], help=argparse.SUPPRESS)
+    ap.add_argument("--cold-start-only", action="store_true", help="run only the process start -> first token rows")
+    ap.add_argument("--no-cold-start", action="store_true", help="skip the process start -> first token rows")
+    ap.add_argument("--worker", choices=["ours", "hf", "roofline", "cold-ours", "cold-hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--image", help=argparse.SUPPRESS)
+    ap.add_argument("--cache-dir", help=argparse.SUPPRESS)
     ap.add_argument("--dtype-worker", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
+    ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/cpu.json, or "
+                    "cpu_cold_start.json with --cold-start-only)")
     args = ap.parse_args(argv)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / (
+        "cpu_cold_start.json" if args.cold_start_only else "cpu.json"))
     args.repeats_896 = args.repeats_896 or args.repeats
     from benchmarks.common import build_random_2b_checkpoint, default_2b_path
 
+    if args.worker in ("cold-ours", "cold-hf"):  # the parent built the checkpoint (building imports torch)
+        ckpt = default_2b_path()
+        result = worker_cold_ours(ckpt, args.dtype_worker, Path(args.inputs), Path(args.image), args.cache_dir) \
+            if args.worker == "cold-ours" else worker_cold_hf(ckpt, args.dtype_worker, Path(args.inputs),
+                                                               Path(args.image))
+        Path(args.out).write_text(json.dumps(result))
+        return 0
     ckpt = build_random_2b_checkpoint(default_2b_path())
     if args.worker:
         cases = args.cases.split(",") if args.cases else []
@@ -334,8 +474,17 @@ def main(argv=None) -> int:
     work = Path(args.out).parent
     work.mkdir(parents=True, exist_ok=True)
     inputs = work / "cpu_inputs.npz"
-    make_inputs(ckpt, inputs)
+    make_inputs(ckpt, inputs, image=work / "cpu_photo448.png")
     t0 = time.time()
+    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()}
+    cold = None if args.no_cold_start else cold_start(args, work, inputs, work / "cpu_photo448.png")
+    if args.cold_start_only:
+        lines = cold_report(cold)
+        machine.update(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=round(time.time() - t0))
+        print("\n".join(lines))
+        Path(args.out).write_text(json.dumps({"machine": machine, "cold_start": cold, "table": lines}, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     roof = _run_worker(args, "roofline", "float32", inputs, work / "cpu_roofline.json")
     results: dict = {}
     for dtype in args.dtypes.split(","):
@@ -343,13 +492,11 @@ def main(argv=None) -> int:
             out = work / f"cpu_{impl}_{dtype}.json"
             results.setdefault(dtype, {})[impl] = _run_worker(args, impl, dtype, inputs, out)
     costs = model_costs(ckpt)
-    lines = report(results, costs, roof)
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(),
-               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
-               "wall_s": round(time.time() - t0)}
+    lines = report(results, costs, roof) + (cold_report(cold) if cold else [])
+    machine.update(date=time.strftime("%Y-%m-%d %H:%M"), wall_s=round(time.time() - t0))
     print("\n".join(lines))
     Path(args.out).write_text(json.dumps({"machine": machine, "roofline": roof, "costs": costs, "results": results,
-                                          "table": lines}, indent=1))
+                                          "cold_start": cold, "table": lines}, indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -1,6 +1,7 @@
 """Peak host memory (RSS) of `from_pretrained` on the real Qwen2-VL-2B shapes, and conversion timings.
 
     python benchmarks/bench_load_rss.py [--dtypes bfloat16 float32] [--no-convert]
+    python benchmarks/bench_load_rss.py --vs-hf 3     # only load times: ours vs transformers, alternating processes
 
 Uses the random-weight 2B checkpoint of benchmarks/common.py (bf16, Hub layout, 2 shards; built once into
 ~/.cache/qwen2vl_jax_bench). Each measurement runs in a fresh subprocess that imports jax / flax / qwen2vl_jax,
@@ -11,10 +12,13 @@ initialises the backend, records its RSS (the baseline), then only calls
     growth < 1.15 x (parameter bytes in the requested dtype) + 1 GB
 
 i.e. the weights once, plus at most one tensor in flight and allocator slack, never a second copy of the model.
-The page cache is not RSS (files are read with positioned reads, not mapped), so warm and cold runs measure
-the same memory; only the time differs. Also times HF -> Flax -> HF conversion of the same checkpoint (with its
-peak RSS growth, and a byte comparison of the round trip) and the load from the converted directory. Prints a
-table and writes benchmarks/results/load_rss.json.
+Files are memory-mapped one tensor at a time and unmapped after the copy, except tensors adopted zero-copy (no
+cast, 64-byte aligned in the file), whose mapped pages are the parameters themselves; so the peak counts the
+weights once either way, and warm and cold page caches measure the same memory; only the time differs. Also
+times HF -> Flax -> HF conversion of the same checkpoint (with its peak RSS growth, and a byte comparison of the
+round trip) and the load from the converted directory (our writer aligns data to 64 bytes: it loads zero-copy, so
+its growth at load time is near 0; the pages join the RSS as the model first reads them). Prints a table and
+writes benchmarks/results/load_rss.json (`--vs-hf`: load_vs_hf.json).
 """
 
 from __future__ import annotations
@@ -83,6 +87,36 @@ def child_convert(src: str, dst: str, fmt: str) -> None:
                       "tensors": s.tensors, "files": s.files}))
 
 
+def child_hf_load(path: str, dtype: str) -> None:
+    """transformers' `from_pretrained` timed the same way (imports and torch's start-up before the clock)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.set_num_threads(2)
+    torch.zeros(8).add_(1)
+    start = time.perf_counter()
+    Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    print(json.dumps({"seconds": time.perf_counter() - start, "peak": _peak_rss(), "baseline": 0}))
+
+
+def load_vs_hf(path: Path, dtypes: list[str], rounds: int) -> dict:
+    """Load seconds of ours and transformers, alternating fresh processes, `rounds` each; medians and ratios."""
+    import statistics
+
+    out = {}
+    for dtype in dtypes:
+        times: dict[str, list[float]] = {"ours": [], "hf": []}
+        for _ in range(rounds):
+            times["ours"].append(_run_child("load", str(path), dtype)["seconds"])
+            times["hf"].append(_run_child("hfload", str(path), dtype)["seconds"])
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[dtype] = {"runs": times, "median": med, "ratio": med["ours"] / med["hf"]}
+        print(f"load {dtype:<9} ours {med['ours']:6.2f} s  HF {med['hf']:6.2f} s  ours/HF {out[dtype]['ratio']:.2f}  "
+              f"(runs: ours {', '.join(f'{t:.2f}' for t in times['ours'])}; "
+              f"HF {', '.join(f'{t:.2f}' for t in times['hf'])})", flush=True)
+    return out
+
+
 def _run_child(*args: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -146,13 +180,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--no-convert", action="store_true", help="skip the conversion timings")
+    parser.add_argument("--vs-hf", type=int, metavar="ROUNDS", default=0,
+                        help="only time loading, ours vs transformers, ROUNDS alternating processes per dtype")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        {"load": child_load, "convert": child_convert}[args.child[0]](*args.child[1:])
+        {"load": child_load, "convert": child_convert, "hfload": child_hf_load}[args.child[0]](*args.child[1:])
         return
 
     path = build_random_2b_checkpoint(default_2b_path())
+    if args.vs_hf:
+        times = load_vs_hf(path, args.dtypes, args.vs_hf)
+        out = RESULTS.with_name("load_vs_hf.json")
+        out.write_text(json.dumps({"checkpoint": str(path), "machine": machine(), "loads": times}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     conversions = None if args.no_convert else timed_conversions(path)
     runs = [measure(path, dtype) for dtype in args.dtypes]
     if conversions is not None:  # the converted directory loads with the same memory bound

@@ -16,16 +16,17 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
     M  merged vision tokens (P / 4)  Q  vision attention segments  L  rows per segment (padded)
     W  query rows in one chunk of a segment (W <= L)
     O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
-    A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (max_new_tokens bucket)
+    A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (a bucket)
 
 Modules (docs/ARCHITECTURE.md has the tour): config · layers · buckets · attention/ (the backend seam) · kernels/
 (native CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint /
-safetensors_io / hub (loading) · convert · sharding · runtime · generation · pretrained
+safetensors_io / hub (loading) · convert · sharding · runtime · memory (a request's bytes) · sampling ·
+generation · pretrained
 (`Qwen2VLForConditionalGeneration`, the HF-style facade) · hook_points (named places in the model) · hooks
 (`run_with_cache`, `run_with_hooks`) · interventions (ablation, patching, steering, logit lens) · geometry (vision
 tokens on the photo) · demo (a tiny random checkpoint) · training / lora / data / finetune · processing /
 image_processing / tokenizer / chat_template / processing_utils / image_io / qvu_image / video / vision_info
-(preprocessing) · cli / selfcheck.
+(preprocessing) · cli / cli_common / cli_chat / cli_finetune / selfcheck.
 """
 
 from __future__ import annotations

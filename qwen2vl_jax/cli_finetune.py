@@ -10,8 +10,6 @@ import sys
 
 from .config import REMAT_POLICIES
 
-EXIT_USER_ERROR = 2  # cli.EXIT_USER_ERROR (cli imports this module, so not imported from there)
-
 
 def add_finetune_parser(sub) -> argparse.ArgumentParser:
     """`qwen2vl-jax finetune ...`: registered by `cli.build_parser`."""
@@ -57,27 +55,22 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_finetune(args) -> int:
-    """The `finetune` command: user errors print one `error:` line and return 2, like `cli.UserError`."""
+    """The `finetune` command (its FinetuneError / DataError / LoRAError are user errors for `cli.main`)."""
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from .data import DataError
-    from .finetune import FinetuneConfig, FinetuneError, finetune
-    from .lora import LoRAError
+    from .finetune import FinetuneConfig, finetune
+
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
-    try:
-        cfg = FinetuneConfig(
-            model=args.model, data=args.data, out=args.out, eval_data=args.eval_data, lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
-            vision_lora=args.vision_lora, freeze_vision=args.freeze_vision, lr=args.lr, steps=args.steps,
-            epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-            save_every=args.save_every, eval_every=args.eval_every, warmup_ratio=args.warmup_ratio,
-            weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-            remat=args.remat, dtype=args.dtype, resume=args.resume, attn_implementation=args.attn_implementation,
-            min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-        result = finetune(cfg, progress=not args.quiet)
-    except (FinetuneError, DataError, LoRAError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    cfg = FinetuneConfig(
+        model=args.model, data=args.data, out=args.out, eval_data=args.eval_data, lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=targets,
+        vision_lora=args.vision_lora, freeze_vision=args.freeze_vision, lr=args.lr, steps=args.steps,
+        epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        save_every=args.save_every, eval_every=args.eval_every, warmup_ratio=args.warmup_ratio,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+        remat=args.remat, dtype=args.dtype, resume=args.resume, attn_implementation=args.attn_implementation,
+        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    result = finetune(cfg, progress=not args.quiet)  # user errors: one line, exit 2, through cli.main
     if args.json:
         print(json.dumps(result))
     elif not args.quiet:

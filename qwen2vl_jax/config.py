@@ -25,12 +25,17 @@ __all__ = [
     "qwen2_vl_7b",
     "qwen2_vl_72b",
     "PRESETS",
+    "ConfigError",
 ]
+
+
+class ConfigError(ValueError):
+    """A config.json (or config object) this package cannot run: invalid JSON, a bad field, another model type."""
 
 
 def _require(ok: bool, field_name: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"invalid config field `{field_name}`: {message}")
+        raise ConfigError(f"invalid config field `{field_name}`: {message}")
 
 
 def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
@@ -189,11 +194,17 @@ class Qwen2VLConfig:
                 path = path / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}")
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    raw = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path} does not hold a JSON object")
         model_type = raw.get("model_type", "qwen2_vl")
         if model_type != "qwen2_vl":
-            raise ValueError(f"invalid config field `model_type`: expected 'qwen2_vl', got {model_type!r}")
+            raise ConfigError(f"unsupported model_type {model_type!r} in config.json: this package runs Qwen2-VL "
+                              "checkpoints (model_type 'qwen2_vl')")
         text_raw = raw.get("text_config") or {}
 
         def text_get(name, default=None):
@@ -205,10 +216,10 @@ class Qwen2VLConfig:
         rope = text_raw.get("rope_parameters") or raw.get("rope_parameters") or text_get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("mrope", "default"):
-            raise ValueError(f"invalid config field `rope_scaling`: rope type {rope_type!r} is not supported "
+            raise ConfigError(f"invalid config field `rope_scaling`: rope type {rope_type!r} is not supported "
                              "(Qwen2-VL uses 'mrope' / 'default' with an mrope_section)")
         if "mrope_section" not in rope:
-            raise ValueError("invalid config field `rope_scaling`: `mrope_section` is missing")
+            raise ConfigError("invalid config field `rope_scaling`: `mrope_section` is missing")
         rope_theta = rope.get("rope_theta", text_get("rope_theta", 1000000.0))
 
         tdefault = Qwen2VLTextConfig()

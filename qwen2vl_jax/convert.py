@@ -17,9 +17,10 @@ leaves a half-written checkpoint, and refuses to replace an existing destination
 from __future__ import annotations
 
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,10 +44,20 @@ from .config import Qwen2VLConfig
 from .model import Qwen2VL
 from .safetensors_io import TensorSpec, write_checkpoint
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_FLAX_SHARD_SIZE = "2GB"
 DEFAULT_HF_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 WEIGHTS_ROOT = Path("weights")
 FORMATS = ("hf", "flax")
+
+
+class DestinationNotWritableError(PermissionError, ValueError):
+    """The destination (or its parent folder) cannot be written. A PermissionError, and a ValueError so that the
+    converter commands report it in one line like the other user errors."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
 
 
 @dataclass
@@ -127,13 +138,104 @@ def _layout_for(fmt: str, config: Qwen2VLConfig) -> params_lib.KeyLayout:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+def _is_checkpoint_or_empty(directory: Path) -> bool:
+    entries = list(directory.iterdir())
+    return not entries or ((directory / "config.json").is_file()
+                           and any(e.suffix == ".safetensors" and e.is_file() for e in entries))
+
+
 def _check_destination(dst: Path, force: bool, protect: Path | None) -> None:
+    out = dst.resolve()
     if protect is not None:  # converting a checkpoint onto itself (or its parent folder) is surely a mistake
-        src, out = protect.resolve(), dst.resolve()
+        src = protect.resolve()
         if src == out or out in src.parents:
             raise ValueError(f"destination {dst} would replace the source checkpoint {protect}; choose another")
-    if dst.exists() and not force:
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise ValueError(f"refusing to replace {dst}: it is the current directory or one of its parents; "
+                         "choose a new folder for the checkpoint")
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory; --force only replaces a checkpoint "
+                              "directory, so choose another destination or remove it yourself")
+    try:
+        replaceable = _is_checkpoint_or_empty(dst)
+    except PermissionError as err:
+        raise DestinationNotWritableError(f"cannot inspect the existing destination {dst}: permission denied") \
+            from err
+    if not replaceable:
+        raise FileExistsError(f"{dst} is not a checkpoint directory (no config.json and *.safetensors files); "
+                              "--force only replaces a checkpoint or an empty directory, so choose another "
+                              "destination or remove it yourself")
+
+
+TMP_INFIX = ".tmp-"
+STALE_UNNAMED_TMP_SECONDS = 24 * 3600  # temporary folders of older versions carry no process id
+
+
+def _process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    except OSError:
+        return True  # cannot tell: keep its folder
+    return True
+
+
+def _remove_stale_temporaries(dst: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` folders beside `dst` whose process is gone (a conversion that was killed before
+    it could clean up), and `.NAME.tmp-XXXXXXXX` folders of older versions untouched for a day. A folder of a
+    live process is left alone: that conversion is still writing it."""
+    prefix = f".{dst.name}{TMP_INFIX}"
+    try:
+        entries = [e for e in dst.parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        tail = entry.name[len(prefix):]
+        pid_text, sep, _ = tail.partition("-")
+        if sep and pid_text.isdigit():
+            pid = int(pid_text)
+            if _process_alive(pid):
+                continue
+            why = f"its process {pid} is gone"
+        else:
+            try:
+                age = time.time() - entry.stat().st_mtime
+            except OSError:
+                continue
+            if age < STALE_UNNAMED_TMP_SECONDS:
+                continue
+            why = f"untouched for {age / 3600:.0f} h"
+        shutil.rmtree(entry, ignore_errors=True)
+        if entry.exists():
+            logger.warning("could not remove the stale temporary folder %s of an interrupted conversion", entry)
+        else:
+            logger.warning("removed the stale temporary folder %s left by an interrupted conversion (%s)", entry, why)
+
+
+def _make_temporary(dst: Path) -> Path:
+    """An empty folder beside `dst` (same file system, so the final rename is atomic), named after this process so
+    a later conversion can tell whether it is still in use. `os.mkdir` applies the umask (tempfile.mkdtemp would
+    make it 0o700, and the rename would keep that mode for the checkpoint)."""
+    for _ in range(100):
+        tmp = dst.parent / f".{dst.name}{TMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary folder beside {dst}")
 
 
 def _replace(tmp: Path, dst: Path) -> None:
@@ -165,9 +267,14 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
     """Write tensors, config, marker and side files into a temporary folder, then rename it to `dst`."""
     dst = Path(dst).expanduser()
     _check_destination(dst, force, protect)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary folder sits beside the destination (same file system, so the final rename is atomic).
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(dst)
+        tmp = _make_temporary(dst)
+    except PermissionError as err:
+        where = err.filename or dst.parent
+        raise DestinationNotWritableError(f"cannot write the checkpoint to {dst}: permission denied on {where}") \
+            from err
     start = time.perf_counter()
     total = sum(s.nbytes for s in tensors.specs)
     from tqdm.auto import tqdm  # imported when writing: in a Jupyter kernel without ipywidgets it warns at import
@@ -199,7 +306,11 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
             for name in SIDE_FILES:
                 if (source_dir / name).is_file():
                     shutil.copyfile(source_dir / name, tmp / name)
-        _replace(tmp, dst)
+        try:
+            _replace(tmp, dst)
+        except PermissionError as err:
+            raise DestinationNotWritableError(f"cannot move the finished checkpoint into place at {dst}: "
+                                              f"permission denied on {err.filename or dst}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,29 +1,27 @@
 """Generation: a jitted prefill, a static KV cache, and a decode loop that stays on the device.
 
     host:    pad the prompt on the left to a length bucket; positions (get_rope_index), vision layout
-    device:  vision tower once -> prefill (writes the cache, picks token 0)
+    device:  vision tower once -> prefill (writes a prompt-sized cache) -> grow the cache, pick token 0
              -> jax.lax.while_loop { one-token forward (position = slot + rope_delta[b]) -> logits processors
-                                     -> pick a token } until max_new_tokens or every row has hit EOS
+                                     -> pick a token } until max_new_tokens or every row has hit EOS, entered
+                                     in segments of ~0.5 s so the host can stop it (Ctrl-C)
     host:    trim, return [B, prompt + new] ids like transformers' `generate`
 
-Logits processing follows transformers 4.57 `_get_logits_processor` order: repetition penalty (over every id in
-the row so far, prompt and its pads included, as transformers' `RepetitionPenaltyLogitsProcessor`), min_new_tokens
-(EOS masked), then only when sampling: temperature, top-k, top-p; greedy is the argmax. Finished rows emit
-`pad_token_id`, like HF.
+Settings and logits processors (transformers 4.57's order) live in sampling.py; `GenerationConfig` is re-exported
+here. Finished rows emit `pad_token_id`, like HF.
 
-Compiles: the prompt length, the cache length and the number of new tokens are bucketed (buckets.py); the actual
-`max_new_tokens` and every sampling knob are traced values, so changing them never recompiles. `TRACE_COUNTS`
-counts compiles per jitted function for tests and logs. Streaming runs the same jitted step once per token from
-a Python loop, so streamed and non-streamed outputs are identical.
+Compiles: the prompt length and the cache length (prompt bucket + `max_new_tokens`) are bucketed (buckets.py). The
+prefill's program depends on the prompt bucket only (it fills a prompt-sized cache that a small model-free
+program grows), the decode loop's on the cache bucket only; the actual `max_new_tokens` and every sampling knob are
+traced values, so changing them never recompiles. `TRACE_COUNTS` counts compiles per jitted function for tests
+and logs. Streaming runs the same jitted step once per token from a Python loop, so streamed and non-streamed
+outputs are identical.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,100 +30,14 @@ import numpy as np
 from .buckets import bucket, pow2_bucket
 from .hook_points import HookSet, hook_point_axes, install, make_hookset
 from .model import PreparedInputs, Qwen2VL, as_attention_mask
+from .sampling import GenerationConfig, Knobs, pick_token, process_logits  # noqa: F401  (re-exported)
 from .text import KVCache
 
-TRACE_COUNTS: dict[str, int] = {"prefill": 0, "decode_loop": 0, "decode_step": 0}
+TRACE_COUNTS: dict[str, int] = {"prefill": 0, "start": 0, "decode_loop": 0, "decode_step": 0}
 
 PROMPT_GRANULE = 64  # prompt lengths are padded (on the left) to buckets of this granule, x1.25 growth
-MIN_NEW_TOKENS_BUCKET = 32  # the new-token budget is a power of two >= this
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding settings, named like transformers' GenerationConfig (and read from generation_config.json)."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50  # transformers' default; 0 disables
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    eos_token_id: tuple[int, ...] = (151645,)
-    pad_token_id: int | None = None
-    seed: int = 0
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike | None, **overrides) -> GenerationConfig:
-        """Defaults from the checkpoint's generation_config.json (Instruct: greedy-like sampling with top_k=1 and
-        repetition_penalty 1.05), then `overrides`."""
-        values = {}
-        path = Path(directory) / "generation_config.json" if directory else None
-        if path is not None and path.is_file():
-            raw = json.loads(path.read_text())
-            for f in dataclasses.fields(cls):
-                if f.name in raw and raw[f.name] is not None:
-                    values[f.name] = raw[f.name]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if isinstance(values.get("eos_token_id"), int):
-            values["eos_token_id"] = (values["eos_token_id"],)
-        if "eos_token_id" in values:
-            values["eos_token_id"] = tuple(values["eos_token_id"])
-        return cls(**values)
-
-    def __post_init__(self):
-        # NumPy scalars (np.int64(4), np.float32(0.7), np.bool_) become Python numbers, so they validate, hash
-        # and bucket like the Python values; anything else is left for `validate` to name.
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.bool_):
-                value = bool(value)
-            elif isinstance(value, np.integer):
-                value = int(value)
-            elif isinstance(value, np.floating):
-                value = float(value)
-            if f.name == "eos_token_id" and isinstance(value, int) and not isinstance(value, bool):
-                value = (value,)
-            elif f.name == "eos_token_id" and isinstance(value, (list, tuple, np.ndarray)):
-                value = tuple(np.asarray(value).ravel().tolist())
-            object.__setattr__(self, f.name, value)
-
-    def validate(self, vocab_size: int) -> None:
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v  # not NaN
-
-        eos = self.eos_token_id if isinstance(self.eos_token_id, tuple) else ()
-        pad = self.pad_token_id
-        checks = [
-            (is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens",
-             f"must be an integer >= 1, got {self.max_new_tokens!r}"),
-            (is_int(self.min_new_tokens) and self.min_new_tokens >= 0, "min_new_tokens",
-             f"must be an integer >= 0, got {self.min_new_tokens!r}"),
-            (isinstance(self.do_sample, bool), "do_sample", f"must be True or False, got {self.do_sample!r}"),
-            (is_num(self.temperature) and self.temperature >= 0, "temperature",
-             f"must be a number >= 0, got {self.temperature!r}"),
-            (not (self.do_sample and self.temperature == 0), "temperature",
-             "must be > 0 when sampling (use do_sample=False for greedy decoding)"),
-            (is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p!r}"),
-            (is_int(self.top_k) and self.top_k >= 0, "top_k", f"must be an integer >= 0, got {self.top_k!r}"),
-            (is_num(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-             f"must be > 0, got {self.repetition_penalty!r}"),
-            (len(eos) > 0 and all(is_int(e) and 0 <= e < vocab_size for e in eos), "eos_token_id",
-             f"needs at least one id, each in [0, {vocab_size}), got {self.eos_token_id!r}"),
-            (pad is None or (is_int(pad) and 0 <= pad < vocab_size), "pad_token_id",
-             f"must be None or an id in [0, {vocab_size}), got {pad!r}"),
-            (is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}"),
-        ]
-        for ok, name, message in checks:
-            if not ok:
-                raise ValueError(f"invalid generation parameter `{name}`: {message}")
-
-    @property
-    def pad_id(self) -> int:
-        return self.pad_token_id if self.pad_token_id is not None else self.eos_token_id[0]  # HF's fallback
+MIN_NEW_TOKENS_BUCKET = 32  # recorded logits / hook values: a power of two >= this many rows
+SEGMENT_SECONDS = 0.5  # non-streaming decode returns to the host about this often (Ctrl-C is handled there)
 
 
 @dataclasses.dataclass
@@ -138,61 +50,12 @@ class GenerateOutput:
     records: dict | None = None  # values recorded at hook points (`cache_names=`), by name; see `generate`
 
 
-# ------------------------------------------------------------------------------------------ logits processors
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Knobs:
-    """Per-call sampling values, traced (changing them never recompiles)."""
-
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    repetition_penalty: jax.Array
-    min_new_tokens: jax.Array
-    max_new_tokens: jax.Array
-    eos_ids: jax.Array  # [E]
-    pad_id: jax.Array
-
-
-def process_logits(logits_BV, seen_BV, n_generated, knobs: Knobs, *, do_sample: bool):
-    """transformers 4.57's processor chain on fp32 logits (see module docstring for the order)."""
-    neg_inf = jnp.float32(-jnp.inf)
-    p = knobs.repetition_penalty
-    penalised = jnp.where(logits_BV < 0, logits_BV * p, logits_BV / p)
-    scores = jnp.where(seen_BV, penalised, logits_BV)
-    is_eos_V = jnp.zeros(scores.shape[-1], bool).at[knobs.eos_ids].set(True)
-    scores = jnp.where((n_generated < knobs.min_new_tokens) & is_eos_V[None], neg_inf, scores)
-    if not do_sample:
-        return scores
-    scores = scores / knobs.temperature
-    # One descending sort serves top-k and top-p (TopKLogitsWarper, TopPLogitsWarper, min_tokens_to_keep=1).
-    sorted_desc = -jnp.sort(-scores, axis=-1)
-    V = scores.shape[-1]
-    k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, V), V)
-    kth = jnp.take_along_axis(sorted_desc, (k - 1)[None, None].repeat(scores.shape[0], 0), axis=-1)
-    scores = jnp.where(scores < kth, neg_inf, scores)
-    # top-p on the (top-k filtered) scores: drop the low tail whose total probability is <= 1 - top_p.
-    sorted_asc = jnp.sort(scores, axis=-1)
-    cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
-    remove_sorted = (cum <= 1 - knobs.top_p).at[:, -1].set(False)
-    # the threshold: the largest removed value; everything <= it goes (ties removed together, like a scatter)
-    cutoff = jnp.max(jnp.where(remove_sorted, sorted_asc, neg_inf), axis=-1, keepdims=True)
-    apply = knobs.top_p < 1.0
-    return jnp.where(apply & (scores <= cutoff) & jnp.any(remove_sorted, -1, keepdims=True), neg_inf, scores)
-
-
-def pick_token(scores_BV, rng, *, do_sample: bool):
-    if do_sample:
-        return jax.random.categorical(rng, scores_BV, axis=-1).astype(jnp.int32)
-    return jnp.argmax(scores_BV, axis=-1).astype(jnp.int32)
-
-
 # --------------------------------------------------------------------------------------------- decode state
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
     cache: KVCache
-    tokens_BR: jax.Array  # int32 [B, R] (R: the max_new_tokens bucket) generated ids (pad after EOS)
+    tokens_BR: jax.Array  # int32 [B, R] (R: the cache length, more than enough) generated ids (pad after EOS)
     last_B: jax.Array  # int32, the token to feed next
     seen_BV: jax.Array  # bool, ids already in each row (repetition penalty)
     finished_B: jax.Array  # bool
@@ -242,29 +105,44 @@ def _step_logits(model: Qwen2VL, state: DecodeState, hooks: HookSet | None = Non
     return logits[:, -1], dataclasses.replace(state, cache=cache, records=records)
 
 
-def _prefill(model, ids, mask, pos, vision, vision_index, cache, seen, rng, knobs, hooks=None, offset=0, *, do_sample,
-             keep_logits, n_bucket):
+def _prefill(model, ids, mask, pos, vision, vision_index, cache, hooks=None, offset=0):
+    """The prompt's forward into a prompt-sized cache: its compile depends on the prompt bucket only, never on
+    `max_new_tokens` (`_start` grows the cache)."""
     TRACE_COUNTS["prefill"] += 1
     with install(hooks, offset=offset) as run:
         logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True,
                                             cache_empty=True)
+    return logits[:, -1], cache, run.records
+
+
+def _start(logits_BV, cache: KVCache, seen, rng, knobs, offset, *, do_sample, keep_logits, cache_length, n_bucket,
+           record_shapes=()):
+    """Grow the prefilled cache to `cache_length` slots, set up the decode state and pick the first token. No model
+    inside: this small program is the only one compiled per (prompt bucket, cache bucket) pair."""
+    TRACE_COUNTS["start"] += 1
+    grow = cache_length - cache.max_length
+    cache = dataclasses.replace(
+        cache, keys=[jnp.pad(k, ((0, 0), (0, grow), (0, 0), (0, 0))) for k in cache.keys],
+        values=[jnp.pad(v, ((0, 0), (0, grow), (0, 0), (0, 0))) for v in cache.values],
+        mask_BS=jnp.pad(cache.mask_BS, ((0, 0), (0, grow))))
     B, V = seen.shape
-    axes = hook_point_axes(model.config)
     # a decode step's value of each recorded point: the prefill's with one token on the token axis
-    step_buffers = {n: jnp.zeros((n_bucket, *(1 if a == "T" else d for a, d in zip(axes[n], v.shape))), v.dtype)
-                    for n, v in run.records.items()}
-    state = DecodeState(cache=cache, tokens_BR=jnp.zeros((B, n_bucket), jnp.int32), last_B=jnp.zeros((B,), jnp.int32),
-                        seen_BV=seen, finished_B=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), rng=rng,
+    step_buffers = {n: jnp.zeros((n_bucket, *shape), dtype) for n, shape, dtype in record_shapes}
+    state = DecodeState(cache=cache, tokens_BR=jnp.zeros((B, cache_length), jnp.int32),
+                        last_B=jnp.zeros((B,), jnp.int32), seen_BV=seen, finished_B=jnp.zeros((B,), bool),
+                        step=jnp.zeros((), jnp.int32), rng=rng,
                         logits_BRV=jnp.zeros((B, n_bucket, V), jnp.float32) if keep_logits else None,
                         records=step_buffers or None, offset=offset)
-    return _select(state, logits[:, -1], knobs, do_sample=do_sample), run.records
+    return _select(state, logits_BV, knobs, do_sample=do_sample)
 
 
-def _decode_loop(model, state: DecodeState, knobs: Knobs, hooks=None, *, do_sample):
+def _decode_loop(model, state: DecodeState, knobs: Knobs, stop_at, hooks=None, *, do_sample):
+    """Decode on the device until `stop_at` tokens (traced), `max_new_tokens` or every row's EOS. The host runs it
+    in segments of about `SEGMENT_SECONDS`, so Ctrl-C is seen between segments."""
     TRACE_COUNTS["decode_loop"] += 1
 
     def keep_going(s: DecodeState):
-        return (s.step < knobs.max_new_tokens) & ~jnp.all(s.finished_B)
+        return (s.step < jnp.minimum(stop_at, knobs.max_new_tokens)) & ~jnp.all(s.finished_B)
 
     def body(s: DecodeState):
         logits, s = _step_logits(model, s, hooks)
@@ -293,7 +171,11 @@ def _join_records(axes: dict[str, str], prefill: dict, steps: dict | None, extra
             first = np.take(first, np.arange(extra, first.shape[t]), axis=t)
         if steps and n > 1:  # one device-to-host copy of the used steps, stepped axis onto the token axis
             fed_R = np.moveaxis(np.asarray(steps[name][: n - 1]), 0, t)  # [..., n-1, 1, ...]
-            first = np.concatenate([first, fed_R.reshape(*fed_R.shape[:t], n - 1, *fed_R.shape[t + 2:])], axis=t)
+            fed = fed_R.reshape(*fed_R.shape[:t], n - 1, *fed_R.shape[t + 2:])
+            if "S" in a:  # the prefill ran on the prompt-sized cache: its probabilities of later slots are 0
+                grow = [(0, fed.shape[i] - first.shape[i]) if c == "S" else (0, 0) for i, c in enumerate(a)]
+                first = np.pad(first, grow)
+            first = np.concatenate([first, fed], axis=t)
         value = first
         if "S" in a:  # cache slots -> token positions of the final sequence
             value = np.take(value, np.arange(extra, prompt_slots + n - 1), axis=a.index("S"))
@@ -301,7 +183,8 @@ def _join_records(axes: dict[str, str], prefill: dict, steps: dict | None, extra
     return out
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("do_sample", "keep_logits", "n_bucket"), donate_argnames=("cache",))
+_prefill_jit = jax.jit(_prefill, donate_argnames=("cache",))
+_start_jit = jax.jit(_start, static_argnames=("do_sample", "keep_logits", "cache_length", "n_bucket", "record_shapes"))
 _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("do_sample",), donate_argnames=("state",))
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("do_sample",), donate_argnames=("state",))
 
@@ -363,6 +246,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({gc.max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({limit})")
     T_pad = bucket(T, PROMPT_GRANULE)
+    cache_length = bucket(T_pad + gc.max_new_tokens, PROMPT_GRANULE)  # the decode programs depend on this only
     n_bucket = pow2_bucket(gc.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     ids, mask = left_pad(ids0, attention_mask, T_pad, gc.pad_id)
     t0 = time.perf_counter()
@@ -381,17 +265,25 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     # Repetition penalty sees the caller's ids (their pads too, as transformers 4.57), never our bucket padding.
     seen = np.zeros((B, cfg.text_config.vocab_size), bool)
     seen[np.repeat(np.arange(B), T), ids0.reshape(-1)] = True
-    cache = model.init_cache(B, T_pad + n_bucket)
+    cache = model.init_cache(B, T_pad)
     cache = dataclasses.replace(cache, rope_deltas_B=jnp.asarray(prep.rope_deltas_B1[:, 0], jnp.int32))
     knobs = Knobs(
         temperature=jnp.float32(gc.temperature if gc.do_sample else 1.0), top_k=jnp.int32(gc.top_k),
         top_p=jnp.float32(gc.top_p), repetition_penalty=jnp.float32(gc.repetition_penalty),
         min_new_tokens=jnp.int32(gc.min_new_tokens), max_new_tokens=jnp.int32(gc.max_new_tokens),
         eos_ids=jnp.asarray(gc.eos_token_id, jnp.int32), pad_id=jnp.int32(gc.pad_id))
-    state, prefill_records = _prefill_jit(
+    offset = jnp.int32(T_pad - T)
+    last_logits, cache, prefill_records = _prefill_jit(
         model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT, cache,
-        jnp.asarray(seen), jax.random.key(gc.seed), knobs, text_hooks, jnp.int32(T_pad - T), do_sample=gc.do_sample,
-        keep_logits=output_logits, n_bucket=n_bucket)
+        text_hooks, offset)
+    axes = hook_point_axes(cfg)
+    # a decode step's value of each recorded point: the prefill's with one token, over the decode cache's slots
+    record_shapes = tuple((name, tuple({"T": 1, "S": cache_length}.get(a, d) for a, d in zip(axes[name], v.shape)),
+                           str(v.dtype)) for name, v in prefill_records.items())
+    state = _start_jit(last_logits, cache, jnp.asarray(seen), jax.random.key(gc.seed), knobs, offset,
+                       do_sample=gc.do_sample, keep_logits=output_logits, cache_length=cache_length,
+                       n_bucket=n_bucket, record_shapes=record_shapes)
+    del cache, last_logits  # the prompt-sized cache: freed once `_start` has copied it
     first = np.asarray(state.last_B)  # waits for the prefill
     t1 = time.perf_counter()
     if streamer is not None:
@@ -401,7 +293,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
             streamer.put(np.asarray(state.last_B))
         streamer.end()
     else:
-        state = _decode_loop_jit(model, state, knobs, text_hooks, do_sample=gc.do_sample)
+        state = _decode_in_segments(model, state, knobs, text_hooks, gc)
     n = int(state.step)
     new = np.asarray(state.tokens_BR)[:, :n].astype(np.int64)
     t2 = time.perf_counter()
@@ -415,6 +307,23 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     logits = np.asarray(state.logits_BRV)[:, :n] if output_logits else None
     return GenerateOutput(sequences=sequences, logits=logits, prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
                           new_tokens=n, records=records)
+
+
+def _decode_in_segments(model, state: DecodeState, knobs: Knobs, hooks, gc: GenerationConfig) -> DecodeState:
+    """The on-device decode loop, entered once per segment of about SEGMENT_SECONDS: the host regains control
+    between segments, so a KeyboardInterrupt stops generation within a segment (one compile: `stop_at` is
+    traced). Segments double from 8 tokens while they take less than SEGMENT_SECONDS."""
+    import time
+
+    tokens = 8
+    step = int(state.step)
+    while step < gc.max_new_tokens and not bool(np.all(np.asarray(state.finished_B))):
+        t0 = time.perf_counter()
+        state = _decode_loop_jit(model, state, knobs, jnp.int32(step + tokens), hooks, do_sample=gc.do_sample)
+        step = int(state.step)  # waits for the segment
+        if time.perf_counter() - t0 < SEGMENT_SECONDS / 2:
+            tokens = min(2 * tokens, 1 << 16)
+    return state
 
 
 # ------------------------------------------------------------------------------------------------ streaming

@@ -1,8 +1,11 @@
-"""Still images in: `load_image` (paths, bytes, base64, PIL, arrays) and `to_pil_rgb`.
+"""Still images in: `load_image` (paths, bytes, base64, PIL, arrays) and `to_pil_rgb`; `check_media_path`.
 
 Shared by the HF-style image processor (image_processing.py, with EXIF orientation applied like transformers 4.57
 image_utils.py `load_image`) and the qwen-vl-utils port (qvu_image.py `fetch_image`, video.py frame lists, without
 EXIF orientation, like qwen-vl-utils). Nothing is fetched over the network. Pillow and NumPy only.
+
+`check_media_path` is the one place that turns a user's media path (image or video) into a local file path or a
+one-line error; the loaders here and in video.py use it, and so can a command line checking its arguments early.
 """
 
 from __future__ import annotations
@@ -17,7 +20,46 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["load_image", "to_pil_rgb"]
+__all__ = ["check_media_path", "load_image", "to_pil_rgb"]
+
+
+URL_PREFIXES = ("http://", "https://")
+FILE_URL_PREFIX = "file://"
+
+
+def check_media_path(path: str | os.PathLike, kind: str = "image") -> str:
+    """The local file behind a media path, or a one-line error naming it (`kind` is "image" or "video").
+
+    * `file://PATH` -> PATH: the prefix is stripped, as qwen-vl-utils 0.0.8 vision_process.py `fetch_image` does
+      (`image[7:]`); `~` is expanded.
+    * `http://` / `https://` -> ValueError: nothing is downloaded here; download the file and pass its path.
+    * a missing path -> FileNotFoundError "<kind> not found: PATH".
+    * a directory -> ValueError "<kind> path is a directory, not a file: PATH".
+    * a file that cannot be opened for reading -> ValueError "<kind> file is not readable (...): PATH".
+
+    Whether the file holds a decodable image / video is checked later, by the decoder.
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = text.decode()
+    if text.startswith(URL_PREFIXES):
+        raise ValueError(f"{kind} URLs are not supported here ({text}); download the file first and pass its local "
+                         "path")
+    if text.startswith(FILE_URL_PREFIX):
+        text = text[len(FILE_URL_PREFIX):]
+    local = Path(text).expanduser()
+    if local.is_dir():
+        raise ValueError(f"{kind} path is a directory, not a file: {text}")
+    if not local.exists():
+        raise FileNotFoundError(f"{kind} not found: {text}")
+    if not local.is_file():
+        raise ValueError(f"{kind} path is not a regular file: {text}")
+    try:
+        with open(local, "rb"):
+            pass
+    except OSError as err:
+        raise ValueError(f"{kind} file is not readable ({err.strerror or err}): {text}") from err
+    return str(local)
 
 
 def _open_pil(fp: Any, what: str, exif_transpose: bool) -> Image.Image:
@@ -48,7 +90,7 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
-        if text.startswith(("http://", "https://")):
+        if text.startswith(URL_PREFIXES):
             raise ValueError(f"image URLs are not fetched ({text!r}); download the image and pass its bytes, a PIL "
                              "image or a local path")
         if text.startswith("data:image"):
@@ -59,13 +101,9 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
             except (binascii.Error, ValueError) as err:
                 raise ValueError(f"could not decode the base64 image data: {err}") from err
             return _open_pil(io.BytesIO(data), "from base64 data", exif_transpose)
-        if text.startswith("file://"):
-            text = text[len("file://"):]
-        path = Path(text)
-        if not path.is_file():
-            raise FileNotFoundError(f"image file not found: {text!r}")
+        path = check_media_path(text, "image")  # file:// stripped; not found / directory / unreadable
         with open(path, "rb") as fp:
-            return _open_pil(fp, repr(text), exif_transpose)
+            return _open_pil(fp, repr(path), exif_transpose)
     raise ValueError(f"unsupported image input of type {type(source).__name__}: expected a PIL image, a numpy "
                      "array, a path, bytes or a data:image base64 string")
 

@@ -16,6 +16,8 @@ Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadat
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -59,6 +61,26 @@ def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Ar
     if b_O is not None:
         y_AO = y_AO + b_O.astype(jnp.float32)
     return y_AO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
+
+
+MLP_ROW_BLOCK = 2048  # long inputs run the MLPs in row blocks: their [rows, F] products are the largest tensors
+
+
+def in_row_blocks(fn, x: jax.Array, block: int | None = None) -> jax.Array:
+    """`fn(x)` for a row-wise `fn` (every leading axis of `x` is a row), computed in near-equal blocks of at most
+    `block` rows (default MLP_ROW_BLOCK), one after the other (`lax.map`), when there are more than 2 x block rows:
+    then only one block's intermediates exist at a time (a 16k-token prefill's fp32 `[rows, F]` MLP products are
+    2 x 0.59 GB on the 2B). Each row's numbers are the whole call's."""
+    block = MLP_ROW_BLOCK if block is None else block
+    *lead, D = x.shape
+    rows = math.prod(lead)
+    if rows <= 2 * block:
+        return fn(x)
+    n = -(-rows // block)
+    size = (-(-rows // n) + 7) // 8 * 8  # n near-equal blocks, 8-row aligned: padding under n x 8 rows
+    x_NCD = jnp.pad(x.reshape(rows, D), ((0, n * size - rows), (0, 0))).reshape(n, size, D)
+    y_NCO = jax.lax.map(fn, x_NCD)
+    return y_NCO.reshape(n * size, -1)[:rows].reshape(*lead, y_NCO.shape[-1])
 
 
 class Linear(nnx.Module):

@@ -8,16 +8,19 @@ names first (`canonical_hf_name`), like transformers' own `_checkpoint_conversio
 
 Loading has two phases. `match_checkpoint` reads only the safetensors headers and pairs every tensor with a
 parameter, collecting every problem (unknown, duplicate, mis-shaped, missing tensors) into one `CheckpointError`
-before any data is read. `load_into` then streams: read one tensor, reshape, cast, place it on the device, drop
-the host copy, next tensor.
+before any data is read. `load_into` then streams: map one tensor, reshape, copy / cast it into an aligned buffer
+(threads share the work), place it on the device, drop the host copy, next tensor; on the CPU a tensor that needs
+no cast and is 64-byte aligned in its file is not copied at all (the file's memory map becomes the parameter).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,14 +291,68 @@ class LoadReport:
     bytes_read: int = 0
 
 
-def _cast(array: np.ndarray, dtype) -> np.ndarray:
+CHUNK_BYTES = 32 << 20  # a copy or cast larger than this is split over the worker threads
+
+
+def _cast_into(out: np.ndarray, src: np.ndarray) -> None:
+    """`out[...] = src` (same shape), converting the dtype with ml_dtypes' round-to-nearest-even cast (bf16 ->
+    fp32 is exact). Measured against a uint16 -> uint32 shift for bf16 -> fp32: ml_dtypes' loop is 1.5x faster."""
+    np.copyto(out, src, casting="unsafe")
+
+
+def _fill(out: np.ndarray, src: np.ndarray, pool: ThreadPoolExecutor | None = None) -> None:
+    """`out[...] = src` for C-contiguous arrays of one size, cast as needed, split over `pool`'s threads in chunks
+    of CHUNK_BYTES (both cores take the page faults of the fresh output, the larger cost on a VM)."""
+    out_flat, src_flat = out.reshape(-1), src.reshape(-1)
+    n = out_flat.size
+    step = max(1, CHUNK_BYTES // max(out.itemsize, src.itemsize))
+    if pool is None or n <= step:
+        _cast_into(out_flat, src_flat)
+        return
+    jobs = [pool.submit(_cast_into, out_flat[i:i + step], src_flat[i:i + step]) for i in range(0, n, step)]
+    wait(jobs)  # every chunk has finished (none still reads a map the caller is about to close) ...
+    for job in jobs:
+        job.result()  # ... before a worker's exception is re-raised here
+
+
+def _cast(array: np.ndarray, dtype, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """`array` in `dtype`, in a 64-byte-aligned buffer when a conversion is needed (ml_dtypes casts round to
     nearest even, like torch's `.to(torch.bfloat16)`)."""
     if array.dtype == dtype:
         return array
     out = empty_aligned(array.shape, dtype)
-    np.copyto(out, array, casting="unsafe")
+    _fill(out, np.ascontiguousarray(array), pool)
     return out
+
+
+def load_workers() -> int:
+    """Threads that copy / cast tensors while loading: $QWEN2VL_JAX_LOAD_THREADS, else the cores (at most 4)."""
+    env = os.environ.get("QWEN2VL_JAX_LOAD_THREADS", "").strip()
+    return max(1, int(env)) if env.isdigit() else max(1, min(4, os.cpu_count() or 1))
+
+
+def host_tensor(ref: TensorRef, path: str, layout: KeyLayout, dtype, *, zero_copy: bool = False,
+                pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """One tensor in our layout and `dtype`, as an array XLA:CPU can adopt (C-contiguous, 64-byte aligned).
+
+    `zero_copy` and a tensor that needs no cast and starts 64-byte aligned in its file: a view of the file's
+    private memory map (`SafetensorsFile.view`), no copy at all. Otherwise the tensor's pages are mapped, copied
+    (cast) into a fresh aligned buffer by `pool`'s threads, and unmapped again. A file that became shorter than its
+    header says raises a `CheckpointError` naming it.
+    """
+    sf, name = ref.file, ref.name
+    dtype = np.dtype(dtype)
+    try:
+        if zero_copy and sf.dtype(name) == dtype and sf.aligned(name):
+            return layout.to_ours(path, sf.view(name))
+        with sf.mapped(name) as src:
+            src = layout.to_ours(path, src)
+            out = empty_aligned(src.shape, dtype)
+            _fill(out, src, pool)
+            del src
+        return out
+    except SafetensorsError as e:
+        raise CheckpointError(f"corrupt checkpoint file: {e}") from None
 
 
 def place_on_default_device(path: str, array: np.ndarray) -> jax.Array:
@@ -317,20 +374,25 @@ def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *
     layout = layout if layout is not None else hf_layout(model.config.vision_config)
     refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout, ignore=ignore)
     report = LoadReport()
-    for path, ref in refs.items():
-        param = params[path]
-        array = _cast(layout.to_ours(path, ref.read()), param.dtype)
-        placed = place(path, array)
-        # On the CPU, device_put adopts the aligned buffer (no copy: the array *becomes* the parameter); elsewhere
-        # it copies asynchronously and keeps `array` alive until it finishes: waiting here is what keeps a single
-        # tensor in flight on the host (otherwise reads could run ahead of slow transfers).
-        jax.block_until_ready(placed)
-        param.set_value(placed)
-        del array, placed
-        report.tensors += 1
-        report.bytes_read += ref.nbytes
-        if progress is not None:
-            progress(ref.nbytes)
+    # Zero-copy only where the buffer is adopted, not copied: the default placement on the CPU. Elsewhere (an
+    # accelerator, a `place` callback) the mapped tensor is copied and unmapped, so file pages never pile up in RSS.
+    zero_copy = place is place_on_default_device and jax.default_backend() == "cpu"
+    workers = load_workers()
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for path, ref in refs.items():
+            param = params[path]
+            array = host_tensor(ref, path, layout, param.dtype, zero_copy=zero_copy, pool=pool)
+            placed = place(path, array)
+            # On the CPU, device_put adopts the aligned buffer (no copy: the array *becomes* the parameter);
+            # elsewhere it copies asynchronously and keeps `array` alive until it finishes: waiting here is what
+            # keeps a single tensor in flight on the host (otherwise reads could run ahead of slow transfers).
+            jax.block_until_ready(placed)
+            param.set_value(placed)
+            del array, placed
+            report.tensors += 1
+            report.bytes_read += ref.nbytes
+            if progress is not None:
+                progress(ref.nbytes)
     return report
 
 

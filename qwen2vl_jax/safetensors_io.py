@@ -1,21 +1,25 @@
 """Minimal safetensors reading and writing on NumPy (bf16 through ml_dtypes), one tensor at a time.
 
 Why not `safetensors.numpy`: it cannot represent bfloat16 (every Qwen2-VL checkpoint is bf16), and `safe_open`
-memory-maps the whole file, whose touched pages then count in the loader's RSS. Here each tensor is read with one
-positioned read into a fresh buffer and released after it is placed, so loading holds one tensor in flight; the
-writer likewise asks for one tensor at a time. Nothing here can execute code from a file: the format is a JSON
-header plus raw bytes (https://github.com/huggingface/safetensors): an 8-byte little-endian header size, a JSON
-header `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`, then the raw little-endian
-bytes, offsets relative to the end of the header.
+memory-maps the whole file for as long as it is open, so every touched page stays in the loader's RSS. Here the
+loader either maps one tensor at a time (`mapped`: a copy or cast reads it, then it is unmapped) or, when a tensor
+needs no cast and sits on a 64-byte boundary, hands XLA a view of a private map of the file (`view`: the file's
+page-cache pages become the parameter, nothing is copied). The writer asks for one tensor at a time and pads the
+header so that data starts on a 64-byte boundary, which makes our own files zero-copy. Nothing here can execute
+code from a file: the format is a JSON header plus raw bytes (https://github.com/huggingface/safetensors): an
+8-byte little-endian header size, a JSON header `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
+{...}}`, then the raw little-endian bytes, offsets relative to the end of the header.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,6 +84,7 @@ class SafetensorsFile:
         self.data_start = 8 + size
         self.entries: dict[str, dict] = header
         self._validate(self.path.stat().st_size - self.data_start)
+        self._map: mmap.mmap | None = None  # the whole-file map behind `view`, made on first use
 
     def _validate(self, data_size: int) -> None:
         for name, e in self.entries.items():
@@ -135,6 +140,63 @@ class SafetensorsFile:
         return out
 
 
+    # ------------------------------------------------------------------------------------------ memory maps
+    def _check_size(self, f, name: str, end: int) -> None:
+        """The file still holds the tensor's bytes (checked before mapping: touching a mapped page past the end of
+        a file that shrank since its header was read would kill the process with SIGBUS instead of raising)."""
+        size = os.fstat(f.fileno()).st_size
+        if size < self.data_start + end:
+            raise SafetensorsError(f"{self.path}: short read for {name} (the file holds {size} bytes, the tensor "
+                                   f"ends at byte {self.data_start + end}; was the file truncated while reading?)")
+
+    def aligned(self, name: str, alignment: int | None = None) -> bool:
+        """Whether the tensor's data starts on an `alignment`-byte boundary of the file, hence of any map of it
+        (maps start on page boundaries). Safetensors only aligns data to 8 bytes, so HF files often are not."""
+        return (self.data_start + self.offset(name)) % (alignment or ALIGNMENT) == 0
+
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a view of one private (copy-on-write) map of the whole file, made on first use.
+
+        Nothing is read until a page is touched, and then only from the page cache. The map lives as long as any
+        view of it (an XLA buffer that adopted a view keeps it alive); writes to a view stay in this process. The
+        file must not be truncated while views are alive (like any memory map, e.g. transformers'): our writers
+        never rewrite a file in place.
+        """
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        if begin == end:
+            return np.empty(e["shape"], DTYPES[e["dtype"]])
+        if self._map is None:
+            with open(self.path, "rb") as f:
+                self._check_size(f, name, max(x["data_offsets"][1] for x in self.entries.values()))
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return np.frombuffer(self._map, DTYPES[e["dtype"]], count=(end - begin) // DTYPES[e["dtype"]].itemsize,
+                             offset=self.data_start + begin).reshape(e["shape"])
+
+    @contextlib.contextmanager
+    def mapped(self, name: str) -> Iterator[np.ndarray]:
+        """A read-only view of one tensor in a map of just its pages, unmapped on exit (so its pages leave the
+        process's RSS again): the source of a copy or a cast. Do not keep the view past the `with` block."""
+        e = self.entries[name]
+        begin, end = e["data_offsets"]
+        dtype = DTYPES[e["dtype"]]
+        if begin == end:
+            yield np.empty(e["shape"], dtype)
+            return
+        start = (self.data_start + begin) // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            self._check_size(f, name, end)
+            m = mmap.mmap(f.fileno(), self.data_start + end - start, access=mmap.ACCESS_READ, offset=start)
+        try:
+            yield np.frombuffer(m, dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self.data_start + begin - start).reshape(e["shape"])
+        finally:
+            try:
+                m.close()
+            except BufferError:  # the caller kept a view: the map goes when the last view does
+                pass
+
+
 ALIGNMENT = 64  # bytes: XLA:CPU adopts a NumPy buffer aligned like this instead of copying it (jax.device_put)
 
 
@@ -177,7 +239,9 @@ def write_file(path: str | os.PathLike, specs: list[TensorSpec], read: Callable[
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the reference writer pads the header to 8 bytes (aligned data)
+    # The reference writer pads the header with spaces to 8 bytes; we pad to 64, so that every tensor whose
+    # predecessors' sizes are multiples of 64 bytes (all of Qwen2-VL's) starts 64-byte aligned and loads zero-copy.
+    blob += b" " * (-(8 + len(blob)) % ALIGNMENT)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)

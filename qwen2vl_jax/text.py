@@ -25,7 +25,7 @@ from .attention import DecoderMask, get_attention
 from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
 from .hook_points import point, recording, set_call, wants
-from .layers import Embed, Linear, RMSNorm, apply_rotary, remat_policy, rope_inv_freq
+from .layers import Embed, Linear, RMSNorm, apply_rotary, in_row_blocks, remat_policy, rope_inv_freq
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
@@ -123,6 +123,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
+    """`Qwen2MLP`: down(silu(gate(x)) * up(x)). A long prefill runs in row blocks (`layers.in_row_blocks`); not
+    when a hook wants the whole `mlp.act`, or with a LoRA adapter (its dropout draws per call)."""
+
     def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "text.layers.0.mlp",
                  layer: int = 0):
         D, F = cfg.hidden_size, cfg.intermediate_size
@@ -132,7 +135,13 @@ class MLP(nnx.Module):
         self.up_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
 
+    def _rows(self, x_AD):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_AD)) * self.up_proj(x_AD))
+
     def __call__(self, x_BTD):
+        adapted = any(p.lora is not None for p in (self.gate_proj, self.up_proj, self.down_proj))
+        if not adapted and not wants(f"{self.name}.act"):
+            return in_row_blocks(self._rows, x_BTD)
         act_BTF = point(f"{self.name}.act", jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD), self.layer)
         return self.down_proj(act_BTF)
 

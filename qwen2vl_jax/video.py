@@ -18,20 +18,25 @@ target *size* is exactly QVU8's; pixel values differ slightly: on Big Buck Bunny
 1008x560) Pillow vs torch's bicubic-antialias interpolate (what torchvision's tensor resize runs) differ by at most
 2 uint8 levels, 16% of values by 1 level, mean 0.16 (tests/test_video.py). QVU8 also returns float tensors; the
 values are integers (torchvision rounds uint8 output), so frames are returned here as uint8.
+
+Bad files: a one-frame video is that frame twice (QVU8's `smart_nframes` raises "nframes should be in the interval
+[2, 1]"; transformers 4.57 video_processing_qwen2_vl.py `Qwen2VLVideoProcessor._preprocess` repeats the last frame
+up to temporal_patch_size, which is followed here). A file that decodes to fewer frames than its container declares
+(cut after its index) gives a RuntimeWarning naming the file and both counts; one that decodes no frame raises.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .image_io import load_image, to_pil_rgb
+from .image_io import check_media_path, load_image, to_pil_rgb
 from .qvu_image import (
     IMAGE_FACTOR,
     MAX_PIXELS,
@@ -145,16 +150,9 @@ class VideoInfo:
 
 
 def _video_path(source: str | os.PathLike) -> str:
-    text = os.fspath(source)
-    if isinstance(text, bytes):
-        text = text.decode()
-    if text.startswith(("http://", "https://")):
-        raise ValueError(f"video URLs are not fetched ({text!r}); download the file and pass a local path")
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    if not Path(text).is_file():
-        raise FileNotFoundError(f"video file not found: {text!r}")
-    return text
+    """A local video file: `file://` stripped, URLs refused, missing files and directories named (image_io.py
+    `check_media_path`)."""
+    return check_media_path(source, "video")
 
 
 def _open_video(path: str):
@@ -175,41 +173,69 @@ def _in_range(seconds: float | None, start: float, end: float | None) -> bool:
     return seconds is None or (seconds >= start and (end is None or seconds <= end))
 
 
-def _probe(path: str, start: float, end: float | None) -> tuple[float | None, int]:
-    """(frame rate, frame count) from the demuxer without decoding: one coded picture per non-empty packet. The
+@dataclass
+class _Probe:
+    video_fps: float | None
+    in_range: int  # non-empty packets whose timestamps lie in the requested range
+    packets: int  # non-empty packets in the whole file (what could actually be read)
+    declared: int  # the frame count the container's index declares (MP4 `stsz`/`stts`); 0 when unknown
+
+
+def _probe(path: str, start: float, end: float | None) -> _Probe:
+    """Frame rate and frame counts from the demuxer without decoding: one coded picture per non-empty packet. The
     count is verified by the decode pass, which falls back to the decoded count when the two disagree. The rate
-    is the stream's average rate, what torchvision's reader reports as `video_fps`."""
+    is the stream's average rate, what torchvision's reader reports as `video_fps`. `declared` is the container's
+    own frame count, which exceeds what can be read when the file is truncated after its index."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
         video_fps = float(Fraction(rate)) if rate else None
-        count = 0
+        count = packets = 0
         for packet in container.demux(stream):
             if packet.size == 0:
                 continue
+            packets += 1
             seconds = None if packet.pts is None else float(packet.pts * stream.time_base)
             count += _in_range(seconds, start, end)
-        return video_fps, count
+        return _Probe(video_fps, count, packets, int(stream.frames or 0))
 
 
-def _decode(path: str, wanted: set[int] | None, start: float, end: float | None) -> tuple[dict[int, np.ndarray], int]:
-    """Decode every frame in the time range in presentation order; keep RGB arrays of the `wanted` indices."""
+def _no_frames_error(path: str, declared: int, detail: str = "") -> ValueError:
+    return ValueError(f"no frames could be decoded from video {path!r} (its container declares {declared}): the "
+                      f"file is truncated or corrupt{detail}")
+
+
+def _decode(path: str, wanted: set[int] | None, start: float, end: float | None,
+            truncated_from: int = 0) -> tuple[dict[int, np.ndarray], int]:
+    """Decode every frame in the time range in presentation order; keep RGB arrays of the `wanted` indices.
+
+    `truncated_from`: the frame count the container declares when fewer packets could be read (a cut file). The
+    last, partial packet of such a file may fail to decode: it is skipped and the decoder flushed, so the frames
+    before it are kept (the caller warns). In any other file a decoding error is an error."""
     import av
 
     kept: dict[int, np.ndarray] = {}
     count = 0
+    error: av.error.FFmpegError | None = None
     with _open_video(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        try:
-            for frame in container.decode(stream):
+        for packet in container.demux(stream):  # what `container.decode(stream)` does, one packet at a time
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as err:
+                if not truncated_from:
+                    raise ValueError(f"could not decode video {path!r}: {err}") from err
+                error = err
+                continue
+            for frame in frames:
                 if not _in_range(frame.time, start, end):
                     continue
                 if wanted is None or count in wanted:
                     kept[count] = frame.to_ndarray(format="rgb24")  # what torchvision's PyAV reader returns
                 count += 1
-        except av.error.FFmpegError as err:
-            raise ValueError(f"could not decode video {path!r}: {err}") from err
+    if count == 0 and error is not None:
+        raise _no_frames_error(path, truncated_from, f" ({error})") from error
     return kept, count
 
 
@@ -222,24 +248,53 @@ def read_video(source: str | os.PathLike, *, fps: float | None = None, nframes: 
     path = _video_path(source)
     start = 0.0 if video_start is None else float(video_start)
     end = None if video_end is None else float(video_end)
-    video_fps, total = _probe(path, start, end)
+    whole = start <= 0.0 and end is None
+    probe = _probe(path, start, end)
+    video_fps, total = probe.video_fps, probe.in_range
     for _attempt in range(2):
         if total == 0:
+            if probe.declared > 0 and (whole or probe.packets < probe.declared):
+                raise _no_frames_error(path, probe.declared)
             raise ValueError(f"video {path!r} has no frames in the requested range")
-        n = smart_nframes(total, video_fps, fps=fps, nframes=nframes, min_frames=min_frames, max_frames=max_frames)
-        indices = sample_frame_indices(0, total - 1, n)
-        kept, decoded = _decode(path, set(indices.tolist()), start, end)
+        if total < FRAME_FACTOR and nframes is None:
+            # One frame: repeat it to fill the temporal patch (temporal_patch_size = FRAME_FACTOR = 2), as
+            # transformers 4.57 video_processing_qwen2_vl.py `Qwen2VLVideoProcessor._preprocess` pads a frame
+            # count that is not a multiple of temporal_patch_size (and qwen-vl-utils 0.0.8 `fetch_video` pads
+            # frame lists). qwen-vl-utils' `smart_nframes` would raise "nframes should be in the interval [2, 1]".
+            n, indices = FRAME_FACTOR, np.zeros(FRAME_FACTOR, np.int64)
+        else:
+            try:
+                n = smart_nframes(total, video_fps, fps=fps, nframes=nframes, min_frames=min_frames,
+                                  max_frames=max_frames)
+            except ValueError as err:
+                raise ValueError(f"video {path!r}: {err}") from None
+            indices = sample_frame_indices(0, total - 1, n)
+        truncated_from = probe.declared if probe.packets < probe.declared else 0
+        kept, decoded = _decode(path, set(indices.tolist()), start, end, truncated_from)
         if decoded == total:
             break
         total = decoded  # the container's packet count was not the frame count: redo with the decoded count
     else:
         raise ValueError(f"video {path!r} decodes to a different number of frames on every pass")
+    _warn_if_truncated(path, probe, total, whole)
     frames = np.stack([kept[i] for i in indices.tolist()])
     info = VideoInfo(frame_indices=indices.tolist(), total_frames=total, video_fps=video_fps,
                      sample_fps=None if video_fps is None else n / max(total, 1e-6) * video_fps,
                      height=frames.shape[1], width=frames.shape[2], resized_height=frames.shape[1],
                      resized_width=frames.shape[2], source=path)
     return frames, info
+
+
+def _warn_if_truncated(path: str, probe: _Probe, decoded: int, whole: bool) -> None:
+    """Warn when fewer frames could be read than the container's index declares (a file cut after its `moov`
+    atom decodes its first frames silently). Over the whole file the decoded count is compared; for a time range
+    (whose declared count is unknown) the packets read over the whole file are."""
+    read = decoded if whole else probe.packets
+    if probe.declared > 0 and read < probe.declared:
+        what = "decoded" if whole else "could be read"
+        warnings.warn(f"video {path!r}: its container declares {probe.declared} frames but only {read} {what}; "
+                      "the file is probably truncated or corrupt, so only its readable part is used",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _resize_frames(frames_thwc: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
 from .hook_points import active, install, point, recording, set_call, wants
-from .layers import LayerNorm, Linear, remat_policy, rope_inv_freq
+from .layers import LayerNorm, Linear, in_row_blocks, remat_policy, rope_inv_freq
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
@@ -153,10 +153,15 @@ class VisionMLP(nnx.Module):
         self.fc1 = Linear(E, F, use_bias=True, axes=("vis_mlp", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
         self.fc2 = Linear(F, E, use_bias=True, axes=("vis_embed", "vis_mlp"), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_PE):
+    def _act(self, x_PE):
         h = self.fc1(x_PE)
-        h = h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
-        return self.fc2(point(f"{self.name}.act", h, self.layer))
+        return h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
+
+    def __call__(self, x_PE):
+        # a large image (65k patches: fp32 [P, 5120] products of 1.3 GB) runs in row blocks (`in_row_blocks`)
+        if self.fc1.lora is None and self.fc2.lora is None and not wants(f"{self.name}.act"):
+            return in_row_blocks(lambda x: self.fc2(self._act(x)), x_PE)
+        return self.fc2(point(f"{self.name}.act", self._act(x_PE), self.layer))
 
 
 class VisionBlock(nnx.Module):

@@ -136,3 +136,17 @@ def test_selfcheck_passes_offline(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0, out
     assert "RESULT: PASS" in out and "8/8 identical" in out and "random" in out.lower()
+    # the parity run's exact-fp32 times would understate our speed: no ours-vs-PyTorch timing without --timing
+    assert "ms/token" not in out and "vs  PyTorch" not in out and "selfcheck --timing" in out
+
+
+@pytest.mark.slow
+def test_selfcheck_timing_uses_the_benchmark_modes(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli.main(["selfcheck", "--layers", "1", "--vision-depth", "1", "--new-tokens", "8", "--workdir",
+                     str(tmp_path), "--quiet", "--timing"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {line.split("  ")[1].strip(): line for line in out.splitlines() if "(median of 3)" in line}
+    assert set(rows) == {"forward (median of 3)", "decode (median of 3)"}
+    assert "ms/token  vs  PyTorch" in rows["decode (median of 3)"] and "SDPA" in out

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import socket
@@ -214,12 +215,17 @@ def test_loading_streams_one_tensor_at_a_time(checkpoint_factory):
     """Every read is followed by its placement before the next read, and the loader keeps no host copy."""
     path = checkpoint_factory(sharded=True)
     events, host_copies = [], []
-    real_read = SafetensorsFile.read
+    real_mapped, real_view = SafetensorsFile.mapped, SafetensorsFile.view
 
-    def read(self, name):
+    def mapped(self, name):
         assert all(r() is None for r in host_copies), "an earlier host array is still alive"
         events.append("read")
-        return real_read(self, name)
+        return real_mapped(self, name)
+
+    def view(self, name):
+        assert all(r() is None for r in host_copies), "an earlier host array is still alive"
+        events.append("read")
+        return real_view(self, name)
 
     def place(path, array):
         events.append("place")
@@ -229,11 +235,107 @@ def test_loading_streams_one_tensor_at_a_time(checkpoint_factory):
         return jax.device_put(array.copy())
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(SafetensorsFile, "read", read)
+        mp.setattr(SafetensorsFile, "mapped", mapped)
+        mp.setattr(SafetensorsFile, "view", view)
+        mp.setattr(params_lib, "CHUNK_BYTES", 4096)  # the threaded copy runs on the tiny tensors too
         model = checkpoint.load_pretrained(Qwen2VLForConditionalGeneration, path, place=place)
     n = len(model_params(model))
     assert events == ["read", "place"] * n
     assert all(r() is None for r in host_copies)
+
+
+def _with_data_start(src, dst, residue: int):
+    """`src` (a single-file checkpoint) rewritten with its header padded so that data starts at `residue` mod 64."""
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})  # our writer: data 64-aligned
+    f = dst / "model.safetensors"
+    raw = f.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    pad = residue % 64 + (64 if residue % 64 < 8 else 0) if residue else 0
+    f.write_bytes((size + pad).to_bytes(8, "little") + raw[8:8 + size] + b" " * pad + raw[8 + size:])
+    sf = SafetensorsFile(f)
+    assert sf.data_start % 64 == residue % 64
+    return dst, sf
+
+
+@pytest.mark.parametrize("residue", [0, 16, 8])
+def test_aligned_tensors_are_adopted_from_the_file_and_unaligned_ones_copied(tiny_checkpoint, tmp_path, residue):
+    """Same-dtype tensors 64-byte aligned in the file become the parameters without a copy (a view of the file's
+    map); at the 8- or 16-byte offsets HF files often have, every tensor is copied into an aligned buffer. The
+    values are the file's either way."""
+    path, sf = _with_data_start(tiny_checkpoint, tmp_path / f"r{residue}", residue)
+    views, maps = {}, []
+    real_view, real_mapped = SafetensorsFile.view, SafetensorsFile.mapped
+
+    def view(self, name):
+        out = real_view(self, name)
+        views[name] = out.ctypes.data
+        return out
+
+    def mapped(self, name):
+        maps.append(name)
+        return real_mapped(self, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SafetensorsFile, "view", view)
+        mp.setattr(SafetensorsFile, "mapped", mapped)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(path)
+    files = hf_tensors(path)
+    aligned = {n for n in sf.keys() if sf.aligned(n)}
+    assert (len(aligned) == len(sf.keys())) == (residue == 0)
+    assert set(views) == aligned and set(maps) == set(sf.keys()) - aligned
+    for name in sf.keys():
+        p = hf_to_ours(name)
+        v = model_params(model)[p].get_value()
+        np.testing.assert_array_equal(np.asarray(v), files[p])
+        assert v.unsafe_buffer_pointer() % safetensors_io.ALIGNMENT == 0
+        if name in views:
+            assert v.unsafe_buffer_pointer() == views[name], f"{name} was copied, not adopted"
+    del model
+    # a cast always copies (the fp32 file loaded as bf16), never maps the file for good
+    views.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SafetensorsFile, "view", view)
+        Qwen2VLForConditionalGeneration.from_pretrained(path, dtype="bfloat16")
+    assert not views
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_file_truncated_after_its_header_was_read_is_a_checkpoint_error(tiny_checkpoint, tmp_path, dtype):
+    """Between the header check and the data (zero-copy view or mapped copy): a CheckpointError naming the file,
+    never a crash on a page past the end of the file."""
+    path, _ = _with_data_start(tiny_checkpoint, tmp_path / "t", 0)
+    f = path / "model.safetensors"
+    real_match = params_lib.match_checkpoint
+
+    def match_then_truncate(*a, **k):
+        refs = real_match(*a, **k)
+        os.truncate(f, f.stat().st_size - 1000)
+        return refs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(params_lib, "match_checkpoint", match_then_truncate)
+        with pytest.raises(CheckpointError, match=r"corrupt checkpoint file: .*model.safetensors: short read"):
+            Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+
+
+def test_an_error_in_a_copy_thread_reaches_the_caller(tiny_checkpoint, monkeypatch):
+    """The chunked copy's worker threads: the first error is raised by from_pretrained, after every chunk ended."""
+    calls = []
+    real = params_lib._cast_into
+
+    def failing(out, src):
+        calls.append(out.size)
+        if len(calls) == 3:
+            raise CheckpointError("corrupt checkpoint file: boom")
+        real(out, src)
+
+    monkeypatch.setattr(params_lib, "CHUNK_BYTES", 256)
+    monkeypatch.setattr(params_lib, "_cast_into", failing)
+    monkeypatch.setenv("QWEN2VL_JAX_LOAD_THREADS", "2")
+    with pytest.raises(CheckpointError, match="boom"):
+        Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
 
 
 # ----------------------------------------------------------------------------------------- source errors
@@ -327,12 +429,37 @@ def test_tensors_are_read_into_aligned_buffers_that_become_the_parameters(tiny_c
 
 
 def test_cast_rounds_like_astype_into_an_aligned_buffer():
+    from concurrent.futures import ThreadPoolExecutor
+
     x = np.random.default_rng(0).standard_normal((33, 17)).astype(np.float32) * 1e3
-    for dtype in (ml_dtypes.bfloat16, np.float32):
-        for src in (x, x.astype(ml_dtypes.bfloat16)):
-            out = params_lib._cast(src, np.dtype(dtype))
-            if src.dtype == dtype:
-                assert out is src  # no copy when nothing changes
-            else:
-                assert out.dtype == dtype and out.ctypes.data % safetensors_io.ALIGNMENT == 0
-            np.testing.assert_array_equal(out.view(np.uint8), src.astype(dtype).view(np.uint8))
+    x[0, :3] = [np.nan, np.inf, -0.0]
+    with ThreadPoolExecutor(2) as pool, pytest.MonkeyPatch.context() as mp:
+        for chunk in (params_lib.CHUNK_BYTES, 100):  # whole, and split over the threads in uneven chunks
+            mp.setattr(params_lib, "CHUNK_BYTES", chunk)
+            for dtype in (ml_dtypes.bfloat16, np.float32):
+                for src in (x, x.astype(ml_dtypes.bfloat16)):
+                    for p in (None, pool):
+                        out = params_lib._cast(src, np.dtype(dtype), p)
+                        if src.dtype == dtype:
+                            assert out is src  # no copy when nothing changes
+                        else:
+                            assert out.dtype == dtype and out.ctypes.data % safetensors_io.ALIGNMENT == 0
+                        np.testing.assert_array_equal(out.view(np.uint8), src.astype(dtype).view(np.uint8))
+    # bf16 -> fp32 by shifting the bits is ml_dtypes' cast exactly, for all 65536 bf16 values (NaNs included)
+    every = np.arange(1 << 16, dtype=np.uint16).view(ml_dtypes.bfloat16)
+    out = np.empty(every.shape, np.float32)
+    params_lib._cast_into(out, every)
+    np.testing.assert_array_equal(out.view(np.uint32), every.astype(np.float32).view(np.uint32))
+
+
+def test_our_writer_aligns_data_to_64_bytes(tmp_path):
+    """Our files load zero-copy: the header is padded with spaces (as the reference writer pads to 8) to 64."""
+    for n in range(1, 70, 7):
+        path = tmp_path / f"x{n}.safetensors"
+        save_file({"a" * n: np.arange(16, dtype=np.float32), "b": np.ones((4, 8), ml_dtypes.bfloat16)}, path)
+        sf = SafetensorsFile(path)
+        assert sf.data_start % 64 == 0 and all(sf.aligned(k) for k in sf.keys())
+        np.testing.assert_array_equal(sf.read("a" * n), np.arange(16, dtype=np.float32))
+        np.testing.assert_array_equal(sf.view("b"), np.ones((4, 8), ml_dtypes.bfloat16))
+        with sf.mapped("a" * n) as v:
+            np.testing.assert_array_equal(v, np.arange(16, dtype=np.float32))

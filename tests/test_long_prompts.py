@@ -35,6 +35,46 @@ def test_chunked_attention_equals_whole_row_softmax(B, T, S, N, K, H, blocks):
     assert helpers.rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.parametrize("tower", ["text", "vision"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_in_row_blocks_equals_the_whole_call(tower, dtype, monkeypatch):
+    """A long prefill's (or a large image's) MLP runs in row blocks (layers.MLP_ROW_BLOCK): every row's numbers are
+    the whole call's, the hook point `mlp.act` still sees every row, and short calls are untouched."""
+    from flax import nnx
+
+    from qwen2vl_jax import demo, hook_points, layers, text, vision
+    from qwen2vl_jax.config import Qwen2VLConfig
+
+    config = Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
+    if tower == "text":
+        mlp, width = text.MLP(config.text_config, param_dtype=dtype, rngs=nnx.Rngs(0)), config.text_config.hidden_size
+        shape, name, act_width = (2, 1500, width), "text.layers.0.mlp", config.text_config.intermediate_size
+    else:
+        cfg = config.vision_config
+        mlp, width = vision.VisionMLP(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)), cfg.embed_dim
+        shape, name, act_width = (3000, width), "vision.blocks.0.mlp", cfg.mlp_dim
+    x = jax.random.normal(jax.random.key(1), shape, dtype)  # 3000 rows: 3 blocks of 1000
+    monkeypatch.setattr(layers, "MLP_ROW_BLOCK", 1024)
+    blocks = jax.jit(lambda x: mlp(x))
+    assert "while" in blocks.lower(x).as_text()  # really in blocks (lax.map)
+    monkeypatch.setattr(layers, "MLP_ROW_BLOCK", 10**6)
+    whole = jax.jit(lambda x: mlp(x))
+    assert "while" not in whole.lower(x).as_text()
+    # fp32: the same numbers. bf16: XLA:CPU computes bf16 elementwise ops in fp32 and rounds at fusion boundaries,
+    # which differ inside the loop, so a value may round once less or more: within one bf16 ulp (2^-8 = 3.9e-3).
+    tol = 1e-6 if dtype == jnp.float32 else 2**-8
+    assert helpers.rel_err(blocks(x), whole(x)) <= tol
+    monkeypatch.setattr(layers, "MLP_ROW_BLOCK", 1024)
+    hookset = hook_points.make_hookset(config, None, [f"{name}.act"])
+
+    def recorded(x):
+        with hook_points.install(hookset) as run:
+            return mlp(x), run.records[f"{name}.act"]
+
+    y, act = jax.jit(recorded)(x)
+    assert act.shape == (*shape[:-1], act_width) and helpers.rel_err(y, whole(x)) <= tol
+
+
 def _prefill(model, ids, mask):
     """The prefill as `generate` runs it (logits of the last position only; the [B, T, V] logits of a 4k prompt
     would be 2.5 GB a row), with the final hidden state of every position recorded."""

@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qwen2vl_jax"
 MAX_LINES = 500
 
-# Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI.
+# Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI. (`memory`, the
+# request-size estimate that generation and the CLI consult, sits here for the same rule: it reads config and buckets.)
 MODEL_MATH = ["layers", "vision", "text", "model", "config", "rope_index", "buckets", "attention", "kernels",
-              "hook_points"]
+              "hook_points", "memory"]
 ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetune_checkpoint", "cli_finetune", "hooks",
                    "interventions", "geometry", "demo",
-                   "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "selfcheck",
-                   "sharding", "processing"]
+                   "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "cli_common",
+                   "cli_chat", "selfcheck", "sharding", "processing", "sampling"]
 
 
 def _modules() -> dict[str, Path]:
