@@ -90,9 +90,6 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
-        if text.startswith(URL_PREFIXES):
-            raise ValueError(f"image URLs are not fetched ({text!r}); download the image and pass its bytes, a PIL "
-                             "image or a local path")
         if text.startswith("data:image"):
             if "base64," not in text:
                 raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")
@@ -101,7 +98,7 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
             except (binascii.Error, ValueError) as err:
                 raise ValueError(f"could not decode the base64 image data: {err}") from err
             return _open_pil(io.BytesIO(data), "from base64 data", exif_transpose)
-        path = check_media_path(text, "image")  # file:// stripped; not found / directory / unreadable
+        path = check_media_path(text, "image")  # file:// stripped; URL / not found / directory / unreadable
         with open(path, "rb") as fp:
             return _open_pil(fp, repr(path), exif_transpose)
     raise ValueError(f"unsupported image input of type {type(source).__name__}: expected a PIL image, a numpy "
