@@ -199,6 +199,10 @@ def prefill_bytes(config: Qwen2VLConfig, batch: int, prompt_slots: int, slots: i
     # alive across the layers: embeddings / residual in and out, cos / sin, the [B, T, S] mask, ids and positions,
     # the vision features scattered into the prompt; the repetition-penalty table (host and device)
     persistent = 3 * B * T * D * a + 2 * B * T * H * 4 + B * T * S + 4 * B * T * 4 + 2 * B * V
+    # XLA's plan for the unrolled layers keeps about one [B, T, D] buffer per layer alive to the end (the program's
+    # temporaries grow 12 MB per layer at 4k tokens, 48 MB at 8k on the 2B: `memory_analysis`); the 16k-token bf16
+    # prefill of the full 2B peaked 3.7 GB above its weights and KV cache where the 2-layer slice stayed at 1.4 GB.
+    persistent += t.num_hidden_layers * B * T * D * 4
     if vision_tokens:
         persistent += vision_tokens * D * a + B * T * D * a
     qkv = _dot(B * T, N * H, a) + 2 * _dot(B * T, K * H, a) + B * T * N * H * a  # + rotated q
