@@ -139,23 +139,16 @@ def choose_dtype(args, directory: Path) -> str:
 
 
 def load_model(args, directory: Path, dtype: str):
-    from .attention import AttentionBackendError
-    from .params import CheckpointError
+    """The model (and `--adapter`); checkpoint, backend and adapter errors reach `cli.main` as user errors."""
     from .pretrained import Qwen2VLForConditionalGeneration
 
-    try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
-                                                                attn_implementation=args.attn_implementation,
-                                                                progress=not getattr(args, "quiet", False))
-    except (FileNotFoundError, CheckpointError, AttentionBackendError) as e:
-        raise UserError(str(e)) from None
+    model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
+                                                            attn_implementation=args.attn_implementation,
+                                                            progress=not getattr(args, "quiet", False))
     if getattr(args, "adapter", None):
-        from .lora import LoRAError, load_adapter
+        from .lora import load_adapter
 
-        try:  # kept unmerged: the adapted model computes exactly what PEFT's does
-            load_adapter(model, args.adapter)
-        except LoRAError as e:
-            raise UserError(str(e)) from None
+        load_adapter(model, args.adapter)  # kept unmerged: the adapted model computes exactly what PEFT's does
     return model
 
 
