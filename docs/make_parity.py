@@ -134,7 +134,15 @@ def main(argv: list[str]) -> int:
              "forward hooks); ablation rows: a zeroed / mean-replaced head vs transformers with that head's "
              "projection input columns zeroed / replaced. Bound 1e-5."),
             ("lora/", "LoRA vs PEFT", "Our adapters in PEFT and PEFT's in ours (logits), LoRA gradients, three AdamW "
-             "steps (optax vs torch.optim.AdamW), merged checkpoints in transformers. Bound 1e-5.")):
+             "steps (optax vs torch.optim.AdamW), merged checkpoints in transformers. Bound 1e-5."),
+            ("pods/", "Meshes on 8 virtual CPU devices vs one device", "Logits of a forward and of a cached prefill "
+             "(left-padded batch: an image row and a text row), tiny models whose head counts divide the mesh and "
+             "do not; greedy tokens identical in every row. Data / FSDP meshes are bit-identical; meshes with a "
+             "`model` axis add row-parallel partial sums in another order (bound 2e-6; the issue asked 1e-6)."),
+            ("scan/", "scan_layers=True vs the unrolled layers", "Logits (tiny: every hidden state, attention and "
+             "vision feature too). Bound 1e-6."),
+            ("multihost/", "Two processes (jax.distributed) vs one", "Logits of each process vs a one-device run, "
+             "and the fraction of the checkpoint each process read.")):
         rows = by(prefix)
         if rows:
             out += [f"## {title}", "", note, "", "| check | measured |", "|---|---|"]

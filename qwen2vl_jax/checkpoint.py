@@ -163,35 +163,51 @@ def _unfilled(model) -> list[str]:
 
 def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None = None,
                     local_files_only: bool | None = None, revision: str | None = None, progress: bool = False,
-                    cache_dir: str | os.PathLike | None = None, place=None, mesh=None, sharding_rules=None):
+                    cache_dir: str | os.PathLike | None = None, place=None, mesh=None, sharding_rules=None,
+                    scan_layers: bool = False):
     """Build `cls` from a checkpoint (any source `open_checkpoint` accepts), streaming tensor by tensor.
 
     The model is created abstract (`nnx.eval_shape`), so the only weight memory is the loaded parameters plus
     one tensor in flight. `dtype`: None / "float32", "bfloat16", or "auto" (the checkpoint's dtype). `place`:
     optional `(path, array) -> jax.Array` to place each tensor. `mesh` (a `jax.sharding.Mesh`, e.g.
-    `sharding.make_mesh(model=4)`): stream each tensor straight to its shards per `sharding.LOGICAL_RULES` (or
-    `sharding_rules`). `attn_implementation`: the attention backend (`qwen2vl_jax.attention`).
+    `sharding.make_mesh(data=2, model=4)`): each parameter is assembled from the slices its devices hold, read from
+    the files by the processes that hold them (`params.load_sharded`; multi-host jobs read only their slices), per
+    `sharding.LOGICAL_RULES` (or `sharding_rules`), and the model constrains its activations and KV cache by the
+    same rules. `scan_layers`: stack each tower's layers (`config.scan_layers`). `attn_implementation`: the
+    attention backend (`qwen2vl_jax.attention`).
     """
     if attn_implementation is not None:  # a bad name fails here, before anything is read
         resolve_attention(attn_implementation)
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision, cache_dir=cache_dir)
     param_dtype = resolve_dtype(dtype, ckpt.files)
-    model = abstract_model(cls, ckpt.config.replace(attn_implementation=attn_implementation), param_dtype)
-    if mesh is not None:
-        if place is not None:
-            raise ValueError("pass either `place` or `mesh`, not both")
-        from .sharding import LOGICAL_RULES, placer
-
-        place = placer(model, mesh, LOGICAL_RULES if sharding_rules is None else sharding_rules)
+    config = ckpt.config.replace(attn_implementation=attn_implementation, scan_layers=bool(scan_layers))
+    model = abstract_model(cls, config, param_dtype)
+    if mesh is not None and place is not None:
+        raise ValueError("pass either `place` or `mesh`, not both")
+    if scan_layers and place is not None:
+        raise ValueError("`place` loads tensor by tensor; a scan_layers=True model is loaded by slices (use `mesh`)")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc=f"loading {ckpt.directory.name}")
     try:
-        kwargs = {} if place is None else {"place": place}
-        params_lib.load_into(model, ckpt.files, ckpt.layout, progress=bar.update if bar else None,
-                             ignore=ckpt.ignore, **kwargs)
+        update = bar.update if bar else None
+        if mesh is not None or scan_layers:
+            from .sharding import LOGICAL_RULES, Partitioning, param_shardings, set_partitioning
+
+            if mesh is not None:
+                rules = LOGICAL_RULES if sharding_rules is None else sharding_rules
+                shardings = param_shardings(model, mesh, rules)
+            else:
+                device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                shardings = {path: device for path in params_lib.model_params(model)}
+            params_lib.load_sharded(model, ckpt.files, ckpt.layout, shardings, progress=update, ignore=ckpt.ignore)
+            if mesh is not None:
+                set_partitioning(model, Partitioning.of(mesh, rules))
+        else:
+            kwargs = {} if place is None else {"place": place}
+            params_lib.load_into(model, ckpt.files, ckpt.layout, progress=update, ignore=ckpt.ignore, **kwargs)
     finally:
         if bar is not None:
             bar.close()

@@ -1,4 +1,4 @@
-"""The `qwen2vl-jax` command line: generate, chat (cli_chat.py), convert, info, selfcheck, finetune
+"""The `qwen2vl-jax` command line: generate, chat (cli_chat.py), convert, info, plan (plan.py), selfcheck, finetune
 (cli_finetune.py); shared pieces in cli_common.py.
 
 User errors (a missing file, an unreadable image, a corrupt checkpoint, an invalid config.json, an unknown model id
@@ -135,6 +135,35 @@ def cmd_convert(args) -> int:
         raise UserError(str(e)) from None
 
 
+def cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from . import plan as plan_lib
+    from .config import PRESETS, Qwen2VLConfig
+    from .sharding import parse_mesh
+
+    if args.table or args.rules:
+        print(plan_lib.plan_table() if args.table else plan_lib.rules_table())
+        return 0
+    if args.model is None:
+        raise UserError("plan needs --model (a preset: 2b, 7b, 72b, or a checkpoint directory), or --table / --rules")
+    try:
+        mesh = parse_mesh(args.mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.model.lower() in PRESETS:
+        config = PRESETS[args.model.lower()]()
+    elif Path(args.model).is_dir():
+        config = Qwen2VLConfig.from_hf(args.model)  # a bad config.json is a ConfigError: one line
+    else:
+        raise UserError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+    result = plan_lib.plan(config, mesh, batch=args.batch, context=args.context or
+                           config.text_config.max_position_embeddings, dtype=args.dtype,
+                           scan_layers=args.scan_layers, name=args.model)
+    print(json.dumps(result.as_dict()) if args.json else result.text())
+    return 0
+
+
 def cmd_selfcheck(args) -> int:
     from .selfcheck import run_selfcheck
 
@@ -153,6 +182,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention backend: xla, cpu (native CPU kernels), jax (jax.nn.dot_product_attention), "
                         "pallas (TPU flash attention); default: cpu where the kernels build, else xla")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+
+
+def _add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", metavar="AXES", help="run on a device mesh, e.g. data=2,model=4 (axes data / fsdp / "
+                                                  "model; their product <= the devices; per-device memory: "
+                                                  "`qwen2vl-jax plan`)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the layers and run them with lax.scan (one compiled block: faster compiles on pods)")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -180,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="answer one prompt about images / a video")
     _add_model_args(p)
+    _add_mesh_args(p)
     _add_generation_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -191,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /video PATH, /reset, /exit)")
     _add_model_args(p)
+    _add_mesh_args(p)
     _add_generation_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -207,6 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="per-device bytes of the parameters, KV cache and largest activation on a mesh")
+    p.add_argument("--model", help="a preset (2b, 7b, 72b) or a checkpoint directory (its config.json)")
+    p.add_argument("--mesh", default="data=1,fsdp=1,model=1", help="mesh axis sizes, e.g. data=1,fsdp=1,model=8")
+    p.add_argument("--batch", type=positive(int), default=1, help="rows of the batch (default 1)")
+    p.add_argument("--context", type=positive(int), help="tokens per row: prefill length and KV cache slots "
+                                                         "(default: the model's max_position_embeddings)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and activations")
+    p.add_argument("--scan-layers", action="store_true", help="plan stacked [L, ...] layers (the same totals)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (exact bytes)")
+    p.add_argument("--table", action="store_true",
+                   help="print docs/SCALING.md's markdown table (2B / 7B / 72B on common TPU and GPU slices)")
+    p.add_argument("--rules", action="store_true", help="print the sharding rules as a markdown table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("selfcheck", help="offline parity check against PyTorch on random weights")
     p.add_argument("--preset", choices=["2b", "7b", "72b"], default="2b")

@@ -144,12 +144,26 @@ def load_model(args, directory: Path, dtype: str):
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=dtype,
                                                             attn_implementation=args.attn_implementation,
-                                                            progress=not getattr(args, "quiet", False))
+                                                            progress=not getattr(args, "quiet", False),
+                                                            mesh=mesh_from(args),
+                                                            scan_layers=getattr(args, "scan_layers", False))
     if getattr(args, "adapter", None):
         from .lora import load_adapter
 
         load_adapter(model, args.adapter)  # kept unmerged: the adapted model computes exactly what PEFT's does
     return model
+
+
+def mesh_from(args):
+    """The device mesh of `--mesh data=..,fsdp=..,model=..` (None without the flag)."""
+    if not getattr(args, "mesh", None):
+        return None
+    from .sharding import make_mesh, parse_mesh
+
+    try:
+        return make_mesh(**parse_mesh(args.mesh))
+    except ValueError as e:
+        raise UserError(f"--mesh: {e}") from None
 
 
 def load_processor(args, directory: Path):
@@ -209,6 +223,10 @@ def check_memory(args, directory: Path, dtype: str, inputs, *, may_switch: bool 
     from .attention import resolve
     from .config import Qwen2VLConfig
     from .memory import InsufficientMemory, check_fits, estimate_request
+
+    if getattr(args, "mesh", None):  # the estimate is one host's; a mesh's per-device bytes: `qwen2vl-jax plan`
+        mesh_from(args)  # a bad --mesh fails here, before the weights are read
+        return dtype
 
     config = Qwen2VLConfig.from_hf(directory)
     backend = resolve(args.attn_implementation)  # the backend that will run: its vision attention's memory differs

@@ -168,12 +168,17 @@ class Qwen2VLConfig:
     # Which attention backend runs (`qwen2vl_jax.attention`: "xla", "cpu", "jax", "pallas" or a registered name;
     # None: the platform's default). A runtime choice like transformers' `_attn_implementation`: never saved.
     attn_implementation: str | None = None
+    # Stack each tower's layers and run them with `jax.lax.scan` (one compiled block instead of one per layer:
+    # compile time on pods; `sharding` "layers" axis). A runtime choice, never saved; the unrolled loop stays the
+    # default because it is faster on XLA:CPU (docs/BENCHMARKS.md).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _require(self.attn_implementation is None or isinstance(self.attn_implementation, str),
                  "attn_implementation", f"must be a backend name or None, got {self.attn_implementation!r}")
+        _require(isinstance(self.scan_layers, bool), "scan_layers", f"must be True or False, got {self.scan_layers!r}")
         _require(self.vision_config.hidden_size == self.text_config.hidden_size, "vision_config.hidden_size",
                  f"the merger outputs {self.vision_config.hidden_size} features but the decoder is "
                  f"{self.text_config.hidden_size} wide")

@@ -41,6 +41,7 @@ from .checkpoint import (
     resolve_dtype,
 )
 from .config import Qwen2VLConfig
+from .layers import checkpoint_params
 from .model import Qwen2VL
 from .safetensors_io import TensorSpec, write_checkpoint
 
@@ -117,16 +118,17 @@ def _from_checkpoint(ckpt: Checkpoint, out: params_lib.KeyLayout, dtype: np.dtyp
 
 def _from_model(model, out: params_lib.KeyLayout, dtype: np.dtype | None) -> _Tensors:
     """Every parameter of an in-memory model, fetched to the host one at a time."""
-    params = params_lib.model_params(model)
     specs, sources = [], {}
-    for path, p in params.items():
-        spec = TensorSpec(out.to_name(path), dtype or np.dtype(p.dtype), tuple(out.file_shape(path, p.shape)))
+    for path, (p, layer) in checkpoint_params(model).items():  # a scan_layers model's stacked params, per layer
+        shape = p.shape if layer is None else p.shape[1:]
+        spec = TensorSpec(out.to_name(path), dtype or np.dtype(p.dtype), tuple(out.file_shape(path, shape)))
         specs.append(spec)
-        sources[spec.name] = (path, p, spec.dtype)
+        sources[spec.name] = (path, p, layer, spec.dtype)
 
     def read(name: str) -> np.ndarray:
-        path, p, dt = sources[name]
-        return out.to_file(path, np.asarray(jax.device_get(p.get_value()))).astype(dt, copy=False)
+        path, p, layer, dt = sources[name]
+        value = p.get_value() if layer is None else p.get_value()[layer]
+        return out.to_file(path, np.asarray(jax.device_get(value))).astype(dt, copy=False)
 
     return _Tensors(specs, read)
 

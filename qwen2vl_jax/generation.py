@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import partitioning as partitioning_lib
 from .buckets import bucket, pow2_bucket
 from .hook_points import HookSet, hook_point_axes, install, make_hookset
 from .model import PreparedInputs, Qwen2VL, as_attention_mask
@@ -116,15 +117,12 @@ def _prefill(model, ids, mask, pos, vision, vision_index, cache, hooks=None, off
 
 
 def _start(logits_BV, cache: KVCache, seen, rng, knobs, offset, *, do_sample, keep_logits, cache_length, n_bucket,
-           record_shapes=()):
+           record_shapes=(), partitioning=None):
     """Grow the prefilled cache to `cache_length` slots, set up the decode state and pick the first token. No model
     inside: this small program is the only one compiled per (prompt bucket, cache bucket) pair."""
     TRACE_COUNTS["start"] += 1
-    grow = cache_length - cache.max_length
-    cache = dataclasses.replace(
-        cache, keys=[jnp.pad(k, ((0, 0), (0, grow), (0, 0), (0, 0))) for k in cache.keys],
-        values=[jnp.pad(v, ((0, 0), (0, grow), (0, 0), (0, 0))) for v in cache.values],
-        mask_BS=jnp.pad(cache.mask_BS, ((0, 0), (0, grow))))
+    with partitioning_lib.active(partitioning):  # the grown cache keeps the model's KV cache sharding
+        cache = cache.grown(cache_length - cache.max_length)
     B, V = seen.shape
     # a decode step's value of each recorded point: the prefill's with one token on the token axis
     step_buffers = {n: jnp.zeros((n_bucket, *shape), dtype) for n, shape, dtype in record_shapes}
@@ -184,7 +182,8 @@ def _join_records(axes: dict[str, str], prefill: dict, steps: dict | None, extra
 
 
 _prefill_jit = jax.jit(_prefill, donate_argnames=("cache",))
-_start_jit = jax.jit(_start, static_argnames=("do_sample", "keep_logits", "cache_length", "n_bucket", "record_shapes"))
+_start_jit = jax.jit(_start, static_argnames=("do_sample", "keep_logits", "cache_length", "n_bucket", "record_shapes",
+                                             "partitioning"))
 _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("do_sample",), donate_argnames=("state",))
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("do_sample",), donate_argnames=("state",))
 
@@ -282,7 +281,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
                            str(v.dtype)) for name, v in prefill_records.items())
     state = _start_jit(last_logits, cache, jnp.asarray(seen), jax.random.key(gc.seed), knobs, offset,
                        do_sample=gc.do_sample, keep_logits=output_logits, cache_length=cache_length,
-                       n_bucket=n_bucket, record_shapes=record_shapes)
+                       n_bucket=n_bucket, record_shapes=record_shapes, partitioning=model.partitioning)
     del cache, last_logits  # the prompt-sized cache: freed once `_start` has copied it
     first = np.asarray(state.last_B)  # waits for the prefill
     t1 = time.perf_counter()

@@ -24,15 +24,24 @@ from flax import nnx
 
 from . import kernels
 from .config import REMAT_POLICIES
+from .partitioning import gathered_weight
 
 
 class LoRAParam(nnx.Param):
     """A low-rank adapter's parameter (`qwen2vl_jax.lora`): trainable on its own, never part of a base checkpoint."""
 
 
-def param(value, axes: tuple[str | None, ...], kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
-    """A parameter annotated with logical axis names (placed on a mesh by `sharding`)."""
-    return kind(value, out_sharding=axes, eager_sharding=False)
+def param(value, axes: tuple, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+    """A parameter annotated with logical axis names, one entry per dimension (placed on a mesh by `sharding`): a
+    name, None, or a flattened dimension's factors `((name, size), ...)`, e.g. q_proj's rows `(("q_heads", N),
+    ("head_dim", H))`. flax's `out_sharding` metadata gets each dimension's leading name."""
+    flat = tuple(a if a is None or isinstance(a, str) else a[0][0] for a in axes)
+    return kind(value, out_sharding=flat, logical_axes=tuple(axes), eager_sharding=False)
+
+
+def heads_axis(heads: str, n: int, head_dim: str, h: int) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The logical axis of a flattened `[n * h]` heads dimension: whole heads are the unit of any split."""
+    return ((heads, n), (head_dim, h))
 
 
 def param_path(path: tuple) -> str:
@@ -44,6 +53,55 @@ def model_params(model: nnx.Module, *, adapters: bool = False) -> dict[str, nnx.
     a checkpoint holds. `adapters=True` adds the LoRA parameters (`LoRAParam`)."""
     return {param_path(path): node for path, node in nnx.iter_graph(model)
             if isinstance(node, nnx.Param) and (adapters or not isinstance(node, LoRAParam))}
+
+
+# `scan_layers=True` models stack each tower's layers: one parameter `[L, ...]` per layer parameter, under these
+# prefixes (`language_model.layers.self_attn.q_proj.weight` holds every `language_model.layers.{i}.self_attn...`).
+STACKED_PREFIXES = ("language_model.layers.", "visual.blocks.")
+
+
+def stacked_prefix(path: str) -> str | None:
+    """The stacking prefix of a stacked parameter's path (None for a per-layer or unstacked path)."""
+    for prefix in STACKED_PREFIXES:
+        if path.startswith(prefix) and not path[len(prefix):].split(".", 1)[0].isdigit():
+            return prefix
+    return None
+
+
+def checkpoint_params(model: nnx.Module) -> dict[str, tuple[nnx.Param, int | None]]:
+    """`{checkpoint path: (parameter, layer)}`: what a checkpoint holds, per layer. Unstacked parameters map to
+    themselves (layer None); a stacked `[L, ...]` parameter of a `scan_layers=True` model maps from each of its L
+    per-layer paths (`language_model.layers.{i}...`), with `layer` = i (the slice `param[i]`)."""
+    out: dict[str, tuple[nnx.Param, int | None]] = {}
+    for path, p in model_params(model).items():
+        prefix = stacked_prefix(path)
+        if prefix is None:
+            out[path] = (p, None)
+        else:
+            rest = path[len(prefix):]
+            for i in range(p.shape[0]):
+                out[f"{prefix}{i}.{rest}"] = (p, i)
+    return out
+
+
+def checkpoint_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """`{checkpoint path: shape}` (per layer; see `checkpoint_params`)."""
+    return {path: tuple(p.shape[1:] if i is not None else p.shape) for path, (p, i) in checkpoint_params(model).items()}
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """One module of `modules[0]`'s structure whose parameters are the L modules' stacked on a new leading axis
+    (logical axis "layers"): what `jax.lax.scan` runs over (`scan_layers=True`). The modules' static attributes
+    (a layer's name and index) are the first's."""
+    graphdef, _ = nnx.split(modules[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    module = nnx.merge(graphdef, stacked)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            meta = node.get_metadata()
+            node.set_metadata(out_sharding=("layers", *meta["out_sharding"]),
+                              logical_axes=("layers", *meta["logical_axes"]))
+    return module
 
 
 def remat_policy(name: str):
@@ -96,7 +154,7 @@ class Linear(nnx.Module):
         self.lora = nnx.data(None)  # a low-rank adapter, set by `qwen2vl_jax.lora.apply_lora` (None: plain nn.Linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense(x, self.weight[...], None if self.bias is None else self.bias[...])
+        y = dense(x, gathered_weight(self.weight[...], self.axes), None if self.bias is None else self.bias[...])
         if self.lora is not None:
             # peft `lora.Linear.forward`: base result + B(A(dropout(x))) * scaling computed in the adapter's dtype,
             # the sum cast back to the base result's dtype.
@@ -116,14 +174,14 @@ class Embed(nnx.Module):
         return jnp.take(self.weight[...], ids_BT, axis=0)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return dense(x_BTD, self.weight[...])
+        return dense(x_BTD, gathered_weight(self.weight[...], ("vocab", "embed")))
 
 
 class LayerNorm(nnx.Module):
     """torch.nn.LayerNorm (biased variance, eps inside the sqrt), computed in fp32 and cast back."""
 
     def __init__(self, features: int, *, eps: float, axis_name: str, param_dtype=jnp.float32):
-        self.eps = eps
+        self.eps, self.axis_name = eps, axis_name
         self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
         self.bias = param(jnp.zeros((features,), param_dtype), (axis_name,))
 
@@ -132,7 +190,8 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        w, b = (gathered_weight(p[...], (self.axis_name,)) for p in (self.weight, self.bias))
+        y = y * w.astype(jnp.float32) + b.astype(jnp.float32)
         return y.astype(x.dtype)
 
 
@@ -147,7 +206,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return gathered_weight(self.weight[...], ("embed",)) * x32.astype(x.dtype)
 
 
 def apply_rotary(x_XNH: jax.Array, cos_XH: jax.Array, sin_XH: jax.Array) -> jax.Array:

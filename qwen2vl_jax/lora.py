@@ -126,6 +126,12 @@ def lora_modules(model: nnx.Module) -> dict[str, Linear]:
 
 
 # --------------------------------------------------------------------------------------------------- apply
+def _check_unstacked(model) -> None:
+    if getattr(model.config, "scan_layers", False):
+        raise LoRAError("LoRA adapters attach to each layer's Linear; a scan_layers=True model stacks the layers: "
+                        "load it with scan_layers=False to use LoRA")
+
+
 def apply_lora(model: Qwen2VL, rank: int, alpha: float | None = None, target_modules=None, *, dropout: float = 0.0,
                use_rslora: bool = False, dtype=jnp.float32, seed: int = 0) -> dict[str, Linear]:
     """Add a LoRA adapter (A random, B zero: the model's output is unchanged) to each target Linear.
@@ -139,6 +145,7 @@ def apply_lora(model: Qwen2VL, rank: int, alpha: float | None = None, target_mod
         raise LoRAError(f"rank must be a positive integer, got {rank!r}")
     if not 0.0 <= dropout < 1.0:
         raise LoRAError(f"dropout must be in [0, 1), got {dropout}")
+    _check_unstacked(model)
     alpha = float(rank if alpha is None else alpha)
     targets = DEFAULT_TARGETS if target_modules is None else target_modules
     if not isinstance(targets, str):
@@ -276,6 +283,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
 def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.float32) -> dict[str, Linear]:
     """Load a PEFT LoRA adapter (written by PEFT or by `save_adapter`) onto `model`: every tensor is checked
     against the model before anything changes; returns the adapted Linears."""
+    _check_unstacked(model)
     d = Path(adapter_dir)
     cfg = read_adapter_config(d)
     weights = d / ADAPTER_WEIGHTS

@@ -21,6 +21,8 @@ from .attention import resolve as resolve_attention
 from .config import Qwen2VLConfig
 from .hook_points import HookSet, install, point
 from .layers import Linear, model_params, remat_policy
+from .partitioning import active as use_partitioning
+from .partitioning import constrain
 from .rope_index import get_rope_index
 from .text import KVCache, TextModel
 from .vision import VisionLayout, VisionTransformer
@@ -111,12 +113,14 @@ class Qwen2VL(nnx.Module):
         self.config = config
         attn = config.attn_implementation
         self.visual = VisionTransformer(config.vision_config, param_dtype=param_dtype, rngs=rngs,
-                                        attn_implementation=attn)
+                                        attn_implementation=attn, scan_layers=config.scan_layers)
         self.language_model = TextModel(config.text_config, param_dtype=param_dtype, rngs=rngs,
-                                        attn_implementation=attn)
+                                        attn_implementation=attn, scan_layers=config.scan_layers)
         t = config.text_config
         self.lm_head = None if config.tie_word_embeddings else Linear(
             t.hidden_size, t.vocab_size, use_bias=False, axes=("vocab", "embed"), param_dtype=param_dtype, rngs=rngs)
+        # a mesh and its rules (`sharding.set_partitioning`): activations and the KV cache are constrained by them
+        self.partitioning = None
 
     @property
     def dtype(self):
@@ -144,7 +148,9 @@ class Qwen2VL(nnx.Module):
             self.visual.remat = policy
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
-        return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype)
+        """An empty cache (stacked for a `scan_layers=True` model; on its shards under a mesh)."""
+        return KVCache.init(self.config.text_config, batch, max_length, dtype or self.dtype,
+                            stacked=self.config.scan_layers, partitioning=self.partitioning)
 
     def num_params(self) -> dict[str, int]:
         counts = {"visual": 0, "language_model": 0, "lm_head": 0}
@@ -209,6 +215,13 @@ class Qwen2VL(nnx.Module):
                 last_only=False, cache_empty=False):
         """Pure device math: embeddings (+ scattered vision features), decoder, logits. `cache_empty`: the
         cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
+        with use_partitioning(self.partitioning):
+            return self._forward(input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache,
+                                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                 last_only=last_only, cache_empty=cache_empty)
+
+    def _forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache, *,
+                 output_hidden_states, output_attentions, last_only, cache_empty):
         x_BTD = self.language_model.embed_tokens(input_ids_BT)
         if vision_MD is not None:
             features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
@@ -219,7 +232,7 @@ class Qwen2VL(nnx.Module):
         if last_only:  # generation needs one row of logits, not [T, V]
             h_BTD = h_BTD[:, -1:]
         logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
-        logits_BTV = point("logits", logits_BTV)
+        logits_BTV = point("logits", constrain(logits_BTV, ("batch", "seq", "vocab")))
         return logits_BTV, cache, hidden, attentions
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

@@ -2,15 +2,18 @@
 
 One table (`KEY_MAP`) names every tensor: Hub name template -> our parameter path. `{i}` is a layer index and `{p}`
 is `weight` / `bias`. Linear weights keep PyTorch's `[out, in]` layout, so every mapping is a copy except the
-patch-embedding Conv3d kernel `[E, C, T, P, P]`, which is flattened to `[E, C*T*P*P]` (same numbers, reference
-§2.2). Names written by transformers >= 4.52 (`model.language_model.*`, `model.visual.*`) are folded into the Hub
-names first (`canonical_hf_name`), like transformers' own `_checkpoint_conversion_mapping`.
+patch-embedding Conv3d kernel `[E, C, T, P, P]`, which is flattened to `[E, C*T*P*P]` (same numbers: transformers
+`PatchEmbed.forward` applies it to whole `[C, T, P, P]` patches, a matmul). Names written by transformers >= 4.52
+(`model.language_model.*`, `model.visual.*`) are folded into the Hub names first (`canonical_hf_name`), like
+transformers' own `_checkpoint_conversion_mapping`.
 
 Loading has two phases. `match_checkpoint` reads only the safetensors headers and pairs every tensor with a
 parameter, collecting every problem (unknown, duplicate, mis-shaped, missing tensors) into one `CheckpointError`
 before any data is read. `load_into` then streams: map one tensor, reshape, copy / cast it into an aligned buffer
 (threads share the work), place it on the device, drop the host copy, next tensor; on the CPU a tensor that needs
 no cast and is 64-byte aligned in its file is not copied at all (the file's memory map becomes the parameter).
+`load_sharded` (a mesh, or stacked layers) instead builds each parameter from the slices this process's devices
+hold, reading only their bytes, so each host of a multi-host job reads its share of the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .layers import model_params, param_path  # noqa: F401  (re-exported: loading names params by path)
+from .layers import checkpoint_params, checkpoint_shapes, model_params, param_path  # noqa: F401  (re-exported)
 from .safetensors_io import INDEX_FILE, SafetensorsError, SafetensorsFile, empty_aligned
 
 KEY_MAP: list[tuple[str, str]] = [
@@ -393,6 +396,91 @@ def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *
             report.bytes_read += ref.nbytes
             if progress is not None:
                 progress(ref.nbytes)
+    return report
+
+
+def _stored_slice(ref: TensorRef, path: str, layout: KeyLayout, shape: tuple, index: tuple) -> np.ndarray:
+    """`layout.to_ours(tensor)[index]` for one checkpoint tensor whose parameter (slice) has `shape`, reading
+    only the selected bytes where the stored and our shapes agree."""
+    sf, name = ref.file, ref.name
+    stored = sf.shape(name)
+    if stored == tuple(shape):
+        return sf.read_slice(name, index)
+    if stored[:1] == tuple(shape[:1]):
+        # A reshaped tensor keeps its leading axis (the Conv3d kernel [E, C, T, P, P] is ours [E, C*T*P*P]): the
+        # selected rows are read whole and cut after reshaping, which reads exactly the slice when the trailing
+        # axis is taken whole (the only split `sharding.LOGICAL_RULES` can give it) and whole rows otherwise.
+        return layout.to_ours(path, sf.read_slice(name, index[:1]))[(slice(None), *index[1:])]
+    return layout.to_ours(path, sf.read_slice(name, ()))[index]
+
+
+def load_sharded(model: nnx.Module, files: list, layout: KeyLayout | None, shardings: dict, *,
+                 progress: Callable[[int], object] | None = None,
+                 ignore: frozenset[str] = frozenset()) -> LoadReport:
+    """Fill every parameter of an abstract model from safetensors files, reading only the slices this process's
+    devices hold: each parameter is `jax.make_array_from_callback(shape, shardings[path], ...)`, whose callback
+    (called for this process's addressable devices only) reads `param[index]` from the files (`read_slice`:
+    just those bytes), cast to the parameter's dtype. Shards repeated on several local devices are read once.
+
+    Handles the stacked `[L, ...]` parameters of `scan_layers=True` models (`layers.checkpoint_params`): the
+    leading slice picks layers, each read from its own tensor. All headers are checked first, as in
+    `load_into`. `progress(nbytes)` follows each parameter; the report counts the bytes this process read.
+    """
+    layout = layout if layout is not None else hf_layout(model.config.vision_config)
+    refs = match_checkpoint(checkpoint_shapes(model), files, layout, ignore=ignore)
+    opened = list({id(r.file): r.file for r in refs.values()}.values())
+    params = model_params(model)
+    path_of = {id(p): path for path, p in params.items()}
+    sources: dict[str, dict[int | None, str]] = {}  # parameter path -> {layer: checkpoint path}, in file order
+    entries = checkpoint_params(model)
+    for ckpt_path in refs:
+        param, layer = entries[ckpt_path]
+        sources.setdefault(path_of[id(param)], {})[layer] = ckpt_path
+    report = LoadReport()
+    workers = load_workers()
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        for path, by_layer in sources.items():
+            param = params[path]
+            shape, dtype = tuple(param.shape), np.dtype(param.dtype)
+
+            def read(index: tuple, by_layer=by_layer, shape=shape, dtype=dtype) -> np.ndarray:
+                index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+                if None in by_layer:
+                    src = _stored_slice(refs[by_layer[None]], by_layer[None], layout, shape, index)
+                    if src.dtype == dtype and src.flags.c_contiguous:
+                        return src
+                    out = empty_aligned(src.shape, dtype)
+                    _fill(out, np.ascontiguousarray(src), pool)
+                    return out
+                first, stop, _ = index[0].indices(shape[0])
+                rest = tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:]))
+                out = empty_aligned((len(range(first, stop)), *rest), dtype)
+                for j, layer in enumerate(range(first, stop)):
+                    src = _stored_slice(refs[by_layer[layer]], by_layer[layer], layout, shape[1:], index[1:])
+                    _fill(out[j], np.ascontiguousarray(src), pool)
+                return out
+
+            cache: dict[tuple, np.ndarray] = {}
+
+            def callback(index: tuple, read=read, cache=cache) -> np.ndarray:
+                key = tuple((s.start, s.stop, s.step) for s in index)  # slices are unhashable before Python 3.12
+                if key not in cache:
+                    cache[key] = read(index)
+                return cache[key]
+
+            before = sum(sf.bytes_read for sf in opened)
+            try:
+                array = jax.make_array_from_callback(shape, shardings[path], callback, dtype=dtype)
+            except SafetensorsError as e:
+                raise CheckpointError(f"corrupt checkpoint file: {e}") from None
+            jax.block_until_ready(array)  # the host slices are in place before the next parameter is read
+            param.set_value(array)
+            del array, cache
+            nbytes = sum(sf.bytes_read for sf in opened) - before
+            report.tensors += len(by_layer)
+            report.bytes_read += nbytes
+            if progress is not None:
+                progress(nbytes)
     return report
 
 

@@ -4,7 +4,8 @@ Why not `safetensors.numpy`: it cannot represent bfloat16 (every Qwen2-VL checkp
 memory-maps the whole file for as long as it is open, so every touched page stays in the loader's RSS. Here the
 loader either maps one tensor at a time (`mapped`: a copy or cast reads it, then it is unmapped) or, when a tensor
 needs no cast and sits on a 64-byte boundary, hands XLA a view of a private map of the file (`view`: the file's
-page-cache pages become the parameter, nothing is copied). The writer asks for one tensor at a time and pads the
+page-cache pages become the parameter, nothing is copied); a sharded load reads just a slice of a tensor
+(`read_slice`: positioned reads of the slice's bytes only). The writer asks for one tensor at a time and pads the
 header so that data starts on a 64-byte boundary, which makes our own files zero-copy. Nothing here can execute
 code from a file: the format is a JSON header plus raw bytes (https://github.com/huggingface/safetensors): an
 8-byte little-endian header size, a JSON header `{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__":
@@ -14,7 +15,9 @@ code from a file: the format is a JSON header plus raw bytes (https://github.com
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -85,6 +88,7 @@ class SafetensorsFile:
         self.entries: dict[str, dict] = header
         self._validate(self.path.stat().st_size - self.data_start)
         self._map: mmap.mmap | None = None  # the whole-file map behind `view`, made on first use
+        self.bytes_read = 0  # bytes fetched by `read` / `read_slice` (a sharded load's per-process I/O)
 
     def _validate(self, data_size: int) -> None:
         for name, e in self.entries.items():
@@ -137,7 +141,46 @@ class SafetensorsFile:
         if n != end - begin:
             raise SafetensorsError(f"{self.path}: short read for {name} ({n} of {end - begin} bytes; "
                                    "was the file truncated while reading?)")
+        self.bytes_read += n
         return out
+
+    def read_slice(self, name: str, index: tuple) -> np.ndarray:
+        """`tensor[index]` for a tuple of unit-step slices (missing trailing ones mean whole axes), reading only
+        the bytes of that hyper-rectangle (with `os.preadv` straight into a fresh 64-byte-aligned array).
+
+        The stored tensor is row-major, so the selection is one contiguous run per combination of the indices
+        before its last partial axis: a block of leading rows is a single read, a column block one read per row.
+        """
+        e = self.entries[name]
+        shape, dtype = tuple(e["shape"]), DTYPES[e["dtype"]]
+        bounds = _slice_bounds(index, shape, f"{self.path}: tensor {name}")
+        out = empty_aligned(tuple(b - a for a, b in bounds), dtype)
+        if out.size == 0:
+            return out
+        # `k`: the last axis not taken whole; axes after it are whole, so each run spans axis k's range x them.
+        k = max((i for i, (a, b) in enumerate(bounds) if (a, b) != (0, shape[i])), default=0)
+        strides = [dtype.itemsize * math.prod(shape[i + 1:]) for i in range(len(shape))]
+        run = (bounds[k][1] - bounds[k][0]) * strides[k] if shape else dtype.itemsize
+        base = self.data_start + e["data_offsets"][0] + sum(a * st for (a, _), st in zip(bounds, strides))
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, lead in enumerate(itertools.product(*(range(b - a) for a, b in bounds[:k]))):
+                offset = base + sum(i * st for i, st in zip(lead, strides))
+                self._pread_into(fd, buf[j * run:(j + 1) * run], offset, name)
+        finally:
+            os.close(fd)
+        self.bytes_read += out.nbytes
+        return out
+
+    def _pread_into(self, fd: int, buf: memoryview, offset: int, name: str) -> None:
+        done = 0
+        while done < len(buf):  # a single read returns at most ~2 GiB on Linux
+            n = os.preadv(fd, [buf[done:]], offset + done)
+            if n == 0:
+                raise SafetensorsError(f"{self.path}: short read for {name} (the file ends at byte "
+                                       f"{offset + done}; was the file truncated while reading?)")
+            done += n
 
 
     # ------------------------------------------------------------------------------------------ memory maps
@@ -195,6 +238,20 @@ class SafetensorsFile:
                 m.close()
             except BufferError:  # the caller kept a view: the map goes when the last view does
                 pass
+
+
+def _slice_bounds(index: tuple, shape: tuple[int, ...], where: str) -> list[tuple[int, int]]:
+    """`[(start, stop)]` per axis for an index of unit-step slices (what `jax.make_array_from_callback` passes)."""
+    index = tuple(index) if isinstance(index, tuple) else (index,)
+    if len(index) > len(shape) or not all(isinstance(s, slice) for s in index):
+        raise IndexError(f"{where}: index {index!r} is not a tuple of at most {len(shape)} slices")
+    out = []
+    for i, size in enumerate(shape):
+        start, stop, step = (index[i] if i < len(index) else slice(None)).indices(size)
+        if step != 1:
+            raise IndexError(f"{where}: only unit-step slices can be read, got {index[i]!r}")
+        out.append((start, max(start, stop)))
+    return out
 
 
 ALIGNMENT = 64  # bytes: XLA:CPU adopts a NumPy buffer aligned like this instead of copying it (jax.device_put)

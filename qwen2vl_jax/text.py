@@ -7,8 +7,9 @@ Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VLText
     h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
 
 Attention scores and softmax are accumulated in fp32 whatever the weight dtype; rotary and norms run in fp32 too.
-The layer loop is a Python loop inside one jit (unrolled): `lax.scan` over stacked layers copies each weight slice
-on XLA:CPU and ran 4x slower (docs/BENCHMARKS.md).
+The layer loop is a Python loop inside one jit (unrolled), the default. `scan_layers=True` stacks the layers and runs
+them with `lax.scan` (one compiled block: the 72B's text forward compiles in 1.2 s instead of 9.6 s on the CPU), but
+on XLA:CPU a scanned bf16 model decodes at a third of the speed (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -24,33 +25,59 @@ from flax import nnx
 from .attention import DecoderMask, get_attention
 from .attention import xla as attention_xla
 from .config import Qwen2VLTextConfig
-from .hook_points import point, recording, set_call, wants
-from .layers import Embed, Linear, RMSNorm, apply_rotary, in_row_blocks, remat_policy, rope_inv_freq
+from .hook_points import HookError, active, point, recording, set_call, wants
+from .layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    heads_axis,
+    in_row_blocks,
+    remat_policy,
+    rope_inv_freq,
+    stack_modules,
+)
+from .partitioning import KV_CACHE_AXES, Partitioning, constrain, kv_cache_spec
+from .partitioning import active as use_partitioning
+
+# Logical axes of the activations (`partitioning.LOGICAL_RULES` maps them to mesh axes).
+RESIDUAL_AXES = ("batch", "seq", "act_embed")  # [B, T, D]
+Q_AXES = ("batch", "seq", "q_heads", "head_dim")  # [B, T, N, H]
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, T, K, H]
 
 
 # ------------------------------------------------------------------------------------------------- KV cache
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """A static, preallocated cache: per layer `[B, S, K, H]` keys and values.
+    """A static, preallocated cache: per layer `[B, S, K, H]` keys and values (a list of L arrays, or one stacked
+    `[L, B, S, K, H]` array each for a `scan_layers=True` model).
 
     All rows share one write index (`length`): batches are left-padded, and `mask_BS` marks which slots hold
     real tokens. `rope_deltas_B` (per row, from `get_rope_index`) places decoded tokens: position of the token
     written at slot `s` is `s + rope_deltas[b]` on all three M-RoPE axes.
     """
 
-    keys: list[jax.Array]
-    values: list[jax.Array]
+    keys: list[jax.Array] | jax.Array
+    values: list[jax.Array] | jax.Array
     mask_BS: jax.Array  # bool
     length: jax.Array  # int32 scalar: slots filled so far
     rope_deltas_B: jax.Array  # int32
 
     @classmethod
-    def init(cls, cfg: Qwen2VLTextConfig, batch: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    def init(cls, cfg: Qwen2VLTextConfig, batch: int, max_length: int, dtype=jnp.float32, *, stacked: bool = False,
+             partitioning: Partitioning | None = None) -> KVCache:
+        """Zeros; with `partitioning`, each layer's keys / values are made in place on their shards
+        (`partitioning.KV_CACHE_AXES`: batch over the data axes, KV heads over "model" where they divide)."""
+        L = cfg.num_hidden_layers
         shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+        full = (L, *shape) if stacked else shape
+        device = None if partitioning is None else jax.sharding.NamedSharding(
+            partitioning.mesh, kv_cache_spec(full, partitioning.mesh, dict(partitioning.rules)))
+        zeros = lambda: jnp.zeros(full, dtype, device=device)
         return cls(
-            keys=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
-            values=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
+            keys=zeros() if stacked else [zeros() for _ in range(L)],
+            values=zeros() if stacked else [zeros() for _ in range(L)],
             mask_BS=jnp.zeros((batch, max_length), bool),
             length=jnp.zeros((), jnp.int32),
             rope_deltas_B=jnp.zeros((batch,), jnp.int32),
@@ -59,6 +86,14 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.mask_BS.shape[1]
+
+    def grown(self, slots: int) -> KVCache:
+        """The cache with `slots` more empty slots at the end (inside jit: generation's `_start`)."""
+        axes = lambda a: KV_CACHE_AXES if a.ndim == 4 else ("layers", *KV_CACHE_AXES)
+        pad = lambda a: constrain(jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, slots), (0, 0), (0, 0)]), axes(a))
+        grow = (lambda a: pad(a)) if not isinstance(self.keys, list) else (lambda a: [pad(x) for x in a])
+        return dataclasses.replace(self, keys=grow(self.keys), values=grow(self.values),
+                                   mask_BS=jnp.pad(self.mask_BS, ((0, 0), (0, slots))))
 
 
 # ------------------------------------------------------------------------------------------------- M-RoPE
@@ -90,10 +125,11 @@ class Attention(nnx.Module):
         self.attn_implementation = attn_implementation
         self.name, self.layer = name, layer
         kw = dict(param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(D, N * H, use_bias=True, axes=("q_heads", "embed"), **kw)
-        self.k_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
-        self.v_proj = Linear(D, K * H, use_bias=True, axes=("kv_heads", "embed"), **kw)
-        self.o_proj = Linear(N * H, D, use_bias=False, axes=("embed", "q_heads"), **kw)
+        q_rows, kv_rows = heads_axis("q_heads", N, "head_dim", H), heads_axis("kv_heads", K, "head_dim", H)
+        self.q_proj = Linear(D, N * H, use_bias=True, axes=(q_rows, "embed"), **kw)
+        self.k_proj = Linear(D, K * H, use_bias=True, axes=(kv_rows, "embed"), **kw)
+        self.v_proj = Linear(D, K * H, use_bias=True, axes=(kv_rows, "embed"), **kw)
+        self.o_proj = Linear(N * H, D, use_bias=False, axes=("embed", q_rows), **kw)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
         """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first.
@@ -104,20 +140,23 @@ class Attention(nnx.Module):
         B, T, _ = x_BTD.shape
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
-        q_BTNH = at("q", apply_rotary(self.q_proj(x_BTD).reshape(B, T, N, H), cos_BTH, sin_BTH))
-        k_BTKH = at("k", apply_rotary(self.k_proj(x_BTD).reshape(B, T, K, H), cos_BTH, sin_BTH))
-        v_BTKH = at("v", self.v_proj(x_BTD).reshape(B, T, K, H))
+        q_BTNH = at("q", apply_rotary(constrain(self.q_proj(x_BTD).reshape(B, T, N, H), Q_AXES), cos_BTH, sin_BTH))
+        k_BTKH = at("k", apply_rotary(constrain(self.k_proj(x_BTD).reshape(B, T, K, H), KV_AXES), cos_BTH, sin_BTH))
+        v_BTKH = at("v", constrain(self.v_proj(x_BTD).reshape(B, T, K, H), KV_AXES))
         if kv is None:
             k_BSKH, v_BSKH = k_BTKH, v_BTKH
         else:
             k_BSKH = jax.lax.dynamic_update_slice(kv[0], k_BTKH.astype(kv[0].dtype), (0, start, 0, 0))
             v_BSKH = jax.lax.dynamic_update_slice(kv[1], v_BTKH.astype(kv[1].dtype), (0, start, 0, 0))
+            k_BSKH = constrain(k_BSKH, KV_CACHE_AXES)
+            v_BSKH = constrain(v_BSKH, KV_CACHE_AXES)
         probs_BNTS = None
         if output_attentions or wants(f"{self.name}.probs"):
             probs_BNTS = at("probs", attention_xla.decoder_probs(q_BTNH, k_BSKH, mask.allowed_BTS))
             o_BTNH = attention_xla.probs_times_values(probs_BNTS, v_BSKH, q_BTNH.dtype)
         else:
             o_BTNH = get_attention(self.attn_implementation).decoder(q_BTNH, k_BSKH, v_BSKH, mask)
+        o_BTNH = constrain(o_BTNH, Q_AXES)
         out = self.o_proj(at("head_out", o_BTNH).reshape(B, T, N * H))
         return out, (k_BSKH, v_BSKH), probs_BNTS if output_attentions else None
 
@@ -136,13 +175,17 @@ class MLP(nnx.Module):
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
 
     def _rows(self, x_AD):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x_AD)) * self.up_proj(x_AD))
+        act_AF = jax.nn.silu(self.gate_proj(x_AD)) * self.up_proj(x_AD)
+        if act_AF.ndim == 3:  # a whole [B, T, F] call, not a row block
+            act_AF = constrain(act_AF, ("batch", "seq", "mlp"))
+        return self.down_proj(act_AF)
 
     def __call__(self, x_BTD):
         adapted = any(p.lora is not None for p in (self.gate_proj, self.up_proj, self.down_proj))
         if not adapted and not wants(f"{self.name}.act"):
             return in_row_blocks(self._rows, x_BTD)
-        act_BTF = point(f"{self.name}.act", jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD), self.layer)
+        act_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
+        act_BTF = point(f"{self.name}.act", constrain(act_BTF, ("batch", "seq", "mlp")), self.layer)
         return self.down_proj(act_BTF)
 
 
@@ -163,23 +206,26 @@ class DecoderLayer(nnx.Module):
         x_BTD = at("resid_pre", x_BTD)
         attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
                                              output_attentions=output_attentions)
-        x_BTD = at("resid_mid", x_BTD + at("attn_out", attn_out))
+        x_BTD = at("resid_mid", constrain(x_BTD + at("attn_out", attn_out), RESIDUAL_AXES))
         x_BTD = at("resid_post", x_BTD + at("mlp_out", self.mlp(self.post_attention_layernorm(x_BTD))))
-        return x_BTD, kv, probs
+        return constrain(x_BTD, RESIDUAL_AXES), kv, probs
 
 
 class TextModel(nnx.Module):
     """`Qwen2VLTextModel`: embeddings, decoder layers, final RMSNorm (the LM head lives on the top model)."""
 
     def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, scan_layers: bool = False):
         self.config = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs,
-                                             attn_implementation=attn_implementation, layer=i)
-                                for i in range(cfg.num_hidden_layers)])
+        layers = [DecoderLayer(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
+                               layer=i) for i in range(cfg.num_hidden_layers)]
+        # scan_layers: one DecoderLayer whose parameters are stacked [L, ...] (run by `jax.lax.scan`)
+        self.layers = stack_modules(layers) if scan_layers else nnx.List(layers)
+        self.scan_layers = scan_layers
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each layer (training)
+        self.partitioning: Partitioning | None = None  # set by `sharding.set_partitioning`
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
                  output_hidden_states=False, output_attentions=False, cache_empty=False):
@@ -190,6 +236,13 @@ class TextModel(nnx.Module):
         `cache_empty=True` promises the cache holds nothing yet (a prefill), so the queries' first slot is known
         while tracing (0), which lets an attention backend use a causal kernel.
         """
+        with use_partitioning(self.partitioning):
+            return self._call(x_BTD, position_ids_ZBT, attention_mask_BT, cache,
+                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                              cache_empty=cache_empty)
+
+    def _call(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache, *, output_hidden_states, output_attentions,
+              cache_empty):
         B, T, _ = x_BTD.shape
         cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
         valid_BT = attention_mask_BT.astype(bool)
@@ -206,8 +259,13 @@ class TextModel(nnx.Module):
         mask = DecoderMask(allowed_BTS=causal_TS[None] & key_valid_BS[:, None, :], key_valid_BS=key_valid_BS,
                            query_start=start)
         set_call("text", valid=valid_BT, position_ids=position_ids_ZBT, slots=query_slot_T)
-        x_BTD = point("text.embed", x_BTD)
+        x_BTD = point("text.embed", constrain(x_BTD, RESIDUAL_AXES))
 
+        if self.scan_layers:
+            x_BTD, (new_keys, new_values), hidden_states, attentions = self._scan(
+                x_BTD, cos_BTH, sin_BTH, mask, cache, start, output_hidden_states, output_attentions)
+            return self._finish(x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
+                                output_hidden_states)
         hidden_states, attentions, new_keys, new_values = [], [], [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
@@ -223,6 +281,36 @@ class TextModel(nnx.Module):
             new_values.append(v)
             if output_attentions:
                 attentions.append(probs)
+        return self._finish(x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
+                            output_hidden_states)
+
+    def _scan(self, x_BTD, cos_BTH, sin_BTH, mask, cache, start, output_hidden_states, output_attentions):
+        """The layers as one `jax.lax.scan` over the stacked parameters (and the stacked cache): one compiled
+        block. Per-layer outputs (keys / values, hidden states, probabilities) come back stacked `[L, ...]`."""
+        if active():
+            raise HookError("hook points name each layer, and a scan_layers=True model runs one block for all of "
+                            "them: load with scan_layers=False to use hooks")
+        graphdef, params = nnx.split(self.layers)
+        remat = self.remat is not None and cache is None and not output_attentions
+
+        def body(x, xs):
+            layer_params, kv = xs
+            layer = nnx.merge(graphdef, layer_params)
+            if remat:
+                y = _remat_layer(self.remat)(layer, x, cos_BTH, sin_BTH, mask)
+                return y, (None, None, x if output_hidden_states else None)
+            y, (k, v), probs = layer(x, cos_BTH, sin_BTH, mask, kv, start, output_attentions=output_attentions)
+            # without a cache, this call's k / v are not kept (stacking them would hold every layer's)
+            return y, ((k, v) if kv is not None else None, probs, x if output_hidden_states else None)
+
+        kv_L = None if cache is None else (cache.keys, cache.values)
+        x_BTD, (kv_L, probs_L, hidden_L) = jax.lax.scan(body, x_BTD, (params, kv_L))
+        hidden = [] if hidden_L is None else list(hidden_L)
+        attentions = [] if probs_L is None else list(probs_L)
+        return x_BTD, (kv_L if kv_L is not None else (None, None)), hidden, attentions
+
+    def _finish(self, x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
+                output_hidden_states):
         x_BTD = point("text.final_norm", self.norm(x_BTD))
         if output_hidden_states:
             hidden_states.append(x_BTD)  # like HF: the last entry is after the final norm

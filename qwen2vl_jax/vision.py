@@ -27,8 +27,13 @@ from .attention import VisionSegments, get_attention
 from .attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
-from .hook_points import active, install, point, recording, set_call, wants
-from .layers import LayerNorm, Linear, in_row_blocks, remat_policy, rope_inv_freq
+from .hook_points import HookError, active, install, point, recording, set_call, wants
+from .layers import LayerNorm, Linear, heads_axis, in_row_blocks, remat_policy, rope_inv_freq, stack_modules
+from .partitioning import Partitioning, constrain
+from .partitioning import active as use_partitioning
+
+ROWS_AXES = ("vis_rows", "act_embed")  # [P, E]: patch rows, replicated width (Megatron)
+HEADS_AXES = ("vis_rows", "vis_heads", "vis_head_dim")  # [P, N, H]
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
@@ -122,16 +127,19 @@ class VisionAttention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.attn_implementation = attn_implementation
         self.name, self.layer = name, layer
-        E = cfg.embed_dim
-        self.qkv = Linear(E, 3 * E, use_bias=True, axes=("vis_qkv", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
-        self.proj = Linear(E, E, use_bias=True, axes=("vis_embed", "vis_heads"), param_dtype=param_dtype, rngs=rngs)
+        E, N, H = cfg.embed_dim, cfg.num_heads, cfg.head_dim
+        heads = heads_axis("vis_heads", N, "vis_head_dim", H)
+        # qkv rows are [3, N, H]: a contiguous split would cut q from k, so they stay whole (`sharding` docstring)
+        self.qkv = Linear(E, 3 * E, use_bias=True, axes=((("vis_qkv", 3), *heads), "vis_embed"),
+                          param_dtype=param_dtype, rngs=rngs)
+        self.proj = Linear(E, E, use_bias=True, axes=("vis_embed", heads), param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
         P = x_PE.shape[0]
         at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
         # qkv output features are [q | k | v], each head-major (transformers `VisionAttention.forward`).
         qkv_P3NH = self.qkv(x_PE).reshape(P, 3, self.num_heads, self.head_dim)
-        q_PNH, k_PNH, v_PNH = qkv_P3NH[:, 0], qkv_P3NH[:, 1], qkv_P3NH[:, 2]
+        q_PNH, k_PNH, v_PNH = (constrain(qkv_P3NH[:, i], HEADS_AXES) for i in range(3))
         if any(wants(f"{self.name}.{s}") for s in ("q", "k", "v", "probs")):  # the xla formulation, in the open
             q_PNH, k_PNH = attention_xla.rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
             q_PNH, k_PNH, v_PNH = at("q", q_PNH), at("k", k_PNH), at("v", v_PNH)
@@ -142,7 +150,7 @@ class VisionAttention(nnx.Module):
                 o_PNH = attention_xla.segment_attention(q_PNH, k_PNH, v_PNH, segments)
         else:
             o_PNH = get_attention(self.attn_implementation).vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
-        return self.proj(at("head_out", o_PNH).reshape(P, -1))
+        return self.proj(at("head_out", constrain(o_PNH, HEADS_AXES)).reshape(P, -1))
 
 
 class VisionMLP(nnx.Module):
@@ -181,8 +189,9 @@ class VisionBlock(nnx.Module):
     def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
         at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
         x_PE = at("resid_pre", x_PE)
-        x_PE = at("resid_mid", x_PE + at("attn_out", self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)))
-        return at("resid_post", x_PE + at("mlp_out", self.mlp(self.norm2(x_PE))))
+        attn_out = self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)
+        x_PE = at("resid_mid", constrain(x_PE + at("attn_out", attn_out), ROWS_AXES))
+        return constrain(at("resid_post", x_PE + at("mlp_out", self.mlp(self.norm2(x_PE)))), ROWS_AXES)
 
 
 class PatchEmbed(nnx.Module):
@@ -209,22 +218,25 @@ class PatchMerger(nnx.Module):
         self.merge_dim = M
 
     def __call__(self, x_PE):
-        x = self.ln_q(x_PE).reshape(-1, self.merge_dim)
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        x = constrain(self.ln_q(x_PE).reshape(-1, self.merge_dim), ("vis_rows", "act_embed"))
+        return constrain(self.fc2(jax.nn.gelu(self.fc1(x), approximate=False)), ("vis_rows", "act_embed"))
 
 
 class VisionTransformer(nnx.Module):
     """`Qwen2VisionTransformerPretrainedModel`: call it with `(pixel_values, grid_thw)` like `model.visual`."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, scan_layers: bool = False):
         self.config = cfg
         self.patch_embed = PatchEmbed(cfg, param_dtype=param_dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs,
-                                            attn_implementation=attn_implementation, layer=i)
-                                for i in range(cfg.depth)])
+        blocks = [VisionBlock(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
+                              layer=i) for i in range(cfg.depth)]
+        # scan_layers: one VisionBlock whose parameters are stacked [depth, ...] (run by `jax.lax.scan`)
+        self.blocks = stack_modules(blocks) if scan_layers else nnx.List(blocks)
+        self.scan_layers = scan_layers
         self.merger = PatchMerger(cfg, param_dtype=param_dtype, rngs=rngs)
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each block (training)
+        self.partitioning: Partitioning | None = None  # set by `sharding.set_partitioning`
 
     @property
     def dtype(self):
@@ -240,11 +252,18 @@ class VisionTransformer(nnx.Module):
 
     def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, *, output_hidden_states=False):
         """The pure math on padded inputs: merged features `[P_pad/4, D]` (+ per-block hidden states)."""
+        with use_partitioning(self.partitioning):
+            return self._forward(pixels_PC, pos_hw_P2, segments, output_hidden_states)
+
+    def _forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, output_hidden_states):
         cos_PH, sin_PH = self.rotary(pos_hw_P2)
         if active():  # what hooks are told: the real patch rows (padding rows belong to no segment)
             valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[segments.rows_QL].max(segments.valid_QL)
             set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
-        x_PE = point("vision.patch_embed", self.patch_embed(pixels_PC.astype(self.dtype)))
+        x_PE = point("vision.patch_embed", constrain(self.patch_embed(pixels_PC.astype(self.dtype)), ROWS_AXES))
+        if self.scan_layers:
+            x_PE, hidden = self._scan(x_PE, cos_PH, sin_PH, segments, output_hidden_states)
+            return point("vision.merger.out", self.merger(x_PE)), hidden
         hidden = []
         for block in self.blocks:
             if self.remat is not None and not recording():  # jax.checkpoint per block (training)
@@ -254,6 +273,24 @@ class VisionTransformer(nnx.Module):
             if output_hidden_states:
                 hidden.append(x_PE)
         return point("vision.merger.out", self.merger(x_PE)), tuple(hidden)
+
+    def _scan(self, x_PE, cos_PH, sin_PH, segments, output_hidden_states):
+        """The blocks as one `jax.lax.scan` over the stacked parameters; hidden states come back stacked."""
+        if active():
+            raise HookError("hook points name each block, and a scan_layers=True model runs one block for all of "
+                            "them: load with scan_layers=False to use hooks")
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(x, block_params):
+            block = nnx.merge(graphdef, block_params)
+            if self.remat is not None:
+                y = _remat_block(self.remat)(block, x, cos_PH, sin_PH, segments)
+            else:
+                y = block(x, cos_PH, sin_PH, segments)
+            return y, (y if output_hidden_states else None)
+
+        x_PE, hidden_L = jax.lax.scan(body, x_PE, params)
+        return x_PE, (tuple(hidden_L) if output_hidden_states else ())
 
     def prepare(self, pixel_values, grid_thw) -> tuple[np.ndarray, VisionLayout]:
         """Validate on the host and pad the patch rows to their bucket."""
