@@ -5,7 +5,8 @@
 NUM_PROCESSES > 1 joins a `jax.distributed` job (coordinator 127.0.0.1:PORT, gloo CPU collectives). MODEL_AXIS > 0
 loads with `mesh=make_mesh(model=MODEL_AXIS)` over every process's devices (`params.load_sharded`: each process
 reads only its devices' slices); 0 loads the plain one-device way. Writes OUT_DIR/logits_{id}.npy (the whole
-logits, gathered to every process) and OUT_DIR/report_{id}.json (bytes this process read from the files).
+logits, gathered to every process), OUT_DIR/tokens_{id}.npy (6 greedy tokens from `generate`) and
+OUT_DIR/report_{id}.json (bytes this process read from the files).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def main(checkpoint: str, out_dir: str, pid: int, nproc: int, port: int, local_d
         logits = multihost_utils.process_allgather(logits, tiled=True)
     logits = np.asarray(logits)
     np.save(Path(out_dir) / f"logits_{pid}.npy", logits)
+    # generation under the multi-process mesh: the decode loop runs on every process's devices
+    tokens = model.generate(input_ids=np.array([IDS], np.int64), max_new_tokens=6, do_sample=False)
+    np.save(Path(out_dir) / f"tokens_{pid}.npy", np.asarray(tokens))
     up = model.language_model.layers[0].mlp.up_proj.weight[...]
     loaded = reports[0] if reports else None  # None: the one-device reference loads through `load_into`
     report = {"bytes_read": loaded and loaded.bytes_read, "tensors": loaded and loaded.tensors, "rchar": rchar_delta,

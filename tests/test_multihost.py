@@ -223,3 +223,6 @@ def test_two_processes_each_read_half_and_match_one_device(tiny_checkpoint, tmp_
     # The OS agrees (rchar counts every read syscall: headers, config, Python sources too, so a little more).
     assert all(0.35 <= f <= 0.8 for f in rchar), rchar
     assert max(rel) <= 1e-6, rel
+    # and generation under the two-process mesh picks one device's greedy tokens (12 prompt ids + 6 new)
+    tokens = [np.load(tmp_path / f"tokens_{i}.npy") for i in (0, 1, 9)]
+    assert tokens[0].shape[1] == 12 + 6 and all(np.array_equal(t, tokens[2]) for t in tokens[:2]), tokens
