@@ -173,10 +173,6 @@ def active(partitioning: Partitioning | None):
         _ACTIVE.pop()
 
 
-def current() -> Partitioning | None:
-    return _ACTIVE[-1]
-
-
 def constrain(x: jax.Array, axes: tuple[Axis, ...]) -> jax.Array:
     """`x` with the sharding its logical `axes` get under the active partitioning (a no-op without one): the
     compiler's choices for activations and the KV cache are ours (MaxText's `with_logical_constraint`)."""

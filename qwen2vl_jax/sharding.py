@@ -45,7 +45,6 @@ from .partitioning import (  # noqa: F401  (re-exported: the rules live in parti
     Partitioning,
     active,
     constrain,
-    current,
     gathered_weight,
     kv_cache_spec,
     make_mesh,
