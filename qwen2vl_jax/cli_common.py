@@ -225,7 +225,6 @@ def check_memory(args, directory: Path, dtype: str, inputs, *, may_switch: bool 
     from .memory import InsufficientMemory, check_fits, estimate_request
 
     if getattr(args, "mesh", None):  # the estimate is one host's; a mesh's per-device bytes: `qwen2vl-jax plan`
-        mesh_from(args)  # a bad --mesh fails here, before the weights are read
         return dtype
 
     config = Qwen2VLConfig.from_hf(directory)

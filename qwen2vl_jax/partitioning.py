@@ -2,8 +2,8 @@
 
 The towers name the logical axes of what they make (`constrain(x, ("batch", "seq", "act_embed"))`), and each layer
 uses its weight through `gathered_weight`; both do nothing until a `Partitioning` (a mesh and its rules) is
-active, which `TextModel` / `VisionTransformer` / `Qwen2VL.forward` make it while tracing when the model holds one
-(`sharding.set_partitioning`). `sharding` (above the model) places the parameters and explains the policy.
+active, which `Qwen2VL.forward` (the decoder) and `VisionTransformer.forward` make it while tracing when the model
+holds one (`sharding.set_partitioning`). `sharding` (above the model) places the parameters and explains the policy.
 """
 
 from __future__ import annotations
@@ -217,7 +217,11 @@ _gather.defvjp(_gather_fwd, _gather_bwd)
 KV_CACHE_AXES = ("batch", "slots", "kv_heads", "head_dim")  # keys / values [B, S, K, H]
 
 
+def kv_cache_axes(ndim: int) -> tuple[str, ...]:
+    """The logical axes of one layer's keys or values `[B, S, K, H]` (ndim 4) or a stacked `[L, B, S, K, H]`."""
+    return KV_CACHE_AXES if ndim == 4 else ("layers", *KV_CACHE_AXES)
+
+
 def kv_cache_spec(shape: tuple[int, ...], mesh, rules: Mapping = LOGICAL_RULES) -> PartitionSpec:
     """The PartitionSpec of one layer's keys or values `[B, S, K, H]` (or stacked `[L, B, S, K, H]`)."""
-    axes = KV_CACHE_AXES if len(shape) == 4 else ("layers", *KV_CACHE_AXES)
-    return partition_spec(axes, shape, mesh, rules)
+    return partition_spec(kv_cache_axes(len(shape)), shape, mesh, rules)

@@ -91,9 +91,7 @@ def shard_model(model, mesh: Mesh, rules: Mapping = LOGICAL_RULES):
 
 def set_partitioning(model, partitioning: Partitioning | None) -> None:
     """Make `model`'s towers constrain activations and the KV cache by `partitioning` (None: no constraints)."""
-    model.partitioning = partitioning
-    for tower in ("language_model", "visual"):
-        if hasattr(model, tower):
-            getattr(model, tower).partitioning = partitioning
+    # `Qwen2VL.forward` applies it to the decoder; the vision tower also runs on its own (`run_padded`, training)
+    model.partitioning = model.visual.partitioning = partitioning
 
 

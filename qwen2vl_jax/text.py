@@ -37,8 +37,7 @@ from .layers import (
     rope_inv_freq,
     stack_modules,
 )
-from .partitioning import KV_CACHE_AXES, Partitioning, constrain, kv_cache_spec
-from .partitioning import active as use_partitioning
+from .partitioning import KV_CACHE_AXES, Partitioning, constrain, kv_cache_axes
 
 # Logical axes of the activations (`partitioning.LOGICAL_RULES` maps them to mesh axes).
 RESIDUAL_AXES = ("batch", "seq", "act_embed")  # [B, T, D]
@@ -72,8 +71,7 @@ class KVCache:
         L = cfg.num_hidden_layers
         shape = (batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
         full = (L, *shape) if stacked else shape
-        device = None if partitioning is None else jax.sharding.NamedSharding(
-            partitioning.mesh, kv_cache_spec(full, partitioning.mesh, dict(partitioning.rules)))
+        device = None if partitioning is None else partitioning.sharding(kv_cache_axes(len(full)), full)
         zeros = lambda: jnp.zeros(full, dtype, device=device)
         return cls(
             keys=zeros() if stacked else [zeros() for _ in range(L)],
@@ -89,9 +87,9 @@ class KVCache:
 
     def grown(self, slots: int) -> KVCache:
         """The cache with `slots` more empty slots at the end (inside jit: generation's `_start`)."""
-        axes = lambda a: KV_CACHE_AXES if a.ndim == 4 else ("layers", *KV_CACHE_AXES)
-        pad = lambda a: constrain(jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, slots), (0, 0), (0, 0)]), axes(a))
-        grow = (lambda a: pad(a)) if not isinstance(self.keys, list) else (lambda a: [pad(x) for x in a])
+        pad = lambda a: constrain(jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, slots), (0, 0), (0, 0)]),
+                                  kv_cache_axes(a.ndim))
+        grow = (lambda a: [pad(x) for x in a]) if isinstance(self.keys, list) else pad
         return dataclasses.replace(self, keys=grow(self.keys), values=grow(self.values),
                                    mask_BS=jnp.pad(self.mask_BS, ((0, 0), (0, slots))))
 
@@ -174,19 +172,18 @@ class MLP(nnx.Module):
         self.up_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
 
-    def _rows(self, x_AD):
+    def _act(self, x_AD):
         act_AF = jax.nn.silu(self.gate_proj(x_AD)) * self.up_proj(x_AD)
-        if act_AF.ndim == 3:  # a whole [B, T, F] call, not a row block
-            act_AF = constrain(act_AF, ("batch", "seq", "mlp"))
-        return self.down_proj(act_AF)
+        return constrain(act_AF, ("batch", "seq", "mlp")) if act_AF.ndim == 3 else act_AF  # 2-D: a row block
+
+    def _rows(self, x_AD):
+        return self.down_proj(self._act(x_AD))
 
     def __call__(self, x_BTD):
         adapted = any(p.lora is not None for p in (self.gate_proj, self.up_proj, self.down_proj))
         if not adapted and not wants(f"{self.name}.act"):
             return in_row_blocks(self._rows, x_BTD)
-        act_BTF = jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD)
-        act_BTF = point(f"{self.name}.act", constrain(act_BTF, ("batch", "seq", "mlp")), self.layer)
-        return self.down_proj(act_BTF)
+        return self.down_proj(point(f"{self.name}.act", self._act(x_BTD), self.layer))
 
 
 class DecoderLayer(nnx.Module):
@@ -225,7 +222,6 @@ class TextModel(nnx.Module):
         self.scan_layers = scan_layers
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each layer (training)
-        self.partitioning: Partitioning | None = None  # set by `sharding.set_partitioning`
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
                  output_hidden_states=False, output_attentions=False, cache_empty=False):
@@ -236,13 +232,6 @@ class TextModel(nnx.Module):
         `cache_empty=True` promises the cache holds nothing yet (a prefill), so the queries' first slot is known
         while tracing (0), which lets an attention backend use a causal kernel.
         """
-        with use_partitioning(self.partitioning):
-            return self._call(x_BTD, position_ids_ZBT, attention_mask_BT, cache,
-                              output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                              cache_empty=cache_empty)
-
-    def _call(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache, *, output_hidden_states, output_attentions,
-              cache_empty):
         B, T, _ = x_BTD.shape
         cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
         valid_BT = attention_mask_BT.astype(bool)
