@@ -72,7 +72,8 @@ def _inputs(batch: int, side: int = SIDE):
 
 def _config(preset: str):
     """A preset's config; "tiny" is the demo checkpoint's (2 layers, widths 64 / 32, the real vocabulary)."""
-    from qwen2vl_jax.config import PRESETS, Qwen2VLConfig
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.presets import PRESETS
 
     if preset == "tiny":
         from qwen2vl_jax.demo import TINY_HF_CONFIG

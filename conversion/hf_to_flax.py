@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Qwen2-VL checkpoint into the qwen2vl_jax format.
+"""Convert a Hugging Face Qwen2-VL or Qwen2.5-VL checkpoint into the qwen2vl_jax format.
 
     python -m conversion.hf_to_flax SRC [DST]
 
@@ -17,7 +17,8 @@ from ._common import add_write_arguments, report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("src", help="HF checkpoint directory or Hub model id (e.g. Qwen/Qwen2-VL-2B-Instruct)")
+    parser.add_argument("src", help="HF checkpoint directory or Hub model id (e.g. Qwen/Qwen2-VL-2B-Instruct, "
+                        "Qwen/Qwen2.5-VL-7B-Instruct)")
     parser.add_argument("dst", nargs="?", default=None, help="output directory (default: weights/<name>-flax)")
     add_write_arguments(parser, DEFAULT_FLAX_SHARD_SIZE)
     parser.add_argument("--local-files-only", action="store_true", default=None,

@@ -1,4 +1,5 @@
-"""qwen2vl_jax: a readable, parity-tested JAX / Flax NNX implementation of Qwen2-VL (2B / 7B / 72B).
+"""qwen2vl_jax: a readable, parity-tested JAX / Flax NNX implementation of Qwen2-VL (2B / 7B / 72B) and, on the
+same modules, Qwen2.5-VL (3B / 7B / 32B / 72B); `from_pretrained` picks the family from config.json.
 
     from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
@@ -47,6 +48,7 @@ _EXPORTS = {
     "Qwen2VLForConditionalGeneration": ".pretrained",
     "register_attention": ".attention",
     "Qwen2VLProcessor": ".processing",
+    "Qwen2_5_VLProcessor": ".processing",
     "GenerationConfig": ".generation",
     "TextStreamer": ".generation",
     "stream_generate": ".generation",

@@ -96,7 +96,8 @@ def cmd_info(args) -> int:
     assert counts["total"] == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
     t, v = config.text_config, config.vision_config
     info = {
-        "model": str(args.model), "directory": str(directory), "checkpoint_dtype": dtype,
+        "model": str(args.model), "directory": str(directory), "model_type": config.model_type,
+        "checkpoint_dtype": dtype,
         "checkpoint_bytes": nbytes, "checkpoint_tensor_elements": numel,
         "parameters": counts, "attention": attention,
         "bytes_float32": counts["total"] * 4, "bytes_bfloat16": counts["total"] * 2,
@@ -108,10 +109,13 @@ def cmd_info(args) -> int:
                    "patch": v.patch_size, "temporal_patch": v.temporal_patch_size, "merge": v.spatial_merge_size,
                    "out": v.hidden_size},
     }
+    if v.window_size is not None:  # Qwen2.5-VL
+        info["vision"].update(window=v.window_size, fullatt_blocks=list(v.fullatt_block_indexes),
+                              tokens_per_second=v.tokens_per_second)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
-    print(f"model        {info['model']}  ({directory})")
+    print(f"model        {info['model']}  ({directory}, {config.model_type})")
     print(f"checkpoint   {dtype}, {nbytes / 1e9:.2f} GB on disk")
     print(f"parameters   {counts['total']:,} total = vision {counts['visual']:,} + language "
           f"{counts['language_model']:,} + lm_head {counts['lm_head']:,}"
@@ -139,7 +143,8 @@ def cmd_plan(args) -> int:
     from pathlib import Path
 
     from . import plan as plan_lib
-    from .config import PRESETS, Qwen2VLConfig
+    from .config import Qwen2VLConfig
+    from .presets import PRESETS
     from .sharding import parse_mesh
 
     if args.table or args.rules:
@@ -205,14 +210,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=positive(int),
                    help="upper bound on pixels per image / frame (processor; default 12845056 = 16384 vision tokens)")
     p.add_argument("--max-frames", type=positive(int), help="at most this many frames per video (default 768)")
-    p.add_argument("--fps", type=positive(float), help="frames sampled per second of video (default 2.0)")
+    p.add_argument("--fps", type=positive(float),
+                   help="frames sampled per second of video (default 2.0); for Qwen2.5-VL this also sets the time "
+                        "spacing of its video positions (the rate actually sampled)")
     p.add_argument("--max-memory", type=byte_size, metavar="SIZE",
                    help="refuse requests estimated to need more than SIZE (e.g. 12GB; default: the available memory)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter in PEFT's format (e.g. finetune's out/adapter)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="qwen2vl-jax", description="Qwen2-VL in JAX: generate, chat, convert.")
+    parser = Parser(prog="qwen2vl-jax", description="Qwen2-VL and Qwen2.5-VL in JAX: generate, chat, convert.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="answer one prompt about images / a video")

@@ -198,8 +198,11 @@ def messages_for(text: str, images: list, videos: list, system: str | None = Non
 
 def encode(processor, messages: list[dict], args=None):
     """Chat template + processor for one conversation. Videos are sampled here with `--fps` / `--max-frames`
-    (qwen-vl-utils' `fetch_video` options), then resized by the processor like images."""
-    from .video import fetch_video
+    (qwen-vl-utils' `fetch_video` options), then resized by the processor like images. A Qwen2.5-VL processor is
+    also told the rate each video was actually sampled at (qwen-vl-utils' `video_kwargs["fps"]`: `sample_fps`;
+    `--fps` or 2.0 for frames without a rate), which sets its `second_per_grid_ts`."""
+    from .processing import Qwen2_5_VLProcessor
+    from .video import FPS, fetch_video
 
     images = [c["image"] for m in messages if isinstance(m["content"], list) for c in m["content"]
               if c.get("type") == "image"]
@@ -208,8 +211,13 @@ def encode(processor, messages: list[dict], args=None):
     options = {k: getattr(args, k, None) for k in ("fps", "max_frames")}
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     try:
-        frames = [list(fetch_video(v, **{k: o for k, o in options.items() if o is not None})[0]) for v in videos]
-        return processor(text=[prompt], images=images or None, videos=frames or None)
+        fetched = [fetch_video(v, **{k: o for k, o in options.items() if o is not None}) for v in videos]
+        frames = [list(f) for f, _ in fetched]
+        timing = {}
+        if frames and isinstance(processor, Qwen2_5_VLProcessor):
+            fallback = options["fps"] if options["fps"] is not None else FPS
+            timing["fps"] = [info.sample_fps if info.sample_fps else fallback for _, info in fetched]
+        return processor(text=[prompt], images=images or None, videos=frames or None, **timing)
     except (ValueError, OSError) as e:
         raise UserError(f"cannot read the media: {e}") from None
 

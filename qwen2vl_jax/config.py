@@ -1,7 +1,12 @@
-"""Model configuration: frozen dataclasses, the three Qwen2-VL presets, and `from_hf` for config.json files.
+"""Model configuration: frozen dataclasses and `from_hf` / `to_hf_dict` for config.json (presets: `presets.py`).
 
-Field names follow transformers' `Qwen2VLVisionConfig` / `Qwen2VLTextConfig` / `Qwen2VLConfig`, so a reader can
-hold the two side by side. `from_hf` reads both on-disk layouts:
+One set of classes describes both families (`model_type` "qwen2_vl" or "qwen2_5_vl"): they share the decoder,
+the patch embed, the 2-D vision rotary, the 2x2 merger and M-RoPE. Qwen2.5-VL changes the vision blocks (RMSNorm,
+a SwiGLU MLP with biases, window attention outside `fullatt_block_indexes`) and spaces video positions in time
+(`tokens_per_second`). Field names follow transformers' `Qwen2VLVisionConfig` / `Qwen2VLTextConfig` /
+`Qwen2VLConfig`, so a reader can hold the two side by side; where Qwen2.5-VL's `Qwen2_5_VLVisionConfig` renames a
+field (its `hidden_size` is our `embed_dim`, its `out_hidden_size` our `hidden_size`), `from_hf` / `to_hf_dict`
+translate. `from_hf` reads both on-disk layouts:
 
 * 4.x (every official Hub checkpoint): text fields flat at the root, `rope_scaling: {type: mrope, mrope_section}`;
   transformers 4.57 also writes a nested `text_config` copy of the same fields.
@@ -21,10 +26,7 @@ __all__ = [
     "Qwen2VLVisionConfig",
     "Qwen2VLTextConfig",
     "Qwen2VLConfig",
-    "qwen2_vl_2b",
-    "qwen2_vl_7b",
-    "qwen2_vl_72b",
-    "PRESETS",
+    "MODEL_TYPES",
     "ConfigError",
 ]
 
@@ -45,46 +47,104 @@ def _positive_ints(obj: Any, names: tuple[str, ...]) -> None:
                  f"must be a positive integer, got {value!r}")
 
 
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def _check_model_type(model_type) -> None:
+    _require(model_type in MODEL_TYPES, "model_type",
+             f"{model_type!r} is not a model type this package runs ({', '.join(map(repr, MODEL_TYPES))})")
+
+
 # Rematerialisation policies by name (`jax.checkpoint_policies`), for `Qwen2VL.set_remat`: what a rematerialised
 # decoder layer / vision block keeps from its forward pass for the backward one (a runtime choice, never saved).
 REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 @dataclass(frozen=True)
 class Qwen2VLVisionConfig:
-    """The ViT: Conv3d patch embed, `depth` pre-LN blocks with 2-D rotary attention, and the 2x2 patch merger."""
+    """The ViT: Conv3d patch embed, `depth` pre-norm blocks with 2-D rotary attention, and the 2x2 patch merger.
+
+    `model_type` picks the block: "qwen2_vl" has LayerNorms and a QuickGELU fc1/fc2 MLP of width
+    `embed_dim * mlp_ratio`; "qwen2_5_vl" has RMSNorms (also the merger's `ln_q`), a SwiGLU MLP with biases of width
+    `intermediate_size`, and attends within windows of `window_size` pixels in every block not listed in
+    `fullatt_block_indexes` (transformers 4.57 models/qwen2_5_vl/modeling_qwen2_5_vl.py `Qwen2_5_VLVisionBlock`,
+    `Qwen2_5_VisionTransformerPretrainedModel.get_window_index`)."""
 
     depth: int = 32
     embed_dim: int = 1280
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    hidden_size: int = 8192  # merger output width = the language model's hidden size
+    hidden_size: int = 8192  # merger output width = the language model's hidden size (HF 2.5: out_hidden_size)
     in_channels: int = 3
     patch_size: int = 14
     spatial_merge_size: int = 2
     temporal_patch_size: int = 2
     hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-6  # hard-coded in the reference (LayerNorm(..., eps=1e-6))
+    layer_norm_eps: float = 1e-6  # hard-coded in the reference (LayerNorm / Qwen2RMSNorm(..., eps=1e-6))
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    model_type: str = "qwen2_vl"
+    # Qwen2.5-VL only (None / () for Qwen2-VL):
+    intermediate_size: int | None = None  # SwiGLU width (3420 / 3456)
+    window_size: int | None = None  # pixels per window side (112: 4x4 merged tokens = 8x8 patches)
+    fullatt_block_indexes: tuple[int, ...] = ()  # blocks that attend over whole frames instead of windows
+    tokens_per_second: int | None = None  # M-RoPE temporal ids per second of video
 
     def __post_init__(self):
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        _check_model_type(self.model_type)
         _positive_ints(self, ("depth", "embed_dim", "num_heads", "hidden_size", "in_channels", "patch_size",
                               "spatial_merge_size", "temporal_patch_size"))
         _require(self.embed_dim % self.num_heads == 0, "num_heads",
                  f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         _require(self.head_dim % 4 == 0, "embed_dim",
                  f"vision head_dim {self.head_dim} must be divisible by 4 (h and w rotary halves)")
-        _require(self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0, "mlp_ratio",
-                 f"must be positive, got {self.mlp_ratio!r}")
-        _require(self.hidden_act == "quick_gelu", "hidden_act",
-                 f"Qwen2-VL's vision MLP uses 'quick_gelu', got {self.hidden_act!r}")
+        if self.model_type == "qwen2_vl":
+            _require(self.mlp_ratio > 0 and int(self.embed_dim * self.mlp_ratio) > 0, "mlp_ratio",
+                     f"must be positive, got {self.mlp_ratio!r}")
+            _require(self.hidden_act == "quick_gelu", "hidden_act",
+                     f"Qwen2-VL's vision MLP uses 'quick_gelu', got {self.hidden_act!r}")
+            for name in ("intermediate_size", "window_size", "tokens_per_second"):
+                _require(getattr(self, name) is None, name, "is a Qwen2.5-VL field (model_type 'qwen2_5_vl')")
+            _require(not self.fullatt_block_indexes, "fullatt_block_indexes",
+                     "is a Qwen2.5-VL field (model_type 'qwen2_5_vl')")
+        else:
+            _positive_ints(self, ("intermediate_size", "window_size", "tokens_per_second"))
+            _require(self.hidden_act == "silu", "hidden_act",
+                     f"Qwen2.5-VL's vision MLP is SwiGLU ('silu'), got {self.hidden_act!r}")
+            _require(self.window_size // self.spatial_merge_size // self.patch_size > 0, "window_size",
+                     f"{self.window_size} px is smaller than one merged token "
+                     f"({self.patch_size * self.spatial_merge_size} px)")
+            _require(all(i >= 0 for i in self.fullatt_block_indexes), "fullatt_block_indexes",
+                     f"block indexes must be non-negative, got {list(self.fullatt_block_indexes)}")
 
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
     @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU gate/up/down (Qwen2.5-VL) rather than fc1/fc2 (Qwen2-VL)."""
+        return self.model_type == "qwen2_5_vl"
+
+    @property
+    def rms_norm(self) -> bool:
+        """RMSNorm (Qwen2.5-VL) rather than LayerNorm (Qwen2-VL) in the blocks and the merger."""
+        return self.model_type == "qwen2_5_vl"
+
+    @property
+    def window_tokens(self) -> int | None:
+        """Merged tokens per window side (transformers `vit_merger_window_size`: 112 // 2 // 14 = 4)."""
+        if self.window_size is None:
+            return None
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    def attends_in_windows(self, block: int) -> bool:
+        return self.window_size is not None and block not in self.fullatt_block_indexes
+
+    @property
     def mlp_dim(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         return int(self.embed_dim * self.mlp_ratio)  # the reference truncates the same way
 
     @property
@@ -146,12 +206,58 @@ class Qwen2VLTextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+ARCHITECTURES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def _vision_from_hf(vraw: dict, model_type: str, text_hidden: int) -> Qwen2VLVisionConfig:
+    """The vision config from config.json's `vision_config`; missing fields take transformers 4.57's class defaults
+    (`Qwen2VLVisionConfig` / `Qwen2_5_VLVisionConfig`)."""
+    vrope = vraw.get("rope_parameters") or {}
+    common = dict(
+        depth=vraw.get("depth", vraw.get("num_hidden_layers", 32)),
+        num_heads=vraw.get("num_heads", 16),
+        # Hub files say `in_chans`; the reference ignores it and uses in_channels (default 3).
+        in_channels=vraw.get("in_channels", 3),
+        patch_size=vraw.get("patch_size", vraw.get("spatial_patch_size", 14)),
+        spatial_merge_size=vraw.get("spatial_merge_size", 2),
+        temporal_patch_size=vraw.get("temporal_patch_size", 2),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)),
+        initializer_range=vraw.get("initializer_range", 0.02),
+        model_type=model_type,
+    )
+    if model_type == "qwen2_vl":
+        return Qwen2VLVisionConfig(embed_dim=vraw.get("embed_dim", 1280), mlp_ratio=vraw.get("mlp_ratio", 4.0),
+                                   hidden_size=vraw.get("hidden_size", text_hidden),
+                                   hidden_act=vraw.get("hidden_act", "quick_gelu"), **common)
+    # Qwen2_5_VLVisionConfig: `hidden_size` is the ViT width, `out_hidden_size` the merger's output.
+    return Qwen2VLVisionConfig(
+        embed_dim=vraw.get("hidden_size", 3584), hidden_size=vraw.get("out_hidden_size", 3584),
+        intermediate_size=vraw.get("intermediate_size", 3420), hidden_act=vraw.get("hidden_act", "silu"),
+        window_size=vraw.get("window_size", 112),
+        fullatt_block_indexes=tuple(vraw.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        tokens_per_second=vraw.get("tokens_per_second", 4), **common)
+
+
+def _vision_to_hf(v: Qwen2VLVisionConfig) -> dict[str, Any]:
+    """`vision_config` as the family's Hub config.json writes it."""
+    common = {"depth": v.depth, "num_heads": v.num_heads, "in_channels": v.in_channels, "patch_size": v.patch_size,
+              "spatial_merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+              "hidden_act": v.hidden_act, "initializer_range": v.initializer_range}
+    if v.model_type == "qwen2_vl":
+        return {**common, "embed_dim": v.embed_dim, "mlp_ratio": v.mlp_ratio, "hidden_size": v.hidden_size}
+    return {**common, "hidden_size": v.embed_dim, "out_hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size, "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes), "tokens_per_second": v.tokens_per_second}
+
+
+
 @dataclass(frozen=True)
 class Qwen2VLConfig:
     """The whole model: vision tower + decoder + the special token ids that tie them together.
 
     Every default is Qwen2-VL-72B-Instruct's (`Qwen2VLConfig() == qwen2_vl_72b()`), so the three classes' defaults
-    describe one consistent model; the other sizes are the presets below.
+    describe one consistent model; the other sizes and the Qwen2.5-VL family are the presets below.
+    `model_type` ("qwen2_vl" / "qwen2_5_vl") names the family; the vision config carries the same value.
     """
 
     text_config: Qwen2VLTextConfig = field(default_factory=Qwen2VLTextConfig)
@@ -172,8 +278,12 @@ class Qwen2VLConfig:
     # compile time on pods; `sharding` "layers" axis). A runtime choice, never saved; the unrolled loop stays the
     # default because it is faster on XLA:CPU (docs/BENCHMARKS.md).
     scan_layers: bool = False
+    model_type: str = "qwen2_vl"
 
     def __post_init__(self):
+        _check_model_type(self.model_type)
+        _require(self.vision_config.model_type == self.model_type, "vision_config.model_type",
+                 f"{self.vision_config.model_type!r} does not match the model's {self.model_type!r}")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         _require(self.attn_implementation is None or isinstance(self.attn_implementation, str),
@@ -207,9 +317,9 @@ class Qwen2VLConfig:
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path} does not hold a JSON object")
         model_type = raw.get("model_type", "qwen2_vl")
-        if model_type != "qwen2_vl":
+        if model_type not in MODEL_TYPES:
             raise ConfigError(f"unsupported model_type {model_type!r} in config.json: this package runs Qwen2-VL "
-                              "checkpoints (model_type 'qwen2_vl')")
+                              "and Qwen2.5-VL checkpoints (model_type 'qwen2_vl' or 'qwen2_5_vl')")
         text_raw = raw.get("text_config") or {}
 
         def text_get(name, default=None):
@@ -246,25 +356,8 @@ class Qwen2VLConfig:
             max_window_layers=text_get("max_window_layers", tdefault.max_window_layers),
             initializer_range=text_get("initializer_range", 0.02),
         )
-
         vraw = dict(raw.get("vision_config") or {})
-        vdefault = Qwen2VLVisionConfig()
-        vrope = vraw.get("rope_parameters") or {}
-        vision = Qwen2VLVisionConfig(
-            depth=vraw.get("depth", vraw.get("num_hidden_layers", vdefault.depth)),
-            embed_dim=vraw.get("embed_dim", vdefault.embed_dim),
-            num_heads=vraw.get("num_heads", vdefault.num_heads),
-            mlp_ratio=vraw.get("mlp_ratio", vdefault.mlp_ratio),
-            hidden_size=vraw.get("hidden_size", text.hidden_size),
-            # Hub files say `in_chans`; the reference ignores it and uses in_channels (default 3).
-            in_channels=vraw.get("in_channels", 3),
-            patch_size=vraw.get("patch_size", vraw.get("spatial_patch_size", vdefault.patch_size)),
-            spatial_merge_size=vraw.get("spatial_merge_size", vdefault.spatial_merge_size),
-            temporal_patch_size=vraw.get("temporal_patch_size", vdefault.temporal_patch_size),
-            hidden_act=vraw.get("hidden_act", "quick_gelu"),
-            rope_theta=float(vrope.get("rope_theta", vdefault.rope_theta)),
-            initializer_range=vraw.get("initializer_range", 0.02),
-        )
+        vision = _vision_from_hf(vraw, model_type, text.hidden_size)
 
         # 4.57 reads the flag from text_config (its __getattribute__ forwards to it); 5.x keeps it at the root.
         tie = text_raw.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
@@ -281,6 +374,7 @@ class Qwen2VLConfig:
             bos_token_id=text_get("bos_token_id", 151643),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=text_get("pad_token_id", None),
+            model_type=model_type,
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -288,8 +382,8 @@ class Qwen2VLConfig:
         t, v = self.text_config, self.vision_config
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         out = {
-            "architectures": ["Qwen2VLForConditionalGeneration"],
-            "model_type": "qwen2_vl",
+            "architectures": [ARCHITECTURES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": t.vocab_size,
             "hidden_size": t.hidden_size,
             "intermediate_size": t.intermediate_size,
@@ -314,19 +408,7 @@ class Qwen2VLConfig:
             "vision_start_token_id": self.vision_start_token_id,
             "vision_end_token_id": self.vision_end_token_id,
             "vision_token_id": self.vision_token_id,
-            "vision_config": {
-                "depth": v.depth,
-                "embed_dim": v.embed_dim,
-                "num_heads": v.num_heads,
-                "mlp_ratio": v.mlp_ratio,
-                "hidden_size": v.hidden_size,
-                "in_channels": v.in_channels,
-                "patch_size": v.patch_size,
-                "spatial_merge_size": v.spatial_merge_size,
-                "temporal_patch_size": v.temporal_patch_size,
-                "hidden_act": v.hidden_act,
-                "initializer_range": v.initializer_range,
-            },
+            "vision_config": _vision_to_hf(v),
         }
         if self.pad_token_id is not None:
             out["pad_token_id"] = self.pad_token_id
@@ -346,36 +428,3 @@ class Qwen2VLConfig:
         vision = self.vision_config if vision_depth is None else dataclasses.replace(
             self.vision_config, depth=vision_depth)
         return dataclasses.replace(self, text_config=text, vision_config=vision)
-
-
-# --------------------------------------------------------------------------------------------------- presets
-# Values: the Qwen2-VL-*-Instruct checkpoints' config.json files.
-def _preset(hidden, layers, heads, kv_heads, inter, vocab, tie) -> Qwen2VLConfig:
-    return Qwen2VLConfig(
-        text_config=Qwen2VLTextConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6, rope_theta=1000000.0,
-            mrope_section=(16, 24, 24), max_position_embeddings=32768, sliding_window=32768,
-            max_window_layers=layers,
-        ),
-        vision_config=Qwen2VLVisionConfig(hidden_size=hidden),
-        tie_word_embeddings=tie,
-    )
-
-
-def qwen2_vl_2b() -> Qwen2VLConfig:
-    """Qwen2-VL-2B-Instruct (tied embeddings)."""
-    return _preset(1536, 28, 12, 2, 8960, 151936, True)
-
-
-def qwen2_vl_7b() -> Qwen2VLConfig:
-    """Qwen2-VL-7B-Instruct."""
-    return _preset(3584, 28, 28, 4, 18944, 152064, False)
-
-
-def qwen2_vl_72b() -> Qwen2VLConfig:
-    """Qwen2-VL-72B-Instruct."""
-    return _preset(8192, 80, 64, 8, 29568, 152064, False)
-
-
-PRESETS = {"2b": qwen2_vl_2b, "7b": qwen2_vl_7b, "72b": qwen2_vl_72b}

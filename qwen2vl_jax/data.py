@@ -33,7 +33,7 @@ import numpy as np
 
 from .buckets import bucket
 from .qvu_image import fetch_image
-from .video import fetch_video
+from .video import FPS, fetch_video
 from .vision_info import IMAGE_OPTIONS, VIDEO_OPTIONS
 
 __all__ = ["IGNORE_INDEX", "DataError", "Conversation", "read_jsonl", "Example", "assistant_labels",
@@ -199,6 +199,7 @@ class Example:
     pixel_values_videos: np.ndarray | None  # float32 [M, 1176]
     video_grid_thw: np.ndarray | None  # int [videos, 3]
     line: int = 0
+    second_per_grid_ts: np.ndarray | None = None  # float [videos]: Qwen2.5-VL's time spacing (its processor's)
 
 
 def _token_id(tokenizer, token: str) -> int:
@@ -238,11 +239,14 @@ def assistant_labels(input_ids: np.ndarray, tokenizer) -> np.ndarray:
     return labels
 
 
-def _load_media(messages: list[dict]) -> tuple[list, list]:
-    """(images, videos) in message order. A plain path goes to the processor as it does at inference (its own
-    pixel bounds); an item with qwen-vl-utils options ("max_pixels", "nframes", "fps", ...) is fetched with them
-    first (vision_info.py's rules: no EXIF rotation, as qwen-vl-utils), then the processor sizes it as usual."""
-    images, videos = [], []
+def _load_media(messages: list[dict]) -> tuple[list, list, list]:
+    """(images, videos, video rates) in message order. A plain path goes to the processor as it does at inference
+    (its own pixel bounds); an item with qwen-vl-utils options ("max_pixels", "nframes", "fps", ...) is fetched
+    with them first (vision_info.py's rules: no EXIF rotation, as qwen-vl-utils), then the processor sizes it as
+    usual. A video's rate is what qwen-vl-utils' `process_vision_info(..., return_video_kwargs=True)` reports for
+    it: the rate a file was sampled at, a frame list's "fps" option, else 2.0 (a plain path: the processor
+    samples it at 2.0 and uses the rate it got)."""
+    images, videos, rates = [], [], []
     for message in messages:
         content = message.get("content")
         for item in content if isinstance(content, list) else []:
@@ -251,8 +255,14 @@ def _load_media(messages: list[dict]) -> tuple[list, list]:
                 images.append(fetch_image(item["image"], **options) if options else item["image"])
             elif item.get("type") == "video":
                 options = {k: item[k] for k in VIDEO_OPTIONS if k in item}
-                videos.append(fetch_video(item["video"], **options)[0] if options else item["video"])
-    return images, videos
+                if not options:
+                    videos.append(item["video"])
+                    rates.append(FPS)
+                    continue
+                frames, info = fetch_video(item["video"], **options)
+                videos.append(frames)
+                rates.append(info.sample_fps if info.sample_fps is not None else item.get("fps", FPS))
+    return images, videos, rates
 
 
 def encode_conversation(processor, messages: list[dict], *, max_length: int | None = None, line: int = 0,
@@ -267,8 +277,10 @@ def encode_conversation(processor, messages: list[dict], *, max_length: int | No
     where = _where(source, line)
     text = processor.apply_chat_template(messages, add_generation_prompt=False)
     try:
-        images, videos = _load_media(messages)
-        out = processor(text=[text], images=images or None, videos=videos or None)
+        images, videos, rates = _load_media(messages)
+        # A Qwen2.5-VL processor (ours or transformers') is told each video's rate: its `second_per_grid_ts`.
+        timed = videos and "second_per_grid_ts" in getattr(processor, "model_input_names", ())
+        out = processor(text=[text], images=images or None, videos=videos or None, **({"fps": rates} if timed else {}))
     except (OSError, ValueError) as e:
         raise DataError(f"{where}: cannot encode the conversation: {e}") from None
     ids = np.asarray(out["input_ids"])[0].astype(np.int32)
@@ -288,7 +300,7 @@ def encode_conversation(processor, messages: list[dict], *, max_length: int | No
         raise DataError(f"{where}: no assistant tokens to train on")
     get = lambda key: None if out.get(key) is None else np.asarray(out[key])
     return Example(ids, labels, get("pixel_values"), get("image_grid_thw"), get("pixel_values_videos"),
-                   get("video_grid_thw"), line)
+                   get("video_grid_thw"), line, get("second_per_grid_ts"))
 
 
 def collate(examples: list[Example], *, pad_token_id: int, length_granule: int = 64) -> dict[str, np.ndarray]:
@@ -296,8 +308,9 @@ def collate(examples: list[Example], *, pad_token_id: int, length_granule: int =
 
     Returns input_ids / attention_mask / labels int32 [B, T] with T = `buckets.bucket(longest, length_granule)`
     (a handful of distinct T over a run, so a handful of compiles; pads: `pad_token_id`, mask 0, label -100), and
-    pixel_values [ΣN, 1176] / image_grid_thw [Σimages, 3] / pixel_values_videos / video_grid_thw concatenated in
-    example order, present only when some example has them.
+    pixel_values [ΣN, 1176] / image_grid_thw [Σimages, 3] / pixel_values_videos / video_grid_thw (and a Qwen2.5-VL
+    processor's second_per_grid_ts [Σvideos]) concatenated in example order, present only when some example has
+    them.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -309,10 +322,13 @@ def collate(examples: list[Example], *, pad_token_id: int, length_granule: int =
         n = len(e.input_ids)
         batch["input_ids"][row, :n], batch["attention_mask"][row, :n], batch["labels"][row, :n] = \
             e.input_ids, 1, e.labels
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         parts = [getattr(e, key) for e in examples if getattr(e, key) is not None]
         if parts:
             batch[key] = np.concatenate(parts)
+    if "second_per_grid_ts" in batch and len(batch["second_per_grid_ts"]) != len(batch["video_grid_thw"]):
+        raise ValueError("some examples have second_per_grid_ts and some videos do not: encode every example with "
+                         "the same processor")
     return batch
 
 

@@ -209,13 +209,15 @@ def left_pad(input_ids, attention_mask, length: int, pad_id: int) -> tuple[np.nd
 def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *,
              generation_config: GenerationConfig | None = None, streamer=None, output_logits: bool = False,
-             return_dict: bool = False, hooks=None, cache_names=None, **kwargs):
+             return_dict: bool = False, hooks=None, cache_names=None, second_per_grid_ts=None, **kwargs):
     """transformers-style `generate`: returns `[B, prompt + new]` token ids (or a `GenerateOutput`).
 
     Settings come from `generation_config` (default: the checkpoint's generation_config.json when the model was
     loaded from a directory holding one), overridden by keyword arguments (`max_new_tokens`, `do_sample`,
     `temperature`, `top_k`, `top_p`, `repetition_penalty`, `min_new_tokens`, `eos_token_id`, `pad_token_id`,
-    `seed`). `streamer` gets `put(tokens_B)` after each step and `end()` at the end.
+    `seed`). `streamer` gets `put(tokens_B)` after each step and `end()` at the end. `second_per_grid_ts`
+    (Qwen2.5-VL's processor output for videos: seconds per temporal grid step, one per video) spaces the video
+    positions in time; a Qwen2-VL model ignores it. So `generate(model, **processor_outputs)` works for both.
 
     `hooks` (`{name or pattern: fn(value, ctx)}`, see `qwen2vl_jax.hooks`) run in the prefill and in every decode
     step (`ctx.step`: tokens generated so far). `cache_names` records points: `GenerateOutput.records[name]`
@@ -250,7 +252,7 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     ids, mask = left_pad(ids0, attention_mask, T_pad, gc.pad_id)
     t0 = time.perf_counter()
     prep: PreparedInputs = model.prepare_inputs(ids, mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                                video_grid_thw)
+                                                video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     hookset = make_hookset(cfg, hooks, cache_names or ()) if hooks or cache_names else None
     vision, vision_records = None, {}
     if prep.vision_pixels is not None:

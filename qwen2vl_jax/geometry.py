@@ -19,7 +19,8 @@ resized pixel u to (u + 0.5) * W0 / W1, so an original pixel x belongs to the to
 the sampled clip (the last frame repeated to an even count).
 
 M-RoPE positions come from `rope_index.get_rope_index` (transformers 4.57 models/qwen2_vl/modeling_qwen2_vl.py
-`Qwen2VLModel.get_rope_index`): a vision block gets `start + (t, row, col)` on the merged grid.
+`Qwen2VLModel.get_rope_index`): a vision block gets `start + (t, row, col)` on the merged grid (Qwen2.5-VL: the
+video t scaled by `second_per_grid_ts` and `tokens_per_second`, `rope_index` module docstring).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def _blocks(ids: np.ndarray, image_id: int, video_id: int, start_id: int) -> lis
 
 def vision_token_geometry(input_ids, image_grid_thw=None, image_sizes=None, video_grid_thw=None, video_sizes=None,
                           *, config, attention_mask=None, row: int = 0, min_pixels: int | None = None,
-                          max_pixels: int | None = None, processor=None) -> list[VisionTokens]:
+                          max_pixels: int | None = None, processor=None,
+                          second_per_grid_ts=None) -> list[VisionTokens]:
     """The `VisionTokens` of every image and video in batch row `row`, in prompt order.
 
     Args:
@@ -151,6 +153,8 @@ def vision_token_geometry(input_ids, image_grid_thw=None, image_sizes=None, vide
       min_pixels / max_pixels: the bounds the processor used (default: `processor`'s, else 56*56 / 28*28*1280).
       processor: a `Qwen2VLProcessor` or `Qwen2VLImageProcessor` to read those bounds from (videos use its
         video processor's).
+      second_per_grid_ts: Qwen2.5-VL's per-video seconds per temporal patch (its processor's output), which
+        spaces the videos' temporal positions.
     """
     ids_BS = np.asarray(input_ids)
     if ids_BS.ndim == 1:
@@ -170,7 +174,8 @@ def vision_token_geometry(input_ids, image_grid_thw=None, image_sizes=None, vide
         if sizes[kind] is not None and (grids[kind] is None or len(sizes[kind]) != len(grids[kind])):
             raise ValueError(f"{kind}_sizes has {len(sizes[kind])} entries but {kind}_grid_thw has "
                              f"{0 if grids[kind] is None else len(grids[kind])} rows (one size per {kind})")
-    position_ids, _ = get_rope_index(ids_BS, grids["image"], grids["video"], mask_BS, config)
+    position_ids, _ = get_rope_index(ids_BS, grids["image"], grids["video"], mask_BS, config,
+                                     second_per_grid_ts=second_per_grid_ts)
     ids = {"image": config.image_token_id, "video": config.video_token_id}
 
     counters = {"image": 0, "video": 0}  # grids are flat over the batch: skip earlier rows' blocks

@@ -12,11 +12,11 @@
     ids = hooks.run_with_hooks(model, {...}, generate=True, max_new_tokens=16, **inputs)   # every decode step
 
 `inputs` are the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`,
-`pixel_values_videos`, `video_grid_thw`). Hook names and their shapes: `qwen2vl_jax.hook_points` (the model side)
-and `list_hook_points(model)`. A hook is `fn(value, ctx) -> value` with `ctx` a `HookContext` (name, layer,
-`step` = tokens generated so far, `valid` rows, `position_ids`, `slots`); it must return the value's shape (the
-dtype is cast back). Keys may be glob patterns (`text.layers.*.attn.head_out`); several hooks on one point run in
-order (give a list).
+`pixel_values_videos`, `video_grid_thw`, and Qwen2.5-VL's `second_per_grid_ts`). Hook names and their shapes:
+`qwen2vl_jax.hook_points` (the model side) and `list_hook_points(model)`. A hook is `fn(value, ctx) -> value` with
+`ctx` a `HookContext` (name, layer, `step` = tokens generated so far, `valid` rows, `position_ids`, `slots`); it
+must return the value's shape (the dtype is cast back). Keys may be glob patterns (`text.layers.*.attn.head_out`);
+several hooks on one point run in order (give a list).
 
 Inside `generate`, a hook sees each call as the model runs it: the prefill with the prompt left-padded to its
 length bucket (`ctx.valid` marks real tokens; `ctx.slots` are token indices of the caller's prompt, negative on that
@@ -41,7 +41,7 @@ __all__ = ["HookContext", "HookError", "HookSet", "list_hook_points", "hook_poin
            "run_with_hooks", "make_hookset"]
 
 _INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-           "position_ids")
+           "position_ids", "second_per_grid_ts")
 
 
 def list_hook_points(model) -> list[str]:

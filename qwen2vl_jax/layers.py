@@ -199,14 +199,14 @@ class RMSNorm(nnx.Module):
     """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, *then* multiply by the weight (transformers
     `Qwen2RMSNorm.forward`)."""
 
-    def __init__(self, features: int, *, eps: float, param_dtype=jnp.float32):
-        self.eps = eps
-        self.weight = param(jnp.ones((features,), param_dtype), ("embed",))
+    def __init__(self, features: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
+        self.eps, self.axis_name = eps, axis_name
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return gathered_weight(self.weight[...], ("embed",)) * x32.astype(x.dtype)
+        return gathered_weight(self.weight[...], (self.axis_name,)) * x32.astype(x.dtype)
 
 
 def apply_rotary(x_XNH: jax.Array, cos_XH: jax.Array, sin_XH: jax.Array) -> jax.Array:

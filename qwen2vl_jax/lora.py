@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .config import ARCHITECTURES
 from .layers import Linear, LoRAParam, dense, param, param_path
 from .model import Qwen2VL
 from .params import canonical_hf_name, hf_to_ours, ours_to_hf
@@ -43,6 +44,8 @@ from .safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's Linears (blocks' attention and MLP); add them to DEFAULT_TARGETS to adapt the vision tower.
+# Qwen2.5-VL's vision MLP is gate_proj / up_proj / down_proj, so DEFAULT_TARGETS already reach it there, as PEFT's
+# suffix matching does on transformers' Qwen2_5_VLForConditionalGeneration.
 VISION_TARGETS = ("qkv", "attn.proj", "fc1", "fc2")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -211,9 +214,10 @@ def peft_config(model: Qwen2VL, base_model_name_or_path: str | None = None) -> d
     cfg = getattr(model, "lora_config", None)
     if cfg is None or not lora_modules(model):
         raise LoRAError("this model has no LoRA adapter (apply_lora or load_adapter first)")
+    family = model.config.model_type
     return {
-        "alpha_pattern": {}, "auto_mapping": {"base_model_class": "Qwen2VLForConditionalGeneration",
-                                              "parent_library": "transformers.models.qwen2_vl.modeling_qwen2_vl"},
+        "alpha_pattern": {}, "auto_mapping": {"base_model_class": ARCHITECTURES[family],
+                                              "parent_library": f"transformers.models.{family}.modeling_{family}"},
         "base_model_name_or_path": base_model_name_or_path, "bias": "none", "corda_config": None,
         "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
         "init_lora_weights": True, "layer_replication": None, "layers_pattern": None, "layers_to_transform": None,

@@ -102,8 +102,10 @@ def parameter_count(config: Qwen2VLConfig) -> int:
     """Parameters of `Qwen2VL(config)` (the same number as `model.num_params()["total"]`)."""
     v, t = config.vision_config, config.text_config
     E, F, M = v.embed_dim, v.mlp_dim, v.merge_dim
-    block = 4 * E + (3 * E * E + 3 * E) + (E * E + E) + (F * E + F) + (E * F + E)
-    vision = v.patch_dim * E + v.depth * block + 2 * E + (M * M + M) + (v.hidden_size * M + v.hidden_size)
+    norm = E if v.rms_norm else 2 * E  # RMSNorm: weight; LayerNorm: weight + bias
+    mlp = (2 if v.gated_mlp else 1) * (F * E + F) + (E * F + E)  # gate + up (or fc1), down (or fc2)
+    block = 2 * norm + (3 * E * E + 3 * E) + (E * E + E) + mlp
+    vision = v.patch_dim * E + v.depth * block + norm + (M * M + M) + (v.hidden_size * M + v.hidden_size)
     D, I, KH = t.hidden_size, t.intermediate_size, t.num_key_value_heads * t.head_dim
     NH = t.num_attention_heads * t.head_dim
     layer = 2 * D + (NH * D + NH) + 2 * (KH * D + KH) + D * NH + 3 * D * I
@@ -184,7 +186,8 @@ def vision_bytes(config: Qwen2VLConfig, patches: int, largest_segment: int, dtyp
             attention = max(attention, qkv + 3 * L * E * a + chunk + segment_major + after)
         else:  # XLA's formulation of jax.nn.dot_product_attention: one segment's whole [N, L, L] scores
             attention = max(attention, qkv + 3 * segment_major + N * L * L * (8 + a) + segment_major + after)
-    mlp = P * E * a + _mlp_rows(P, E, _dot(1, F, a) + F * a + _dot(1, E, a), a)
+    gates = 2 if v.gated_mlp else 1  # SwiGLU: the gate and up products alive together
+    mlp = P * E * a + _mlp_rows(P, E, gates * _dot(1, F, a) + F * a + _dot(1, E, a), a)
     merger = P * E * a + 2 * _dot(M, v.merge_dim, a) + _dot(M, D, a)
     peak = persistent + max(attention, mlp, merger)
     return peak, residue + M * D * a

@@ -1,4 +1,6 @@
-"""`Qwen2VL`: vision tower + decoder + LM head, the host-side input preparation and the embedding merge.
+"""`Qwen2VL`: vision tower + decoder + LM head, the host-side input preparation and the embedding merge. One class
+for both families: `config.model_type` "qwen2_5_vl" (Qwen2.5-VL, transformers `Qwen2_5_VLForConditionalGeneration`)
+changes only the vision blocks (`vision.py`) and the video positions (`rope_index.py`).
 
 Data flow of one forward (transformers 4.57 `Qwen2VLModel.forward`), host steps in NumPy, device steps jitted:
 
@@ -160,20 +162,26 @@ class Qwen2VL(nnx.Module):
         return counts
 
     # --------------------------------------------------------------------------------------- host inputs
-    def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-        return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, self.config)
+    def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
+                       second_per_grid_ts=None):
+        """M-RoPE positions `[3, B, S]` and rope deltas `[B, 1]` (`rope_index.get_rope_index`); Qwen2.5-VL spaces
+        video positions by `second_per_grid_ts` (the processor's), Qwen2-VL ignores it."""
+        return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, self.config,
+                              second_per_grid_ts=second_per_grid_ts)
 
     def prepare_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                        pixel_values_videos=None, video_grid_thw=None, position_ids=None, *,
-                       decoding: bool = False) -> PreparedInputs:
+                       decoding: bool = False, second_per_grid_ts=None) -> PreparedInputs:
         """Validate and lay out everything on the host: rope positions, vision layout, feature scatter index.
-        `decoding`: these are tokens fed back after a prefill (generated ids need no pixels, as in HF)."""
+        `decoding`: these are tokens fed back after a prefill (generated ids need no pixels, as in HF).
+        `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal patch of each video (from its processor)."""
         cfg = self.config
         ids = _as_2d_ids(input_ids, cfg.text_config.vocab_size)
         mask = np.ones_like(ids) if attention_mask is None else as_attention_mask(attention_mask, ids.shape)
         _check_vision_inputs(ids, cfg, pixel_values, pixel_values_videos, decoding)
         if position_ids is None:
-            pos, deltas = get_rope_index(ids, image_grid_thw, video_grid_thw, mask, cfg)
+            pos, deltas = get_rope_index(ids, image_grid_thw, video_grid_thw, mask, cfg,
+                                         second_per_grid_ts=second_per_grid_ts)
         else:
             pos = np.asarray(position_ids)
             if pos.ndim == 2:  # 1-D positions for all three axes
@@ -238,13 +246,14 @@ class Qwen2VL(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: KVCache | None = None,
                  *, output_hidden_states: bool = False, output_attentions: bool = False,
-                 hooks: HookSet | None = None) -> Qwen2VLOutput:
+                 hooks: HookSet | None = None, second_per_grid_ts=None) -> Qwen2VLOutput:
         """HF-style forward. With `cache`, this call's tokens are appended to it (prefill when it is empty,
         then one or more decode tokens whose positions continue from the cache: slot + rope_delta).
 
         `hooks`: a `hook_points.HookSet` (exact names; `qwen2vl_jax.hooks` builds them from patterns): its hooks
         edit values inside the jitted forward and the names it records come back in `.records` (vision values
-        cut to the real rows, `vision.trim_records`)."""
+        cut to the real rows, `vision.trim_records`). `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal
+        patch of each video, from its processor (time-aligned video positions); Qwen2-VL ignores it."""
         decoding = cache is not None and int(cache.length) > 0
         if decoding and position_ids is None:
             ids = _as_2d_ids(input_ids, self.config.text_config.vocab_size)
@@ -252,7 +261,8 @@ class Qwen2VL(nnx.Module):
             deltas = np.asarray(cache.rope_deltas_B)[:, None]
             position_ids = np.broadcast_to(slots[None, :] + deltas, (3, *ids.shape))
         prep = self.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                   video_grid_thw, position_ids, decoding=decoding)
+                                   video_grid_thw, position_ids, decoding=decoding,
+                                   second_per_grid_ts=second_per_grid_ts)
         if cache is not None and not decoding:
             cache = dataclasses.replace(cache, rope_deltas_B=jnp.asarray(prep.rope_deltas_B1[:, 0], jnp.int32))
         vision, records = None, {}

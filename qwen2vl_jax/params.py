@@ -1,6 +1,7 @@
 """Hugging Face <-> qwen2vl_jax parameter names, and streaming checkpoint loading into an NNX model.
 
-One table (`KEY_MAP`) names every tensor: Hub name template -> our parameter path. `{i}` is a layer index and `{p}`
+One table (`KEY_MAP`) names every tensor of both families (Qwen2.5-VL uses the same names, plus its vision MLP's
+gate / up / down projections): Hub name template -> our parameter path. `{i}` is a layer index and `{p}`
 is `weight` / `bias`. Linear weights keep PyTorch's `[out, in]` layout, so every mapping is a copy except the
 patch-embedding Conv3d kernel `[E, C, T, P, P]`, which is flattened to `[E, C*T*P*P]` (same numbers: transformers
 `PatchEmbed.forward` applies it to whole `[C, T, P, P]` patches, a matmul). Names written by transformers >= 4.52
@@ -43,6 +44,10 @@ KEY_MAP: list[tuple[str, str]] = [
     ("visual.blocks.{i}.attn.proj.{p}", "visual.blocks.{i}.attn.proj.{p}"),
     ("visual.blocks.{i}.mlp.fc1.{p}", "visual.blocks.{i}.mlp.fc1.{p}"),
     ("visual.blocks.{i}.mlp.fc2.{p}", "visual.blocks.{i}.mlp.fc2.{p}"),
+    # Qwen2.5-VL's SwiGLU vision MLP (its norms are RMSNorms: weight only, same names)
+    ("visual.blocks.{i}.mlp.gate_proj.{p}", "visual.blocks.{i}.mlp.gate_proj.{p}"),
+    ("visual.blocks.{i}.mlp.up_proj.{p}", "visual.blocks.{i}.mlp.up_proj.{p}"),
+    ("visual.blocks.{i}.mlp.down_proj.{p}", "visual.blocks.{i}.mlp.down_proj.{p}"),
     ("visual.merger.ln_q.{p}", "visual.merger.ln_q.{p}"),
     ("visual.merger.mlp.0.{p}", "visual.merger.fc1.{p}"),  # mlp.1 is the GELU (no parameters)
     ("visual.merger.mlp.2.{p}", "visual.merger.fc2.{p}"),

@@ -25,8 +25,9 @@ import jax.numpy as jnp
 
 from . import sharding
 from .attention import xla as attention_xla
-from .config import PRESETS, Qwen2VLConfig
+from .config import Qwen2VLConfig
 from .layers import in_row_blocks, model_params, stacked_prefix
+from .presets import PRESETS
 from .text import Q_AXES, RESIDUAL_AXES
 
 DTYPES = ("bfloat16", "float32")
@@ -269,7 +270,8 @@ def fits(used: float) -> str:
 
 
 def plan_table() -> str:
-    """The markdown table of docs/SCALING.md: the three presets (bf16, batch 8 x context 32768) on common slices."""
+    """The markdown table of docs/SCALING.md: every preset of both families (bf16, batch 8 x context 32768) on
+    common slices."""
     rows = ["| model | slice | memory / device | mesh | parameters | KV cache | largest activation | total | fits |",
             "|---|---|---|---|---|---|---|---|---|"]
     for key in PRESETS:

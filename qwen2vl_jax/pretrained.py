@@ -45,7 +45,8 @@ class Qwen2VLForConditionalGeneration(Qwen2VL):
         return save_pretrained(self, out_dir, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None, **kwargs):
-        """transformers-style generation; see `qwen2vl_jax.generation.generate` for the arguments."""
+                 pixel_values_videos=None, video_grid_thw=None, *, second_per_grid_ts=None, **kwargs):
+        """transformers-style generation; see `qwen2vl_jax.generation.generate` for the arguments
+        (`second_per_grid_ts`: Qwen2.5-VL's per-video time spacing, from its processor; ignored by Qwen2-VL)."""
         return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                        video_grid_thw, **kwargs)
+                        video_grid_thw, second_per_grid_ts=second_per_grid_ts, **kwargs)

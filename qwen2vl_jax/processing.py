@@ -1,9 +1,15 @@
-"""The Qwen2-VL processor: text + images + videos -> `input_ids`, `attention_mask`, `pixel_values`, grids.
+"""The Qwen2-VL / Qwen2.5-VL processors: text + images + videos -> `input_ids`, `attention_mask`, `pixel_values`,
+grids (and, for Qwen2.5-VL videos, `second_per_grid_ts`).
 
 `Qwen2VLProcessor` mirrors transformers 4.57 models/qwen2_vl/processing_qwen2_vl.py `Qwen2VLProcessor`: it runs
 the image processor (image_processing.py) on images and videos, expands every `<|image_pad|>` / `<|video_pad|>` to
 `prod(grid_thw) // merge_size**2` copies, tokenizes (tokenizer.py) and returns NumPy arrays under the HF keys;
 `apply_chat_template` renders with chat_template.py. Video paths are decoded by video.py.
+
+`Qwen2_5_VLProcessor` mirrors transformers 4.57 models/qwen2_5_vl/processing_qwen2_5_vl.py: the same pieces, plus
+`fps` (the rate each video's frames were sampled at) and `second_per_grid_ts = temporal_patch_size / fps` per
+video, which Qwen2.5-VL's `get_rope_index` uses to space video positions in time. `Qwen2VLProcessor.from_pretrained`
+returns one for a Qwen2.5-VL checkpoint (`processor_class_for`).
 
 The public names of the modules it is built from are re-exported here, so `from qwen2vl_jax.processing import
 Qwen2VLImageProcessor` keeps working. Pure preprocessing: no JAX, no torch, no transformers, no model code.
@@ -11,11 +17,15 @@ Qwen2VLImageProcessor` keeps working. Pure preprocessing: no JAX, no torch, no t
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from .chat_template import (
     DEFAULT_CHAT_TEMPLATE,
@@ -39,6 +49,7 @@ from .image_processing import (
 )
 from .processing_utils import BatchFeature, read_json
 from .tokenizer import Qwen2Tokenizer
+from .video import FPS, fetch_video
 
 # A processor needs the tokenizer / preprocessor / chat-template files of a Hub snapshot, not the weights.
 PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.jinja"]
@@ -46,6 +57,8 @@ PROCESSOR_PATTERNS = ["*.json", "*.txt", "*.jinja"]
 __all__ = [
     # defined here
     "Qwen2VLProcessor",
+    "Qwen2_5_VLProcessor",
+    "processor_class_for",
     # re-exported from image_processing / tokenizer / chat_template / processing_utils
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
@@ -113,6 +126,9 @@ class Qwen2VLProcessor:
         `chat_template`, else the Qwen2-VL-Instruct template. Absent files mean Qwen2-VL-Instruct values (pixels
         3136..12845056).
 
+        The class: called on `Qwen2VLProcessor`, a Qwen2.5-VL checkpoint gives a `Qwen2_5_VLProcessor` (a
+        subclass; see `processor_class_for`); a subclass called directly is what it builds.
+
         Overrides: image-processor options (`min_pixels`, `max_pixels`, `size`, `patch_size`, ...) apply to
         images and videos, as transformers 4.57 hands `from_pretrained` kwargs to both sub-processors (and, unlike
         it, are always honoured); `video_min_pixels` / `video_max_pixels` / `video_size` apply to videos only;
@@ -121,7 +137,7 @@ class Qwen2VLProcessor:
         path = resolve_source(path, local_files_only=local_files_only, revision=revision, patterns=PROCESSOR_PATTERNS)
         unknown = sorted(set(overrides) - set(IMAGE_PROCESSOR_KEYS) - set(_PROCESSOR_ONLY_KEYS))
         if unknown:
-            raise ValueError(f"unknown Qwen2VLProcessor.from_pretrained option(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown {cls.__name__}.from_pretrained option(s): {', '.join(unknown)}")
         image_overrides = {k: v for k, v in overrides.items() if k in IMAGE_PROCESSOR_KEYS and v is not None}
         video_overrides = dict(image_overrides)
         for key in ("min_pixels", "max_pixels", "size"):
@@ -147,6 +163,8 @@ class Qwen2VLProcessor:
             template = named_template(read_json(path / "chat_template.json").get("chat_template"))
         if template is None:
             template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+        if cls is Qwen2VLProcessor and processor_class_for(path) == "Qwen2_5_VLProcessor":
+            cls = Qwen2_5_VLProcessor  # a Qwen2.5-VL checkpoint: its videos need `second_per_grid_ts`
         return cls(image_processor, tokenizer, video_processor, chat_template=template)
 
     # --------------------------------------------------------------------------------------------- chat
@@ -258,6 +276,104 @@ class Qwen2VLProcessor:
     def decode(self, ids: Any, skip_special_tokens: bool = True,
                clean_up_tokenization_spaces: bool | None = None) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens, clean_up_tokenization_spaces)
+
+
+class Qwen2_5_VLProcessor(Qwen2VLProcessor):
+    """transformers 4.57 models/qwen2_5_vl/processing_qwen2_5_vl.py `Qwen2_5_VLProcessor`: `Qwen2VLProcessor`
+    (the same tokenizer, image / video processing and chat template) plus each video's time spacing.
+
+    >>> batch = proc(text=prompt, videos=[frames], fps=[1.0])  # ..., video_grid_thw, second_per_grid_ts
+    """
+
+    model_input_names = Qwen2VLProcessor.model_input_names + ["second_per_grid_ts"]
+
+    def __call__(self, text: str | Sequence[str] | None = None, images: Any = None, videos: Any = None, *,
+                 fps: float | Sequence[float] | None = None, return_tensors: str | None = "np",
+                 **kwargs: Any) -> BatchFeature:
+        """`Qwen2VLProcessor.__call__`, and with videos also `second_per_grid_ts` (after `video_grid_thw`, HF's
+        key order): `temporal_patch_size / fps` seconds per temporal grid step of each video, a float64 array
+        [videos] (what HF's `return_tensors="np"` gives; a list of floats with `return_tensors=None`).
+
+        `fps`: the rate the frames of each video were sampled at, in frames per second: one number for every
+        video or a list with one per video (HF's `videos_kwargs["fps"]`); default 2.0, qwen-vl-utils' rate. A
+        video given as a path is decoded here (qwen-vl-utils' sampling, video.py `fetch_video`) at `fps` (default
+        2.0), and its time spacing uses the rate actually sampled (`VideoInfo.sample_fps`, what qwen-vl-utils'
+        `process_vision_info(..., return_video_kwargs=True)` returns), as the frame count is rounded to even.
+        """
+        if return_tensors not in ("np", None):
+            raise ValueError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
+        video_list = _top_level_videos(videos) if videos is not None else []
+        rates = _fps_per_video(fps, len(video_list)) if videos is not None else []  # HF ignores fps without videos
+        for i, video in enumerate(video_list):
+            if isinstance(video, (str, os.PathLike)):  # decode here, to know the rate sampled
+                frames, info = fetch_video(video, fps=rates[i])
+                video_list[i] = frames
+                rates[i] = info.sample_fps if info.sample_fps else rates[i]
+        rates = [FPS if r is None else r for r in rates]
+        out = super().__call__(text, images, video_list if videos is not None else None,
+                               return_tensors=return_tensors, **kwargs)
+        if video_list:
+            seconds = [self.video_processor.temporal_patch_size / r for r in rates]
+            out["second_per_grid_ts"] = np.array(seconds, dtype=np.float64) if return_tensors else seconds
+        return out
+
+
+def _top_level_videos(videos: Any) -> list:
+    """The videos of a `videos` argument as a list, one item per video (nothing decoded), by image_processing.py
+    `as_video_list`'s rule: a path or an array [T, H, W, C] is one video, so is a list whose first item is a frame
+    (a PIL image or an array [H, W, C]); any other list holds videos."""
+    if isinstance(videos, (str, os.PathLike)) or (isinstance(videos, np.ndarray) and videos.ndim == 4):
+        return [videos]
+    if isinstance(videos, (list, tuple)) and videos and (
+            isinstance(videos[0], Image.Image) or (isinstance(videos[0], np.ndarray) and videos[0].ndim == 3)):
+        return [videos]
+    return list(videos) if isinstance(videos, (list, tuple)) else [videos]  # anything else: as_video_list says why
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _fps_per_video(fps: Any, n_videos: int) -> list[float | None]:
+    """`fps` (None, a number, or one number per video) -> one rate per video (None: the default). Non-positive or
+    non-finite rates, and a list whose length is not the number of videos, raise ValueError."""
+    if fps is None:
+        return [None] * n_videos
+    if isinstance(fps, np.ndarray) and fps.ndim == 0:
+        fps = fps.item()
+    if _is_rate(fps):
+        values = [fps] * n_videos
+    elif isinstance(fps, (list, tuple, np.ndarray)):
+        if len(fps) != n_videos:  # transformers 4.57's message
+            raise ValueError(f"The length of fps ({len(fps)}) must be equal to the length of video_grid_thw "
+                             f"({n_videos}) or fps should be a single number.")
+        values = list(fps.tolist() if isinstance(fps, np.ndarray) else fps)
+    else:
+        raise ValueError(f"fps must be a number or a list of numbers (one per video), got {type(fps).__name__} "
+                         f"{fps!r}"[:200])
+    for value in values:
+        if not _is_rate(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"fps must be a positive, finite number of frames per second, got {value!r}")
+    return [float(v) for v in values]
+
+
+def processor_class_for(path: str | os.PathLike) -> str:
+    """"Qwen2_5_VLProcessor" or "Qwen2VLProcessor": the processor a checkpoint directory needs. A Qwen2.5-VL
+    checkpoint is one whose `processor_class` (processor_config.json, preprocessor_config.json,
+    video_preprocessor_config.json or tokenizer_config.json) is "Qwen2_5_VLProcessor", or whose config.json has
+    `model_type` "qwen2_5_vl" (either is enough: the Qwen2.5-VL processor only adds `second_per_grid_ts`)."""
+    def field(name: str, key: str):
+        try:
+            config = read_json(Path(path) / name)
+        except ValueError:  # an unreadable file says nothing here; the loader that needs it reports it
+            return None
+        return config.get(key) if isinstance(config, dict) else None
+
+    if any(field(name, "processor_class") == "Qwen2_5_VLProcessor" for name in (
+            "processor_config.json", "preprocessor_config.json", "video_preprocessor_config.json",
+            "tokenizer_config.json")) or field("config.json", "model_type") == "qwen2_5_vl":
+        return "Qwen2_5_VLProcessor"
+    return "Qwen2VLProcessor"
 
 
 def _expand(texts: list[str], token: str, grid_thw: np.ndarray, merge_size: int) -> list[str]:

@@ -3,8 +3,14 @@
 
 Text tokens advance all three axes (t, h, w) together. A vision block of `t x h x w` merged tokens (h, w already
 divided by spatial_merge_size) gets `start + (t_idx, h_idx, w_idx)`, and the text after it restarts at
-`max(all previous ids) + 1`. Video temporal ids count temporal patches (Qwen2-VL has no seconds scaling; that is
-Qwen2.5-VL). Left padding is skipped: positions are computed on the unpadded tokens and pad slots hold 1, as in
+`max(all previous ids) + 1`. Qwen2-VL's video temporal ids count temporal patches. Qwen2.5-VL spaces them in time
+(transformers 4.57 models/qwen2_5_vl/modeling_qwen2_5_vl.py `Qwen2_5_VLModel.get_rope_index`): temporal patch t gets
+`t * second_per_grid_t * tokens_per_second`, where `second_per_grid_ts[v] = temporal_patch_size / fps` comes from
+the processor (1.0 when not given), and an image's temporal id is 0. The reference converts `second_per_grid_t` to
+the integer dtype of its `arange` before multiplying, so it is truncated first: fps 4 (0.5 s per temporal patch)
+gives every frame temporal id 0, fps 1 (2.0 s) gives 0, 2 * tps, 4 * tps, ... We do the same.
+
+Left padding is skipped: positions are computed on the unpadded tokens and pad slots hold 1, as in
 transformers 4.57. `rope_deltas[b] = max(pos[b]) + 1 - S` (S = padded length), so the next decoded token sits at
 `S + rope_deltas[b]` on all three axes.
 
@@ -26,8 +32,20 @@ def vision_block_positions(t: int, h: int, w: int) -> np.ndarray:
     return np.stack([t_idx.ravel(), h_idx.ravel(), w_idx.ravel()]).astype(np.int64)
 
 
+def _temporal_step(kind: str, index: int, second_per_grid_ts, tokens_per_second: int | None) -> int | None:
+    """The temporal id step between temporal patches: None for Qwen2-VL (ids count patches); Qwen2.5-VL: 0 for an
+    image, `int(second_per_grid_t) * tokens_per_second` for a video (the reference's truncation)."""
+    if tokens_per_second is None:
+        return None
+    if kind == "image":
+        return 0
+    seconds = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[index])
+    return int(seconds) * tokens_per_second  # torch.as_tensor(seconds, dtype=int64) truncates toward zero
+
+
 def _row_positions(ids: np.ndarray, image_grids, video_grids, image_index: int, video_index: int, *,
-                   image_token_id: int, video_token_id: int, vision_start_token_id: int, merge: int):
+                   image_token_id: int, video_token_id: int, vision_start_token_id: int, merge: int,
+                   second_per_grid_ts=None, tokens_per_second: int | None = None):
     """Positions `[3, len(ids)]` of one unpadded row; returns them and the advanced global image/video counters."""
     starts = np.flatnonzero(ids == vision_start_token_id)
     following = ids[starts[starts + 1 < len(ids)] + 1]
@@ -56,7 +74,12 @@ def _row_positions(ids: np.ndarray, image_grids, video_grids, image_index: int, 
         lt, lh, lw = t, h // merge, w // merge
         text_len = ed - st
         chunks.append(np.broadcast_to(np.arange(text_len) + next_pos, (3, text_len)))
-        block = vision_block_positions(lt, lh, lw) + text_len + next_pos
+        block = vision_block_positions(lt, lh, lw)
+        step = _temporal_step("image" if grids is image_grids else "video", index, second_per_grid_ts,
+                              tokens_per_second)
+        if step is not None:
+            block[0] *= step
+        block = block + text_len + next_pos
         chunks.append(block)
         next_pos = int(block.max()) + 1 if block.size else next_pos + text_len
         st = ed + lt * lh * lw
@@ -75,15 +98,19 @@ def _index(tokens: list[int], value: int, start: int) -> int:
 
 
 def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, config=None, *,
-                   image_token_id: int = 151655, video_token_id: int = 151656, vision_start_token_id: int = 151652,
-                   spatial_merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                   second_per_grid_ts=None, image_token_id: int = 151655, video_token_id: int = 151656,
+                   vision_start_token_id: int = 151652, spatial_merge_size: int = 2,
+                   tokens_per_second: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """3-D rotary positions for a (left-padded) batch.
 
     Args:
       input_ids: `[B, S]` token ids.
       image_grid_thw / video_grid_thw: `[n, 3]` patch grids, flat over the whole batch in prompt order.
       attention_mask: `[B, S]` 1 for real tokens, 0 for padding (default: all ones).
-      config: a `Qwen2VLConfig` (token ids and merge size are read from it); the keyword ids are used otherwise.
+      config: a `Qwen2VLConfig` (token ids, merge size and Qwen2.5-VL's `tokens_per_second` are read from it);
+        the keyword values are used otherwise (`tokens_per_second=None`: Qwen2-VL, no time spacing).
+      second_per_grid_ts: Qwen2.5-VL: seconds per temporal patch of each video (the processor's
+        `second_per_grid_ts`, flat over the batch); ignored for Qwen2-VL.
 
     Returns:
       `position_ids [3, B, S]` (int64) and `rope_deltas [B, 1]` (int64).
@@ -92,12 +119,19 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
         image_token_id, video_token_id = config.image_token_id, config.video_token_id
         vision_start_token_id = config.vision_start_token_id
         spatial_merge_size = config.vision_config.spatial_merge_size
+        tokens_per_second = config.vision_config.tokens_per_second
     ids_BS = np.asarray(input_ids)
     if ids_BS.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {ids_BS.shape}")
     B, S = ids_BS.shape
     image_grids = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
     video_grids = None if video_grid_thw is None else np.asarray(video_grid_thw).reshape(-1, 3)
+    if second_per_grid_ts is not None and tokens_per_second is not None:
+        second_per_grid_ts = np.asarray(second_per_grid_ts, np.float64).reshape(-1)
+        n_videos = 0 if video_grids is None else len(video_grids)
+        if len(second_per_grid_ts) != n_videos:
+            raise ValueError(f"second_per_grid_ts has {len(second_per_grid_ts)} entries but video_grid_thw has "
+                             f"{n_videos} rows: give one per video (the processor's `second_per_grid_ts`)")
     mask_BS = None if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if mask_BS is not None and mask_BS.shape != ids_BS.shape:
         raise ValueError(f"attention_mask shape {mask_BS.shape} does not match input_ids {ids_BS.shape}")
@@ -120,7 +154,8 @@ def get_rope_index(input_ids, image_grid_thw=None, video_grid_thw=None, attentio
         pos, image_index, video_index = _row_positions(
             ids_BS[b][mask_BS[b]], image_grids, video_grids, image_index, video_index,
             image_token_id=image_token_id, video_token_id=video_token_id,
-            vision_start_token_id=vision_start_token_id, merge=spatial_merge_size)
+            vision_start_token_id=vision_start_token_id, merge=spatial_merge_size,
+            second_per_grid_ts=second_per_grid_ts, tokens_per_second=tokens_per_second)
         position_ids[:, b, mask_BS[b]] = pos
         deltas[b, 0] = (int(pos.max()) + 1 if pos.size else 0) - S
     return position_ids, deltas

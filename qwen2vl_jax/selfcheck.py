@@ -89,7 +89,7 @@ def run_selfcheck(args) -> int:
         return 2
     import jax
 
-    from .config import PRESETS
+    from .presets import PRESETS
     from .pretrained import Qwen2VLForConditionalGeneration
     from .processing import Qwen2VLProcessor
 

@@ -62,10 +62,12 @@ class Batch:
 
 
 def prepare_batch(model: Qwen2VL, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                  pixel_values_videos=None, video_grid_thw=None) -> Batch:
-    """Validate and lay out a batch on the host (rope positions, vision layout, feature scatter index)."""
+                  pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None) -> Batch:
+    """Validate and lay out a batch on the host (rope positions, vision layout, feature scatter index).
+    `second_per_grid_ts`: Qwen2.5-VL's per-video time spacing (its processor's output, one per video in
+    `video_grid_thw` order); it only moves the positions, and a Qwen2-VL model ignores it."""
     prep = model.prepare_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                                video_grid_thw)
+                                video_grid_thw, second_per_grid_ts=second_per_grid_ts)
     labels = np.asarray(labels)
     if labels.ndim == 1:
         labels = labels[None]
@@ -135,7 +137,7 @@ def batch_loss(model: Qwen2VL, batch: Batch):
 
 
 def causal_lm_loss(model: Qwen2VL, input_ids, labels, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                   pixel_values_videos=None, video_grid_thw=None):
+                   pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None):
     """transformers' `Qwen2VLForConditionalGeneration(..., labels=labels).loss` and metrics
     `{"loss", "tokens", "accuracy"}` (accuracy: argmax == label over the kept tokens).
 
@@ -144,7 +146,7 @@ def causal_lm_loss(model: Qwen2VL, input_ids, labels, attention_mask=None, pixel
     `prepare_batch` + `batch_loss` (or `train_step`).
     """
     batch = prepare_batch(model, input_ids, labels, attention_mask, pixel_values, image_grid_thw,
-                          pixel_values_videos, video_grid_thw)
+                          pixel_values_videos, video_grid_thw, second_per_grid_ts)
     return batch_loss(model, batch)
 
 

@@ -1,6 +1,7 @@
-"""The Qwen2-VL vision tower: patch embed, 2-D rotary ViT blocks with block-diagonal attention, and the merger.
+"""The vision tower of both families: patch embed, 2-D rotary ViT blocks with block-diagonal attention, the merger.
 
-Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VisionTransformerPretrainedModel`.
+Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VisionTransformerPretrainedModel` and
+`models/qwen2_5_vl/modeling_qwen2_5_vl.py` `Qwen2_5_VisionTransformerPretrainedModel`.
 
     pixel_values [P, C=1176]  --patch_embed-->  x [P, E=1280]  --32 blocks-->  [P, E]  --merger-->  [P/4, D]
 
@@ -11,11 +12,19 @@ video each) are described both as a `[Q, L]` segment-major gather and as (first 
 (`attention.VisionSegments`), so attention never crosses images or frames and a new image size only recompiles when
 it leaves its bucket. The attention itself is the backend's (`qwen2vl_jax.attention`): on x86 CPUs one fused native
 kernel does the rotary and a flash attention per segment.
+
+Qwen2.5-VL (`config.model_type == "qwen2_5_vl"`) changes three things on the same modules: RMSNorm instead of
+LayerNorm, a SwiGLU MLP (gate / up / down, with biases), and window attention. As in the reference, the rows are
+put in window order on the host (`window_index`: each frame's merged tokens grouped into windows of
+`window_size` px, partial at the right / bottom edges), so that both a window and a whole frame are contiguous rows:
+window blocks attend within `WindowedSegments.windows`, the blocks in `fullatt_block_indexes` within
+`WindowedSegments.full` (one segment per frame), and the merged tokens are put back in prompt order at the end
+(`restore_M`). Hook points see the rows in that window order; `__call__`'s hidden states are given back in the
+processor's row order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -25,96 +34,25 @@ from flax import nnx
 
 from .attention import VisionSegments, get_attention
 from .attention import xla as attention_xla
-from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
 from .hook_points import HookError, active, install, point, recording, set_call, wants
-from .layers import LayerNorm, Linear, heads_axis, in_row_blocks, remat_policy, rope_inv_freq, stack_modules
+from .layers import LayerNorm, Linear, RMSNorm, heads_axis, in_row_blocks, remat_policy, rope_inv_freq, stack_modules
 from .partitioning import Partitioning, constrain
 from .partitioning import active as use_partitioning
+from .vision_layout import (  # noqa: F401  (re-exported: the host layout lived here)
+    VisionLayout,
+    WindowedSegments,
+    check_grid,
+    merge_order_positions,
+    vision_layout,
+    window_index,
+)
 
 ROWS_AXES = ("vis_rows", "act_embed")  # [P, E]: patch rows, replicated width (Megatron)
 HEADS_AXES = ("vis_rows", "vis_heads", "vis_head_dim")  # [P, N, H]
 
 # Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
 TRACE_COUNTS: dict[str, int] = {"vision": 0}
-
-
-# ---------------------------------------------------------------------------------------------- host layout
-@dataclasses.dataclass(frozen=True)
-class VisionLayout:
-    """Host-side (NumPy) description of one vision call: positions, attention segments and padding."""
-
-    grid_thw: np.ndarray  # [n, 3] (t, h, w) in patches
-    num_patches: int  # P: real patch rows
-    pos_hw_P2: np.ndarray  # int32 [P_pad, 2]: (row, col) of each patch, 2x2 merge-block order
-    seg_rows_QL: np.ndarray  # int32 [Q_pad, L_pad]: patch row of each slot of each segment
-    seg_valid_QL: np.ndarray  # bool  [Q_pad, L_pad]
-    row_slot_P: np.ndarray  # int32 [P_pad]: flat slot (q * L_pad + l) holding each patch row
-    bounds_Q2: np.ndarray  # int32 [Q_pad, 2]: (first row, length) of each segment; length 0 for padding
-
-    @property
-    def padded_patches(self) -> int:
-        return self.pos_hw_P2.shape[0]
-
-    @property
-    def num_merged(self) -> int:
-        return self.num_patches // 4
-
-    def segments(self) -> VisionSegments:
-        """The segments as the attention backends take them (NumPy leaves; jit moves them to the device)."""
-        return VisionSegments(rows_QL=self.seg_rows_QL, valid_QL=self.seg_valid_QL, row_slot_P=self.row_slot_P,
-                              bounds_Q2=self.bounds_Q2)
-
-
-def check_grid(grid_thw, merge: int, name: str = "grid_thw") -> np.ndarray:
-    grid = np.asarray(grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
-        raise ValueError(f"{name} must be [num_images, 3] (t, h, w), got shape {grid.shape}")
-    grid = grid.astype(np.int64)
-    if (grid <= 0).any():
-        raise ValueError(f"{name} entries must be positive, got {grid.tolist()}")
-    odd = [row for row in grid.tolist() if row[1] % merge or row[2] % merge]
-    if odd:
-        raise ValueError(f"{name}: h and w must be multiples of spatial_merge_size={merge}, got {odd}")
-    return grid
-
-
-def merge_order_positions(h: int, w: int, merge: int) -> np.ndarray:
-    """`[h*w, 2]` (row, col) of each patch in the processor's 2x2 block order (transformers
-    `Qwen2VisionTransformerPretrainedModel.rot_pos_emb`)."""
-    hpos = np.broadcast_to(np.arange(h)[:, None], (h, w))
-    wpos = np.broadcast_to(np.arange(w)[None, :], (h, w))
-    reorder = lambda a: a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
-    return np.stack([reorder(hpos), reorder(wpos)], axis=-1)
-
-
-def vision_layout(grid_thw, merge: int = 2, *, patch_bucket=bucket, segment_bucket=bucket,
-                  segments_bucket=pow2_bucket) -> VisionLayout:
-    grid = check_grid(grid_thw, merge)
-    pos = np.concatenate([np.tile(merge_order_positions(h, w, merge), (t, 1)) for t, h, w in grid.tolist()])
-    P = pos.shape[0]
-    # One attention segment per temporal slice of each image / video (transformers `cu_seqlens` = repeat(h*w, t)).
-    seg_len = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
-    seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]])
-    P_pad = patch_bucket(P)
-    L_pad = segment_bucket(int(seg_len.max()))
-    if L_pad > attention_xla.QUERY_CHUNK:  # the xla backend attends in query chunks
-        L_pad = -(-L_pad // attention_xla.QUERY_CHUNK) * attention_xla.QUERY_CHUNK
-    Q_pad = segments_bucket(len(seg_len))
-    offsets = np.arange(L_pad)
-    seg_valid = np.zeros((Q_pad, L_pad), bool)
-    seg_valid[: len(seg_len)] = offsets[None, :] < seg_len[:, None]
-    seg_rows = np.zeros((Q_pad, L_pad), np.int64)
-    seg_rows[: len(seg_len)] = seg_start[:, None] + offsets[None, :]
-    seg_rows = np.where(seg_valid, seg_rows, 0)
-    row_slot = np.zeros(P_pad, np.int64)
-    seg_of_row = np.repeat(np.arange(len(seg_len)), seg_len)
-    row_slot[:P] = seg_of_row * L_pad + (np.arange(P) - seg_start[seg_of_row])
-    pos_pad = np.zeros((P_pad, 2), np.int32)
-    pos_pad[:P] = pos
-    bounds = np.zeros((Q_pad, 2), np.int32)
-    bounds[: len(seg_len), 0], bounds[: len(seg_len), 1] = seg_start, seg_len
-    return VisionLayout(grid, P, pos_pad, seg_rows.astype(np.int32), seg_valid, row_slot.astype(np.int32), bounds)
 
 
 # ------------------------------------------------------------------------------------------------- modules
@@ -154,34 +92,59 @@ class VisionAttention(nnx.Module):
 
 
 class VisionMLP(nnx.Module):
+    """Qwen2-VL: fc2(QuickGELU(fc1(x))) (transformers `VisionMlp`); Qwen2.5-VL: down_proj(silu(gate_proj(x)) *
+    up_proj(x)), every projection with a bias (`Qwen2_5_VLMLP(config, bias=True)`). Hook point `{name}.act`: the
+    product fed to the last projection."""
+
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "vision.blocks.0.mlp",
                  layer: int = 0):
         E, F = cfg.embed_dim, cfg.mlp_dim
         self.name, self.layer = name, layer
-        self.fc1 = Linear(E, F, use_bias=True, axes=("vis_mlp", "vis_embed"), param_dtype=param_dtype, rngs=rngs)
-        self.fc2 = Linear(F, E, use_bias=True, axes=("vis_embed", "vis_mlp"), param_dtype=param_dtype, rngs=rngs)
+        self.gated = cfg.gated_mlp
+        up, down = dict(axes=("vis_mlp", "vis_embed")), dict(axes=("vis_embed", "vis_mlp"))
+        if self.gated:
+            self.gate_proj = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
+            self.up_proj = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
+            self.down_proj = Linear(F, E, use_bias=True, **down, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.fc1 = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
+            self.fc2 = Linear(F, E, use_bias=True, **down, param_dtype=param_dtype, rngs=rngs)
+
+    def _linears(self):
+        return (self.gate_proj, self.up_proj, self.down_proj) if self.gated else (self.fc1, self.fc2)
 
     def _act(self, x_PE):
+        if self.gated:
+            return jax.nn.silu(self.gate_proj(x_PE)) * self.up_proj(x_PE)
         h = self.fc1(x_PE)
         return h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
 
+    def _out(self, act_PF):
+        return self.down_proj(act_PF) if self.gated else self.fc2(act_PF)
+
     def __call__(self, x_PE):
         # a large image (65k patches: fp32 [P, 5120] products of 1.3 GB) runs in row blocks (`in_row_blocks`)
-        if self.fc1.lora is None and self.fc2.lora is None and not wants(f"{self.name}.act"):
-            return in_row_blocks(lambda x: self.fc2(self._act(x)), x_PE)
-        return self.fc2(point(f"{self.name}.act", self._act(x_PE), self.layer))
+        if all(lin.lora is None for lin in self._linears()) and not wants(f"{self.name}.act"):
+            return in_row_blocks(lambda x: self._out(self._act(x)), x_PE)
+        return self._out(point(f"{self.name}.act", self._act(x_PE), self.layer))
+
+
+def _norm(cfg: Qwen2VLVisionConfig, param_dtype):
+    """The blocks' and the merger's norm: Qwen2RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6 both."""
+    if cfg.rms_norm:
+        return RMSNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, axis_name="vis_embed", param_dtype=param_dtype)
+    return LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, axis_name="vis_embed", param_dtype=param_dtype)
 
 
 class VisionBlock(nnx.Module):
-    """Pre-LN ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). Hook points `vision.blocks.{i}.resid_pre /
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). Hook points `vision.blocks.{i}.resid_pre /
     attn_out / resid_mid / mlp_out / resid_post` (+ the attention's and the MLP's)."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
                  attn_implementation: str | None = None, layer: int = 0):
-        E, eps = cfg.embed_dim, cfg.layer_norm_eps
         self.name, self.layer = f"vision.blocks.{layer}", layer
-        self.norm1 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
-        self.norm2 = LayerNorm(E, eps=eps, axis_name="vis_embed", param_dtype=param_dtype)
+        self.norm1 = _norm(cfg, param_dtype)
+        self.norm2 = _norm(cfg, param_dtype)
         self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
                                     name=f"{self.name}.attn", layer=layer)
         self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
@@ -206,11 +169,12 @@ class PatchEmbed(nnx.Module):
 
 
 class PatchMerger(nnx.Module):
-    """LayerNorm, concatenate each 2x2 block (4 consecutive rows), Linear, exact GELU, Linear to the LM width."""
+    """Norm (LayerNorm; Qwen2.5-VL: RMSNorm), concatenate each 2x2 block (4 consecutive rows), Linear, exact GELU,
+    Linear to the LM width."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs):
         M = cfg.merge_dim
-        self.ln_q = LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, axis_name="vis_embed", param_dtype=param_dtype)
+        self.ln_q = _norm(cfg, param_dtype)
         self.fc1 = Linear(M, M, use_bias=True, axes=("vis_merge", "vis_merge_in"), param_dtype=param_dtype,
                           rngs=rngs)
         self.fc2 = Linear(M, cfg.hidden_size, use_bias=True, axes=("embed", "vis_merge"), param_dtype=param_dtype,
@@ -250,52 +214,79 @@ class VisionTransformer(nnx.Module):
         emb = jnp.concatenate([angles, angles], axis=-1)
         return jnp.cos(emb), jnp.sin(emb)
 
-    def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, *, output_hidden_states=False):
-        """The pure math on padded inputs: merged features `[P_pad/4, D]` (+ per-block hidden states)."""
+    def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments | WindowedSegments, *,
+                output_hidden_states=False):
+        """The pure math on padded inputs (rows in the layout's order): merged features `[P_pad/4, D]` in prompt
+        order (+ per-block hidden states, rows in the layout's order)."""
         with use_partitioning(self.partitioning):
             return self._forward(pixels_PC, pos_hw_P2, segments, output_hidden_states)
 
-    def _forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments, output_hidden_states):
+    def _block_segments(self, segments) -> tuple[VisionSegments, VisionSegments | None, jax.Array | None]:
+        """(full-frame segments, window segments or None, restore_M or None), checked against the config."""
+        if isinstance(segments, WindowedSegments):
+            if self.config.window_size is None:
+                raise ValueError("window segments were given to a vision tower without window attention")
+            return segments.full, segments.windows, segments.restore_M
+        if self.config.window_size is not None:
+            raise ValueError("this vision tower attends in windows (Qwen2.5-VL): pass the layout's "
+                             "`segments()` (WindowedSegments) from `vision_layout(..., window_tokens=...)`")
+        return segments, None, None
+
+    def _forward(self, pixels_PC, pos_hw_P2, segments, output_hidden_states):
+        full, windows, restore_M = self._block_segments(segments)
         cos_PH, sin_PH = self.rotary(pos_hw_P2)
         if active():  # what hooks are told: the real patch rows (padding rows belong to no segment)
-            valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[segments.rows_QL].max(segments.valid_QL)
+            valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[full.rows_QL].max(full.valid_QL)
             set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
         x_PE = point("vision.patch_embed", constrain(self.patch_embed(pixels_PC.astype(self.dtype)), ROWS_AXES))
         if self.scan_layers:
-            x_PE, hidden = self._scan(x_PE, cos_PH, sin_PH, segments, output_hidden_states)
-            return point("vision.merger.out", self.merger(x_PE)), hidden
-        hidden = []
-        for block in self.blocks:
-            if self.remat is not None and not recording():  # jax.checkpoint per block (training)
-                x_PE = _remat_block(self.remat)(block, x_PE, cos_PH, sin_PH, segments)
-            else:
-                x_PE = block(x_PE, cos_PH, sin_PH, segments)
-            if output_hidden_states:
-                hidden.append(x_PE)
-        return point("vision.merger.out", self.merger(x_PE)), tuple(hidden)
+            x_PE, hidden = self._scan(x_PE, cos_PH, sin_PH, full, windows, output_hidden_states)
+        else:
+            hidden = []
+            for i, block in enumerate(self.blocks):
+                segs = windows if self.config.attends_in_windows(i) else full  # transformers: cu_seqlens_now
+                if self.remat is not None and not recording():  # jax.checkpoint per block (training)
+                    x_PE = _remat_block(self.remat)(block, x_PE, cos_PH, sin_PH, segs)
+                else:
+                    x_PE = block(x_PE, cos_PH, sin_PH, segs)
+                if output_hidden_states:
+                    hidden.append(x_PE)
+            hidden = tuple(hidden)
+        merged_MD = self.merger(x_PE)
+        if restore_M is not None:  # window order -> prompt order (transformers: hidden_states[argsort(window_index)])
+            merged_MD = merged_MD[restore_M]
+        return point("vision.merger.out", merged_MD), hidden
 
-    def _scan(self, x_PE, cos_PH, sin_PH, segments, output_hidden_states):
-        """The blocks as one `jax.lax.scan` over the stacked parameters; hidden states come back stacked."""
+    def _scan(self, x_PE, cos_PH, sin_PH, full, windows, output_hidden_states):
+        """The blocks as one `jax.lax.scan` over the stacked parameters; hidden states come back stacked. With
+        window attention each step picks its grouping with `lax.cond` on the block's `fullatt_block_indexes` flag."""
         if active():
             raise HookError("hook points name each block, and a scan_layers=True model runs one block for all of "
                             "them: load with scan_layers=False to use hooks")
         graphdef, params = nnx.split(self.blocks)
+        in_windows_L = jnp.asarray([self.config.attends_in_windows(i) for i in range(self.config.depth)])
 
-        def body(x, block_params):
-            block = nnx.merge(graphdef, block_params)
+        def run(block, x, segs):
             if self.remat is not None:
-                y = _remat_block(self.remat)(block, x, cos_PH, sin_PH, segments)
+                return _remat_block(self.remat)(block, x, cos_PH, sin_PH, segs)
+            return block(x, cos_PH, sin_PH, segs)
+
+        def body(x, step):
+            block_params, in_windows = step
+            block = nnx.merge(graphdef, block_params)
+            if windows is None:
+                y = run(block, x, full)
             else:
-                y = block(x, cos_PH, sin_PH, segments)
+                y = jax.lax.cond(in_windows, lambda: run(block, x, windows), lambda: run(block, x, full))
             return y, (y if output_hidden_states else None)
 
-        x_PE, hidden_L = jax.lax.scan(body, x_PE, params)
+        x_PE, hidden_L = jax.lax.scan(body, x_PE, (params, in_windows_L))
         return x_PE, (tuple(hidden_L) if output_hidden_states else ())
 
     def prepare(self, pixel_values, grid_thw) -> tuple[np.ndarray, VisionLayout]:
         """Validate on the host and pad the patch rows to their bucket."""
         cfg = self.config
-        layout = vision_layout(grid_thw, cfg.spatial_merge_size)
+        layout = vision_layout(grid_thw, cfg.spatial_merge_size, window_tokens=cfg.window_tokens)
         shape = tuple(getattr(pixel_values, "shape", ()))
         if len(shape) != 2 or shape[1] != cfg.patch_dim:
             raise ValueError(f"pixel_values must be [num_patches, {cfg.patch_dim}] (C*T*P*P = {cfg.in_channels}*"
@@ -305,7 +296,7 @@ class VisionTransformer(nnx.Module):
                              f"describes sum(t*h*w) = {layout.num_patches} patches")
         pixels = np.asarray(pixel_values)
         padded = np.zeros((layout.padded_patches, cfg.patch_dim), pixels.dtype)
-        padded[: layout.num_patches] = pixels
+        padded[: layout.num_patches] = pixels if layout.window_rows_P is None else pixels[layout.window_rows_P]
         return padded, layout
 
     def encode_padded(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
@@ -325,18 +316,19 @@ class VisionTransformer(nnx.Module):
         """`run_padded` with a `hook_points.HookSet` active: (padded features, {name: value}) with the recorded
         values cut to the real rows (`trim_records`)."""
         merged, _, records = _vision_jit(self, pixels, layout.pos_hw_P2, layout.segments(), hooks)
-        return merged, trim_records(records, layout)
+        return merged, trim_records(records, layout, self.config)
 
     def __call__(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
         """Merged vision features `[sum(t*h*w)/4, D]` (a jax Array), like the reference's `model.visual`.
 
         With `output_hidden_states=True`, returns `(features, hidden_states)` where hidden_states holds each
-        block's output `[sum(t*h*w), E]`.
+        block's output `[sum(t*h*w), E]`, rows in the processor's order (Qwen2.5-VL's blocks run in window order;
+        `VisionLayout.to_prompt_order`).
         """
         merged, hidden, layout = self.encode_padded(pixel_values, grid_thw, output_hidden_states=output_hidden_states)
         merged = merged[: layout.num_merged]
         if output_hidden_states:
-            return merged, tuple(h[: layout.num_patches] for h in hidden)
+            return merged, tuple(layout.to_prompt_order(h[: layout.num_patches]) for h in hidden)
         return merged
 
 
@@ -345,13 +337,18 @@ def _remat_block(policy: str):
     return nnx.remat(lambda block, x, cos, sin, segments: block(x, cos, sin, segments), policy=remat_policy(policy))
 
 
-def trim_records(records: dict, layout: VisionLayout) -> dict:
-    """Recorded vision values without the bucket padding: patch rows `[:P]`, merged rows `[:M]`, and attention
-    probabilities as one `[N, L, L]` array per segment (its real rows and keys, in row order)."""
+def trim_records(records: dict, layout: VisionLayout, config: Qwen2VLVisionConfig | None = None) -> dict:
+    """Recorded vision values without the bucket padding: patch rows `[:P]` (in the layout's row order: window
+    order for Qwen2.5-VL), merged rows `[:M]`, and attention probabilities as one `[N, L, L]` array per segment
+    (its real rows and keys, in row order; per window in Qwen2.5-VL's window blocks)."""
     out = {}
     for name, value in records.items():
         if name.endswith(".attn.probs"):
-            out[name] = tuple(value[q, :, :n, :n] for q, n in enumerate(layout.bounds_Q2[:, 1]) if n > 0)
+            bounds = layout.bounds_Q2
+            if layout.windows is not None and config is not None and config.attends_in_windows(
+                    int(name.split(".")[2])):
+                bounds = layout.windows.bounds_Q2
+            out[name] = tuple(value[q, :, :n, :n] for q, n in enumerate(bounds[:, 1]) if n > 0)
         elif name == "vision.merger.out":
             out[name] = value[: layout.num_merged]
         else:

@@ -288,3 +288,92 @@ def parity_inputs(tok, photos, case):
                        chat("And this clip, what is shown in it over time?", 0, 1)],
                  images=[photos["coffee"]], videos=[video_frames(4, size=(112, 140))])
     raise KeyError(case)
+
+
+# ------------------------------------------------------------------------------------------------ Qwen2.5-VL
+# Tiny Qwen2.5-VL: the text side of TINY_TEXT; a 4-block SwiGLU / RMSNorm vision tower whose blocks 0 and 2 attend
+# within 112-pixel windows (4x4 merged tokens) and blocks 1 and 3 over the whole image (fullatt_block_indexes),
+# tokens_per_second 2 like the released models. Vision `hidden_size` is the tower width (embed dim) in this family;
+# `out_hidden_size` is the merger output (= the text width).
+TINY_TEXT_25 = dict(TINY_TEXT, hidden_act="silu", use_sliding_window=False, sliding_window=32768, max_window_layers=2,
+                    attention_dropout=0.0, initializer_range=0.02)
+TINY_VISION_25 = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, window_size=112,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                      fullatt_block_indexes=[1, 3], tokens_per_second=2, hidden_act="silu", initializer_range=0.02)
+
+# A real-width slice of Qwen2.5-VL-7B: full widths, two decoder layers, two vision blocks (one windowed, one full).
+SLICE_7B_TEXT_25 = dict(
+    vocab_size=152064,
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=2,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    max_position_embeddings=128000,
+    hidden_act="silu",
+    use_sliding_window=False,
+    sliding_window=32768,
+    max_window_layers=2,
+    attention_dropout=0.0,
+    initializer_range=0.02,
+)
+SLICE_7B_VISION_25 = dict(depth=2, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
+                          window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                          fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu", initializer_range=0.02)
+
+
+def hf_config_25(text: dict, vision: dict, tied: bool):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in text.items()},
+                            tie_word_embeddings=tied, vision_config=dict(vision))
+
+
+def build_checkpoint_25(out_dir: Path, *, text=TINY_TEXT_25, vision=TINY_VISION_25, tied=False, layout="hub",
+                        seed=0, tokenizer_dir: Path | None = None) -> Path:
+    """Write a random-weight Qwen2_5_VLForConditionalGeneration checkpoint with transformers' save_pretrained
+    (4.57 writes the Hub key layout: model.layers.* / visual.* / lm_head.weight); layout="new" renames the keys to
+    the in-memory >= 4.52 names (model.language_model.* / model.visual.*)."""
+    import gc
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(hf_config_25(text, vision, tied)).eval()
+    randomize_(model, seed)
+    if tied:
+        model.tie_weights()
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    del model
+    gc.collect()
+    if layout == "new":
+        _rename_keys(out_dir, save_file, load_file)
+    elif layout != "hub":
+        raise ValueError(layout)
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file():
+                shutil.copy(f, out_dir / f.name)
+    return out_dir
+
+
+def load_hf_model_25(path, dtype="float32", attn="eager"):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attn).eval()
+
+
+def hub_name(name: str) -> str:
+    """The Hub key layout's name of a checkpoint key in either layout (the inverse of HUB_TO_NEW)."""
+    for old, new in HUB_TO_NEW:
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name

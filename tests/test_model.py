@@ -8,7 +8,7 @@ from flax import nnx
 
 import helpers
 from qwen2vl_jax import hooks
-from qwen2vl_jax.config import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
+from qwen2vl_jax.presets import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 from qwen2vl_jax.rope_index import get_rope_index
 

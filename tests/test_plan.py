@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from qwen2vl_jax import cli
 from qwen2vl_jax.checkpoint import abstract_model
-from qwen2vl_jax.config import qwen2_vl_72b
 from qwen2vl_jax.model import Qwen2VL
+from qwen2vl_jax.presets import qwen2_vl_72b
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_72B = ["plan", "--model", "72b", "--mesh", "data=1,fsdp=1,model=8", "--batch", "8", "--context", "32768",
@@ -100,7 +100,8 @@ CHECK = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import NamedSharding
     from qwen2vl_jax import plan as plan_lib, sharding
-    from qwen2vl_jax.config import PRESETS, Qwen2VLConfig
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.presets import PRESETS
     from qwen2vl_jax.layers import model_params
     from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
     assert len(jax.devices()) == 8

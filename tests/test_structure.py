@@ -17,8 +17,8 @@ MAX_LINES = 500
 # Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI. (`memory`, the
 # request-size estimate that generation and the CLI consult, sits here for the same rule: it reads config and buckets;
 # `partitioning`, the logical axis rules, too: the towers constrain their activations and KV cache by them.)
-MODEL_MATH = ["layers", "vision", "text", "model", "config", "rope_index", "buckets", "attention", "kernels",
-              "hook_points", "memory", "partitioning"]
+MODEL_MATH = ["layers", "vision", "vision_layout", "text", "model", "config", "presets", "rope_index", "buckets",
+              "attention", "kernels", "hook_points", "memory", "partitioning"]
 ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetune_checkpoint", "cli_finetune", "hooks",
                    "interventions", "geometry", "demo",
                    "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "cli_common",
