@@ -5,13 +5,8 @@ import json
 
 import pytest
 
-from qwen2vl_jax.config import (
-    Qwen2VLConfig,
-    Qwen2VLVisionConfig,
-    qwen2_vl_2b,
-    qwen2_vl_7b,
-    qwen2_vl_72b,
-)
+from qwen2vl_jax.config import Qwen2VLConfig, Qwen2VLVisionConfig
+from qwen2vl_jax.presets import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
 
 # The Instruct checkpoints' config.json values.
 TABLE = {

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from qwen2vl_jax import config as config_lib
-from qwen2vl_jax import demo, memory
+from qwen2vl_jax import demo, memory, presets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = config_lib.Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
-TWO_B = config_lib.qwen2_vl_2b()
+TWO_B = presets.qwen2_vl_2b()
 
 
 def test_layout_constants_match_their_sources():
