@@ -134,8 +134,10 @@ def test_every_backend_and_scan_match_the_reference(ckpt25, hf25):
         hf_ids = hf25.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=8, do_sample=False,
                                repetition_penalty=1.0).numpy()[:, keep.shape[1]:]
     errors = {}
-    for name in attention.available_backends():
-        if attention.get_attention(name).requires and attention.get_attention(name).requires():
+    for name in ("xla", "cpu", "jax", "pallas"):  # the built-in backends (other tests register their own)
+        try:
+            attention.resolve(name)
+        except attention.AttentionBackendError:
             continue  # not usable on this machine (the native kernels need AVX2 + FMA)
         model.set_attn_implementation(name)
         errors[name] = helpers.rel_err(np.asarray(model(**inputs).logits)[keep], ref[keep])
