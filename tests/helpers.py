@@ -78,14 +78,22 @@ def randomize_(model, seed: int, weight_std: float = 0.1) -> None:
 
 
 def build_checkpoint(out_dir: Path, *, text=TINY_TEXT, vision=TINY_VISION, tied=False, layout="hub",
-                     max_shard_size=None, seed=0, tokenizer_dir: Path | None = None) -> Path:
-    """Write a random-weight Qwen2VLForConditionalGeneration checkpoint with transformers' save_pretrained."""
+                     max_shard_size=None, seed=0, tokenizer_dir: Path | None = None, family: str = "qwen2_vl") -> Path:
+    """Write a random-weight Qwen2VLForConditionalGeneration (family "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration)
+    checkpoint with transformers' save_pretrained (4.57 writes the Hub key layout: model.layers.* / visual.* /
+    lm_head.weight); layout="new" renames the keys to the in-memory >= 4.52 names (model.language_model.* /
+    model.visual.*)."""
+    import gc
+
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(hf_config(text, vision, tied)).eval()
+    if family == "qwen2_vl":
+        model = Qwen2VLForConditionalGeneration(hf_config(text, vision, tied)).eval()
+    else:
+        model = Qwen2_5_VLForConditionalGeneration(hf_config_25(text, vision, tied)).eval()
     randomize_(model, seed)
     if tied:
         model.tie_weights()
@@ -94,6 +102,8 @@ def build_checkpoint(out_dir: Path, *, text=TINY_TEXT, vision=TINY_VISION, tied=
     if max_shard_size:
         kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out_dir, **kwargs)
+    del model
+    gc.collect()
     if layout == "new":  # the >= 4.52 in-memory names (what older 4.5x save_pretrained wrote)
         _rename_keys(out_dir, save_file, load_file)
     elif layout != "hub":
@@ -302,24 +312,9 @@ TINY_VISION_25 = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48
                       fullatt_block_indexes=[1, 3], tokens_per_second=2, hidden_act="silu", initializer_range=0.02)
 
 # A real-width slice of Qwen2.5-VL-7B: full widths, two decoder layers, two vision blocks (one windowed, one full).
-SLICE_7B_TEXT_25 = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=2,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-    max_position_embeddings=128000,
-    hidden_act="silu",
-    use_sliding_window=False,
-    sliding_window=32768,
-    max_window_layers=2,
-    attention_dropout=0.0,
-    initializer_range=0.02,
-)
+SLICE_7B_TEXT_25 = dict(TINY_TEXT_25, vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
 SLICE_7B_VISION_25 = dict(depth=2, hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584,
                           window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                           fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu", initializer_range=0.02)
@@ -332,35 +327,26 @@ def hf_config_25(text: dict, vision: dict, tied: bool):
                             tie_word_embeddings=tied, vision_config=dict(vision))
 
 
-def build_checkpoint_25(out_dir: Path, *, text=TINY_TEXT_25, vision=TINY_VISION_25, tied=False, layout="hub",
-                        seed=0, tokenizer_dir: Path | None = None) -> Path:
-    """Write a random-weight Qwen2_5_VLForConditionalGeneration checkpoint with transformers' save_pretrained
-    (4.57 writes the Hub key layout: model.layers.* / visual.* / lm_head.weight); layout="new" renames the keys to
-    the in-memory >= 4.52 names (model.language_model.* / model.visual.*)."""
-    import gc
+def build_checkpoint_25(out_dir: Path, *, text=TINY_TEXT_25, vision=TINY_VISION_25, **kwargs) -> Path:
+    """`build_checkpoint` for a Qwen2_5_VLForConditionalGeneration (the tiny Qwen2.5-VL by default)."""
+    return build_checkpoint(out_dir, text=text, vision=vision, family="qwen2_5_vl", **kwargs)
 
+
+def hf_visual_blocks(hf, pixels, grid):
+    """transformers' merged vision features and each block's output (forward hooks on `model.visual.blocks`), in
+    the order its blocks run them."""
     import torch
-    from safetensors.torch import load_file, save_file
-    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config_25(text, vision, tied)).eval()
-    randomize_(model, seed)
-    if tied:
-        model.tie_weights()
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    del model
-    gc.collect()
-    if layout == "new":
-        _rename_keys(out_dir, save_file, load_file)
-    elif layout != "hub":
-        raise ValueError(layout)
-    if tokenizer_dir is not None:
-        for f in Path(tokenizer_dir).iterdir():
-            if f.is_file():
-                shutil.copy(f, out_dir / f.name)
-    return out_dir
+    blocks = []
+    hooks = [b.register_forward_hook(lambda m, i, o: blocks.append(o.detach().numpy().copy()))
+             for b in hf.model.visual.blocks]
+    try:
+        with torch.no_grad():
+            merged = hf.model.visual(torch.from_numpy(pixels), torch.from_numpy(grid)).numpy()
+    finally:
+        for h in hooks:
+            h.remove()
+    return merged, blocks
 
 
 def load_hf_model_25(path, dtype="float32", attn="eager"):

@@ -151,15 +151,7 @@ def _compare_logits(ours, hf, inputs, name):
 def _hf_visual(hf, pixels, grid):
     """transformers' merged features and every block's output, the latter put back into the processor's patch order
     (the blocks run in window order: rows permuted by window_index in merge units of 4 rows)."""
-    blocks = []
-    hooks = [b.register_forward_hook(lambda m, i, o: blocks.append(o.detach().numpy().copy()))
-             for b in hf.model.visual.blocks]
-    try:
-        with torch.no_grad():
-            merged = hf.model.visual(torch.from_numpy(pixels), torch.from_numpy(grid)).numpy()
-    finally:
-        for h in hooks:
-            h.remove()
+    merged, blocks = helpers.hf_visual_blocks(hf, pixels, grid)
     win, cu = hf.model.visual.get_window_index(torch.from_numpy(grid))
     inverse = np.argsort(win.numpy())
     P = pixels.shape[0]

@@ -38,16 +38,7 @@ def vision_inputs(photos):
 
 
 def _hf_visual(hf, pixels, grid):
-    blocks = []
-    hooks = [b.register_forward_hook(lambda m, i, o: blocks.append(o.detach().numpy().copy()))
-             for b in hf.model.visual.blocks]
-    try:
-        with torch.no_grad():
-            merged = hf.model.visual(torch.from_numpy(pixels), torch.from_numpy(grid)).numpy()
-    finally:
-        for h in hooks:
-            h.remove()
-    return merged, blocks
+    return helpers.hf_visual_blocks(hf, pixels, grid)
 
 
 def _check_parity(ours_model, hf, pixels, grid, name):
