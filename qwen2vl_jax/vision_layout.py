@@ -161,7 +161,10 @@ def vision_layout(grid_thw, merge: int = 2, *, window_tokens: int | None = None,
         index_M, lengths_W = window_index(grid, merge, window_tokens)
         window_rows = (index_M[:, None] * unit + np.arange(unit)).reshape(-1)
         pos = pos[window_rows]
-        windows = VisionSegments(*_segments(lengths_W * unit, P, P_pad, segment_bucket, segments_bucket))
+        # a window holds at most window_tokens**2 merged tokens: that is its padded length, not a 256-row bucket
+        # (the xla / jax / pallas backends attend over the whole padded [L, L])
+        full_window = window_tokens * window_tokens * unit
+        windows = VisionSegments(*_segments(lengths_W * unit, P, P_pad, lambda n: full_window, segments_bucket))
         restore = np.arange(P_pad // unit, dtype=np.int32)
         restore[: len(index_M)] = np.argsort(index_M)
     pos_pad = np.zeros((P_pad, 2), np.int32)
