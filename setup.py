@@ -11,8 +11,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.11",
     packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
-    # the optional CPU kernels' sources, compiled on first use
-    package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h"]},
+    # the optional CPU kernels' sources, compiled on first use; the explorer's page (HTML, JS, CSS)
+    package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h", "explorer_static/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
@@ -29,6 +29,8 @@ setup(
         "psutil",
     ],
     extras_require={
+        # `qwen2vl-jax serve`: the OpenAI-compatible HTTP API (and the explorer page it mounts)
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
         "test": [
             "pytest",
             "torch==2.13.0",
@@ -44,6 +46,12 @@ setup(
             "nbclient==0.11.0",
             "nbformat==5.11.1",
             "ipykernel==7.4.0",
+            # tests/test_server.py: the official client against a real server; tests/test_explorer_browser.py
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "openai",
+            "httpx",
+            "playwright",
         ],
     },
     entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"]},

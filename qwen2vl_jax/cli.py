@@ -1,5 +1,5 @@
 """The `qwen2vl-jax` command line: generate, chat (cli_chat.py), convert, info, plan (plan.py), selfcheck, finetune
-(cli_finetune.py); shared pieces in cli_common.py.
+(cli_finetune.py), serve (server.py); shared pieces in cli_common.py.
 
 User errors (a missing file, an unreadable image, a corrupt checkpoint, an invalid config.json, an unknown model id
 while offline, too little memory, a bad flag) print one line and exit with status 2, through one path: `main`
@@ -38,7 +38,7 @@ from .runtime import COMPILE_CACHE_ENV  # stdlib only: importing it changes noth
 
 __all__ = ["main", "build_parser", "UserError", "EXIT_USER_ERROR"]
 
-COMPILING_COMMANDS = ("generate", "chat", "selfcheck", "finetune")  # run the model; they use the compile cache
+COMPILING_COMMANDS = ("generate", "chat", "selfcheck", "finetune", "serve")  # run the model; they use the compile cache
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -169,6 +169,34 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    try:  # the optional extra: `pip install 'qwen2vl_jax[serve]'`
+        import uvicorn
+
+        from .server import Engine, create_app
+    except ImportError as e:
+        raise UserError(f"serve needs FastAPI and uvicorn ({e}); install them with: pip install "
+                        f"'qwen2vl_jax[serve]'") from None
+    directory = resolve_model(args)
+    dtype = choose_dtype(args, directory)
+    processor = load_processor(args, directory)
+    model = load_model(args, directory, dtype)
+    engine = Engine(model, processor, model_name=args.served_model_name or str(args.model), max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_request_bytes=args.max_request_bytes, max_images=args.max_images,
+                    default_max_tokens=args.default_max_tokens)
+    app = create_app(engine)
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {engine.model_name} ({dtype}) at {url}/v1 (OpenAI API: /v1/chat/completions, /v1/models)",
+          flush=True)
+    if any(getattr(r, "path", "").startswith("/explorer") for r in app.routes):
+        print(f"explorer at {url}/explorer", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    finally:
+        engine.close()
+    return 0
+
+
 def cmd_selfcheck(args) -> int:
     from .selfcheck import run_selfcheck
 
@@ -267,6 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print docs/SCALING.md's markdown table (2B / 7B / 72B on common TPU and GPU slices)")
     p.add_argument("--rules", action="store_true", help="print the sharding rules as a markdown table")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over one model")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=positive(int), default=8000)
+    p.add_argument("--served-model-name", metavar="NAME", help="the `model` clients send (default: --model as given)")
+    p.add_argument("--max-batch", type=positive(int), default=8, help="requests run together in one batch at most")
+    p.add_argument("--max-queue", type=positive(int), default=64,
+                   help="requests waiting at most; more are refused with 503")
+    p.add_argument("--max-request-bytes", type=byte_size, default=20 * 2**20, metavar="SIZE",
+                   help="largest request body (default 20MiB; larger: 413)")
+    p.add_argument("--max-images", type=positive(int), default=16, help="images per request at most")
+    p.add_argument("--default-max-tokens", type=positive(int), default=512,
+                   help="new tokens for a request without max_tokens (never past the context)")
+    p.add_argument("--min-pixels", type=positive(int), help="lower bound on pixels per image (processor)")
+    p.add_argument("--max-pixels", type=positive(int), help="upper bound on pixels per image (processor)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter in PEFT's format (e.g. finetune's out/adapter)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("selfcheck", help="offline parity check against PyTorch on random weights")
     p.add_argument("--preset", choices=["2b", "7b", "72b"], default="2b")

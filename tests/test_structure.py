@@ -22,7 +22,8 @@ MODEL_MATH = ["layers", "vision", "vision_layout", "text", "model", "config", "p
 ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetune_checkpoint", "cli_finetune", "hooks",
                    "interventions", "geometry", "demo",
                    "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "cli_common",
-                   "cli_chat", "selfcheck", "sharding", "plan", "processing", "sampling"]
+                   "cli_chat", "selfcheck", "sharding", "plan", "processing", "sampling", "server",
+                   "server_api", "explorer"]
 
 
 def _modules() -> dict[str, Path]:

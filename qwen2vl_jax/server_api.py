@@ -1,0 +1,207 @@
+"""The OpenAI wire format of `qwen2vl-jax serve` (server.py): request schemas, error bodies, response objects and
+stop strings. No model, no HTTP server: plain data in, plain data out.
+
+Mirrors OpenAI's Chat Completions API (`POST /v1/chat/completions`):
+
+* request: `model`, `messages` (`content` a string or a list of `{"type": "text", "text"}` /
+  `{"type": "image_url", "image_url": {"url"}}` parts; `image_url` may also be the bare URL string), `max_tokens` /
+  `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, `n`.
+  Other OpenAI fields (`user`, `presence_penalty`, ...) are accepted and ignored, as OpenAI-compatible servers do.
+* errors: `{"error": {"message", "type", "param", "code"}}` with the HTTP status (400 invalid_request_error,
+  404 not_found_error, 413 request_too_large, 503 server_overloaded, 500 server_error).
+* responses: a `chat.completion` object, or `chat.completion.chunk` server-sent events ending with `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["RequestError", "ChatRequest", "error_body", "validation_message", "parse_request", "to_template_messages",
+           "completion", "chunk", "sse", "StopCutter", "cut_at_stop"]
+
+ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
+               503: "server_overloaded", 500: "server_error"}
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP `status` and a message for the client (the OpenAI error body)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
+                      "code": code}}
+
+
+# ------------------------------------------------------------------------------------------------- request
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(_Lenient):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(_Lenient):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def validation_message(err) -> str:
+    """Pydantic's (or FastAPI's) validation errors as one readable line: `messages.0.role: Input should be ...`."""
+    parts = []
+    for e in list(err.errors())[:5]:
+        where = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
+    return "invalid request: " + "; ".join(parts)
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """Bytes -> ChatRequest, or a 400 naming what is wrong (the JSON syntax, or the field)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        req = ChatRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestError(400, validation_message(e)) from None
+    if req.n != 1:
+        raise RequestError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
+    if len(req.stop_strings()) > 4:  # OpenAI's limit
+        raise RequestError(400, "stop takes at most 4 strings", param="stop")
+    return req
+
+
+def to_template_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, str]]]:
+    """OpenAI messages -> the chat template's (`{"type": "image"}` placeholders, qwen2vl_jax/processing.py), and
+    the image URLs in prompt order, each with where it came from (`messages[1].content[0]`) for error messages."""
+    messages, images = [], []
+    for i, m in enumerate(req.messages):
+        role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system role
+        if m.content is None or isinstance(m.content, str):
+            messages.append({"role": role, "content": m.content or ""})
+            continue
+        content = []
+        for j, part in enumerate(m.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise RequestError(400, f"{where}: a text part needs `text`", param=where)
+                content.append({"type": "text", "text": part.text})
+            else:
+                url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                if not url:
+                    raise RequestError(400, f"{where}: an image_url part needs `image_url.url`", param=where)
+                content.append({"type": "image"})
+                images.append((url, where))
+        messages.append({"role": role, "content": content})
+    return messages, images
+
+
+# ------------------------------------------------------------------------------------------------ response
+def new_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's `chat.completion` object (one choice)."""
+    return {"id": new_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | None = None,
+          usage_: dict | None = None) -> dict:
+    """OpenAI's `chat.completion.chunk`; the usage-only chunk (stream_options.include_usage) has no choices."""
+    out: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+    out["choices"] = [] if usage_ is not None else [{"index": 0, "delta": delta, "logprobs": None,
+                                                     "finish_reason": finish_reason}]
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ----------------------------------------------------------------------------------------------- stop strings
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string (OpenAI leaves the stop string out), and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+class StopCutter:
+    """Stop strings over streamed text: `feed(piece)` returns what can be sent now, holding back a tail that might
+    be the start of a stop string; `.stopped` once one appeared (nothing after it is sent); `flush()` at the end."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.pending, self.stopped = stops, "", False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return piece
+        text = self.pending + piece
+        cut, self.stopped = cut_at_stop(text, self.stops)
+        if self.stopped:
+            self.pending = ""
+            return cut
+        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
