@@ -14,7 +14,7 @@ canvas from `explorer_static/`: no build step, nothing fetched from elsewhere). 
 Which query is inspected: generated token k is *chosen* by the logits of input column P - 1 + k (P: prompt length),
 so its attention and logit lens are read at that column: what the model looked at, and believed layer by layer,
 when it produced token k. The first click runs one forward over prompt + generated tokens with
-`hooks.run_with_cache` (and `engine.hooks`, which the generation itself does not use); only the generated tokens'
+`hooks.run_with_cache` (with `engine.hooks`, which the generation uses too); only the generated tokens'
 attention rows and residual rows are kept per session, so later clicks cost a slice and one small unembedding.
 
 Arrays travel as {"shape", "f16": base64 little-endian float16} to keep a 28-layer x 12-head payload small.
@@ -158,9 +158,11 @@ class Explorer:
             t0 = time.perf_counter()
             try:
                 with self.engine.lock:
+                    # engine.hooks as in the API's generation: the tokens shown are the served (hooked) model's
                     out = generate(self.engine.model, **session.inputs, streamer=_Streamer(self.engine.processor,
                                                                                           events.put),
-                                   max_new_tokens=max_new_tokens, do_sample=False, return_dict=True)
+                                   max_new_tokens=max_new_tokens, do_sample=False, return_dict=True,
+                                   hooks=self.engine.hooks or None)
                 session.new_ids = [int(t) for t in out.sequences[0, session.prompt_len:]]
                 session.done = True
                 events.put({"type": "done", "tokens": len(session.new_ids),
