@@ -256,3 +256,33 @@ def test_cli_names_the_family_and_generates_from_a_video(ckpt25, capsys):
     model = Qwen2VLForConditionalGeneration.from_pretrained(ckpt25, dtype=jnp.float32)
     ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:])[0] == answer
+
+
+def test_server_answers_with_a_qwen2_5_checkpoint(ckpt25, photos):
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from qwen2vl_jax.generation import generate
+    from qwen2vl_jax.server import build_engine, create_app
+
+    engine = build_engine(ckpt25, model_name="tiny-2.5", max_pixels=64 * 28 * 28)
+    try:
+        photo = photos["coffee"]
+        buf = io.BytesIO()
+        photo.save(buf, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+        with TestClient(create_app(engine)) as client:
+            r = client.post("/v1/chat/completions", json={"model": "tiny-2.5", "max_tokens": 6, "temperature": 0,
+                                                          "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        prompt = engine.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}])
+        inputs = engine.processor(text=[prompt], images=[photo])
+        out = generate(engine.model, **inputs, max_new_tokens=6, do_sample=False)
+        expected = engine.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert r.json()["choices"][0]["message"]["content"] == expected and expected
+    finally:
+        engine.close()
