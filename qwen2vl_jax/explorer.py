@@ -296,8 +296,18 @@ def mount_explorer(app, engine) -> Explorer:
 
     @router.post("/api/generate")
     async def start(request: Request):
+        # the API's body limit applies here too (a photo arrives as a data URL)
+        limit = getattr(engine, "max_request_bytes", None)
+        declared = request.headers.get("content-length", "")
+        if limit and declared.isdigit() and int(declared) > limit:
+            return error(ExplorerError(413, f"the request body has {int(declared)} bytes, more than the server's "
+                                            f"limit of {limit} (--max-request-bytes)"))
+        raw = await request.body()
+        if limit and len(raw) > limit:
+            return error(ExplorerError(413, f"the request body is larger than the server's limit of {limit} bytes "
+                                            "(--max-request-bytes)"))
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except ValueError:
             return error(ExplorerError(400, "the body must be JSON"))
         if not isinstance(body, dict):

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import threading
 import time
-import types
 from pathlib import Path
 
 import jax
@@ -50,25 +49,12 @@ def photo(photos):
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint, photo):
-    """What `server.create_app` is given (model, processor, model_name, lock, hooks, load_image): the real server's
-    `build_engine` when qwen2vl_jax/server.py provides it, else a stand-in with those attributes. `.geometry` and
-    `.inputs` (the page's prompt, encoded here) are the test's own."""
+    """The server's engine over the tiny checkpoint, with a hook forcing every attention row onto one vision token;
+    `.geometry` and `.inputs` (the page's prompt, encoded here) are the test's own."""
     from qwen2vl_jax import geometry
+    from qwen2vl_jax.server import build_engine
 
-    try:
-        from qwen2vl_jax.server import build_engine
-    except ImportError:
-        build_engine = None
-    if build_engine is not None:
-        engine = build_engine(tiny_checkpoint, model_name="tiny-qwen2-vl")
-    else:
-        from qwen2vl_jax import Qwen2VLForConditionalGeneration
-        from qwen2vl_jax.image_io import load_image
-        from qwen2vl_jax.processing import Qwen2VLProcessor
-
-        engine = types.SimpleNamespace(model=Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint),
-                                       processor=Qwen2VLProcessor.from_pretrained(tiny_checkpoint),
-                                       model_name="tiny-qwen2-vl", lock=threading.Lock(), load_image=load_image)
+    engine = build_engine(tiny_checkpoint, model_name="tiny-qwen2-vl", max_request_bytes=2 * 2**20)
     model, processor = engine.model, engine.processor
     # The forced key slot: the k-th <|image_pad|> of the prompt the page sends (the image comes before the question,
     # so its columns do not depend on the question's text).
@@ -81,24 +67,13 @@ def engine(tiny_checkpoint, photo):
     slot = int(engine.geometry.token_index_M[FORCED[0] * cols + FORCED[1]])
     engine.hooks = {"text.layers.*.attn.probs": Partial(_force_onto, jnp.int32(slot))}
     yield engine
-    if hasattr(engine, "close"):
-        engine.close()
+    engine.close()
 
 
 @pytest.fixture(scope="module")
 def app(engine):
-    """The real server's app when qwen2vl_jax/server.py provides `create_app` (it mounts the explorer); until then a
-    bare FastAPI app with the explorer mounted the same way."""
-    try:
-        from qwen2vl_jax.server import create_app
-    except ImportError:
-        from fastapi import FastAPI
+    from qwen2vl_jax.server import create_app
 
-        from qwen2vl_jax.explorer import mount_explorer
-
-        app = FastAPI()
-        mount_explorer(app, engine)
-        return app
     return create_app(engine)
 
 
@@ -125,6 +100,8 @@ def test_inspection_api(app, engine, photo):
     client = TestClient(app)
     assert client.get("/explorer").status_code == 200 and "explorer.js" in client.get("/explorer").text
     assert client.get("/explorer/static/explorer.js").status_code == 200
+    too_big = client.post("/explorer/api/generate", json={"question": "?", "image": "data:," + "A" * (3 * 2**20)})
+    assert too_big.status_code == 413 and "--max-request-bytes" in too_big.json()["error"]["message"]
     header, tokens = _generate(client, photo)
     assert [t["index"] for t in tokens] == list(range(len(tokens))) and 1 <= len(tokens) <= 4
     assert header["grid"]["rows"] == 6 and header["grid"]["cols"] == 8
