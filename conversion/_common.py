@@ -15,7 +15,8 @@ def add_write_arguments(parser: argparse.ArgumentParser, default_shard_size: str
                         help="cast every tensor to this dtype (default: keep the source dtype)")
     parser.add_argument("--max-shard-size", default=default_shard_size,
                         help=f"largest safetensors file, e.g. 2GB or 500MB (default {default_shard_size})")
-    parser.add_argument("--force", action="store_true", help="replace DST if it already exists")
+    parser.add_argument("--force", action="store_true",
+                        help="replace DST if it is an existing checkpoint (never other files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

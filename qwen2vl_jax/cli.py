@@ -26,11 +26,13 @@ from .cli_common import (
     load_processor,
     media,
     messages_for,
+    port,
     positive,
     resolve_model,
     run_generation,
     sampling_note,
     say,
+    seed,
     summary_line,
     user_error_message,
 )
@@ -38,6 +40,7 @@ from .runtime import COMPILE_CACHE_ENV  # stdlib only: importing it changes noth
 
 __all__ = ["main", "build_parser", "UserError", "EXIT_USER_ERROR"]
 
+API_KEY_ENV = "QWEN2VL_JAX_API_KEY"  # serve's --api-key, from the environment (kept out of `ps` listings)
 COMPILING_COMMANDS = ("generate", "chat", "selfcheck", "finetune", "serve")  # run the model; they use the compile cache
 
 
@@ -162,39 +165,65 @@ def cmd_plan(args) -> int:
         config = Qwen2VLConfig.from_hf(args.model)  # a bad config.json is a ConfigError: one line
     else:
         raise UserError(f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-    result = plan_lib.plan(config, mesh, batch=args.batch, context=args.context or
-                           config.text_config.max_position_embeddings, dtype=args.dtype,
-                           scan_layers=args.scan_layers, name=args.model)
+    try:
+        result = plan_lib.plan(config, mesh, batch=args.batch, context=args.context or
+                               config.text_config.max_position_embeddings, dtype=args.dtype,
+                               scan_layers=args.scan_layers, name=args.model)
+    except ValueError as e:  # batch / context out of range, a mesh the rules cannot use
+        raise UserError(str(e)) from None
     print(json.dumps(result.as_dict()) if args.json else result.text())
     return 0
 
 
 def cmd_serve(args) -> int:
+    import os
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_serve_exposure(args.host, api_key, args.allow_unauthenticated)  # before anything is loaded
     try:  # the optional extra: `pip install 'qwen2vl_jax[serve]'`
         import uvicorn
 
-        from .server import Engine, create_app
+        from .server import Engine, create_app, served_name
+        from .server_guard import uvicorn_config
+        from .server_media import MediaPolicy
     except ImportError as e:
         raise UserError(f"serve needs FastAPI and uvicorn ({e}); install them with: pip install "
                         f"'qwen2vl_jax[serve]'") from None
+    try:
+        media = MediaPolicy(args.allowed_local_media_path, max_pixels=args.max_image_pixels,
+                            max_bytes=args.max_request_bytes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     directory = resolve_model(args)
     dtype = choose_dtype(args, directory)
     processor = load_processor(args, directory)
     model = load_model(args, directory, dtype)
-    engine = Engine(model, processor, model_name=args.served_model_name or str(args.model), max_batch=args.max_batch,
-                    max_queue=args.max_queue, max_request_bytes=args.max_request_bytes, max_images=args.max_images,
-                    default_max_tokens=args.default_max_tokens)
-    app = create_app(engine)
-    url = f"http://{args.host}:{args.port}"
-    print(f"serving {engine.model_name} ({dtype}) at {url}/v1 (OpenAI API: /v1/chat/completions, /v1/models)",
-          flush=True)
+    engine = Engine(model, processor, model_name=args.served_model_name or served_name(args.model),
+                    max_batch=args.max_batch, max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
+                    max_images=args.max_images, default_max_tokens=args.default_max_tokens,
+                    max_tokens=args.max_tokens, media=media, max_memory=args.max_memory)
+    app = create_app(engine, api_key=api_key, bind_host=args.host, allowed_hosts=args.allowed_host, docs=args.docs)
+    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"serving {engine.model_name} ({dtype}) at {url}/v1 (OpenAI API: /v1/chat/completions, /v1/models)"
+          f"{'; API key required' if api_key else ''}", flush=True)
     if any(getattr(r, "path", "").startswith("/explorer") for r in app.routes):
         print(f"explorer at {url}/explorer", flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+        uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port,
+                                      log_level="warning" if args.quiet else "info")).run()
     finally:
         engine.close()
     return 0
+
+
+def check_serve_exposure(host: str, api_key: str | None, allow_unauthenticated: bool) -> None:
+    """Refuse to bind an address other machines can reach without an API key, unless the operator says so."""
+    from .server_guard import is_loopback
+
+    if not is_loopback(host) and not api_key and not allow_unauthenticated:
+        raise UserError(f"refusing to serve on {host} without an API key: anyone who can reach it could use the "
+                        f"model; set --api-key KEY (or {API_KEY_ENV}), bind 127.0.0.1, or pass "
+                        "--allow-unauthenticated if you mean it")
 
 
 def cmd_selfcheck(args) -> int:
@@ -233,7 +262,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens, 0 = all (default: the checkpoint's)")
     p.add_argument("--repetition-penalty", type=float, help="default: the checkpoint's generation_config (1.05)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed, 0..2**63-1 (default 0)")
     p.add_argument("--min-pixels", type=positive(int), help="lower bound on pixels per image / frame (processor)")
     p.add_argument("--max-pixels", type=positive(int),
                    help="upper bound on pixels per image / frame (processor; default 12845056 = 16384 vision tokens)")
@@ -296,19 +325,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", action="store_true", help="print the sharding rules as a markdown table")
     p.set_defaults(func=cmd_plan)
 
+    from .server_media import DEFAULT_MAX_IMAGE_PIXELS  # Pillow and the standard library only
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over one model")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=positive(int), default=8000)
-    p.add_argument("--served-model-name", metavar="NAME", help="the `model` clients send (default: --model as given)")
+    p.add_argument("--port", type=port, default=8000, help="TCP port, 0..65535 (default 8000)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the `model` clients send (default: the checkpoint folder's name, or the Hub id)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help=f"require 'Authorization: Bearer KEY' on every request but /health (also from "
+                        f"{API_KEY_ENV}, which keeps it out of process listings)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without an API key (refused otherwise)")
+    p.add_argument("--allowed-local-media-path", metavar="DIR",
+                   help="let clients name image files (paths or file:// URLs) inside DIR; without it only data URLs "
+                        "are accepted")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="another name clients may send in the Host header (repeatable; default: the bound address, "
+                        "and localhost for a loopback bind)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
     p.add_argument("--max-batch", type=positive(int), default=8, help="requests run together in one batch at most")
     p.add_argument("--max-queue", type=positive(int), default=64,
                    help="requests waiting at most; more are refused with 503")
     p.add_argument("--max-request-bytes", type=byte_size, default=20 * 2**20, metavar="SIZE",
                    help="largest request body (default 20MiB; larger: 413)")
     p.add_argument("--max-images", type=positive(int), default=16, help="images per request at most")
+    p.add_argument("--max-image-pixels", type=positive(int), default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"largest image decoded, width x height from its header (default {DEFAULT_MAX_IMAGE_PIXELS} "
+                        "= 8192 x 8192)")
+    p.add_argument("--max-tokens", type=positive(int), default=4096,
+                   help="the most new tokens a request may ask for (default 4096; more: 400)")
     p.add_argument("--default-max-tokens", type=positive(int), default=512,
-                   help="new tokens for a request without max_tokens (never past the context)")
+                   help="new tokens for a request without max_tokens (never past the context or --max-tokens)")
+    p.add_argument("--max-memory", type=byte_size, metavar="SIZE",
+                   help="memory the server may use in all, weights included (e.g. 12GB; default: what it holds "
+                        "plus what the machine has available); a request whose estimate does not fit: 400")
     p.add_argument("--min-pixels", type=positive(int), help="lower bound on pixels per image (processor)")
     p.add_argument("--max-pixels", type=positive(int), help="upper bound on pixels per image (processor)")
     p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter in PEFT's format (e.g. finetune's out/adapter)")

@@ -5,8 +5,11 @@ memory check before loading, and running one generation with its summary line.""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -65,6 +68,39 @@ def positive(kind):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+SEED_MAX = 2**63 - 1  # sampling.SEED_MAX (not imported: building the parser imports no JAX)
+
+
+def int_in(low: int, high: int, what: str):
+    """An argparse type: an integer in low..high (`what` says which, e.g. "a port number"); never wrapped."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what} in {low}..{high}, got {text!r}")
+        return value
+
+    return parse
+
+
+# A `--seed`: what `jax.random.key` takes (larger ones overflow its int64). A TCP port: 0 lets the OS choose.
+seed = int_in(0, SEED_MAX, "an integer (2**63 - 1 at most)")
+port = int_in(0, 65535, "a port number")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (e.g. `--max-grad-norm`, where 0 means off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails `>= 0` too
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def byte_size(text: str) -> int:
@@ -156,7 +192,7 @@ def load_model(args, directory: Path, dtype: str):
 
 def mesh_from(args):
     """The device mesh of `--mesh data=..,fsdp=..,model=..` (None without the flag)."""
-    if not getattr(args, "mesh", None):
+    if getattr(args, "mesh", None) is None:  # `--mesh ""` is parse_mesh's to refuse
         return None
     from .sharding import make_mesh, parse_mesh
 
@@ -178,11 +214,18 @@ def load_processor(args, directory: Path):
 
 
 def media(paths: list[str], kind: str) -> list[str]:
-    """Local media paths (a `file://` prefix stripped); a URL, a directory or a missing file is a user error."""
-    from .image_io import check_media_path
+    """Local media paths (a `file://` prefix stripped); a URL, a directory or a missing file is a user error. An
+    image may also be a `data:image/...;base64,` URL (decoded here once, so a bad one fails before loading)."""
+    from .image_io import check_media_path, load_image
+
+    def check(p: str) -> str:
+        if kind == "image" and p[:5].lower() == "data:":
+            load_image(p)  # not an image data URL, or undecodable: one ValueError naming it
+            return p
+        return check_media_path(p, kind)
 
     try:
-        return [check_media_path(p, kind) for p in paths]
+        return [check(p) for p in paths]
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
 
@@ -302,15 +345,51 @@ def generation_kwargs(args) -> dict:
     return kw
 
 
+@contextlib.contextmanager
+def sigint_flag():
+    """Ctrl-C (SIGINT) while the block runs sets the yielded `threading.Event` as well as raising
+    KeyboardInterrupt, so a caller that polls the event (generate's `should_stop`) stops even when the
+    KeyboardInterrupt never reaches it.
+
+    Python runs a signal handler in the main thread at the next point where the interpreter checks for pending
+    work, which can be inside a Python callback that C code calls and whose exceptions it reports and drops:
+    jax registers one in `gc.callbacks` (`_xla_gc_callback`), and CPython prints an exception raised there as
+    "Exception ignored in" and carries on. A SIGINT that lands while a collection runs, e.g. one triggered inside
+    the jit dispatch of a decode segment, was lost that way and generation ran on to max_new_tokens. The event
+    survives. Only in the main thread (the only one where handlers run or can be installed), and only where
+    SIGINT has Python's default handler (an ignored or custom one is left alone); the previous handler is back
+    afterwards.
+    """
+    flag = threading.Event()
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield flag
+        return
+
+    def on_sigint(signum, frame):
+        flag.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_generation(args, model, processor, inputs, stream: bool, on_text=None):
     """Generate for one prompt; returns (answer text, stats dict)."""
     from .generation import TextStreamer
 
     streamer = TextStreamer(processor.tokenizer, on_text=on_text) if stream else None
-    try:
-        out = model.generate(**inputs, streamer=streamer, return_dict=True, **generation_kwargs(args))
-    except ValueError as e:  # invalid generation settings
-        raise UserError(str(e)) from None
+    with sigint_flag() as interrupted:
+        try:
+            out = model.generate(**inputs, streamer=streamer, return_dict=True, should_stop=interrupted.is_set,
+                                 **generation_kwargs(args))
+        except ValueError as e:  # invalid generation settings
+            raise UserError(str(e)) from None
+        if interrupted.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed: generate stopped on the flag
+            raise KeyboardInterrupt
     prompt_len = inputs["input_ids"].shape[1]
     new_ids = out.sequences[0, prompt_len:].tolist()
     answer = processor.decode(new_ids, skip_special_tokens=True)

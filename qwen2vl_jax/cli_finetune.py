@@ -8,6 +8,7 @@ import json
 import os
 import sys
 
+from .cli_common import non_negative_float, seed
 from .config import REMAT_POLICIES
 
 
@@ -39,8 +40,8 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, help="eval every N steps (and at the end)")
     p.add_argument("--warmup-ratio", type=float, default=0.03)
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="global-norm clipping (0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="global-norm clipping (0: off)")
+    p.add_argument("--seed", type=seed, default=0, help="LoRA init, dropout and data order, 0..2**63-1 (default 0)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialise each layer (less memory, more compute)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attn-implementation", metavar="NAME", help="attention backend (see `generate --help`)")

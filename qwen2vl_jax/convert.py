@@ -146,6 +146,24 @@ def _is_checkpoint_or_empty(directory: Path) -> bool:
                            and any(e.suffix == ".safetensors" and e.is_file() for e in entries))
 
 
+# What a checkpoint folder holds, so what `--force` may replace: the files a conversion writes (config.json, the
+# marker, weights and their index, the side files), weights in the other formats transformers writes, and a Hub
+# repository's own files. Anything else (a folder, notes) is the user's: a destination holding it is refused.
+CHECKPOINT_FILES = {"config.json", OURS_MARKER, *SIDE_FILES, "README.md", "LICENSE", ".gitattributes"}
+CHECKPOINT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".msgpack")
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Entries of a checkpoint folder that are not checkpoint files (folders end with "/")."""
+    out = []
+    for e in sorted(directory.iterdir(), key=lambda e: e.name):
+        if e.is_dir() and not e.is_symlink():
+            out.append(e.name + "/")
+        elif e.name not in CHECKPOINT_FILES and not e.name.endswith(CHECKPOINT_SUFFIXES):
+            out.append(e.name)
+    return out
+
+
 def _check_destination(dst: Path, force: bool, protect: Path | None) -> None:
     out = dst.resolve()
     if protect is not None:  # converting a checkpoint onto itself (or its parent folder) is surely a mistake
@@ -172,6 +190,11 @@ def _check_destination(dst: Path, force: bool, protect: Path | None) -> None:
         raise FileExistsError(f"{dst} is not a checkpoint directory (no config.json and *.safetensors files); "
                               "--force only replaces a checkpoint or an empty directory, so choose another "
                               "destination or remove it yourself")
+    foreign = _foreign_entries(dst)
+    if foreign:
+        shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+        raise FileExistsError(f"{dst} also holds {shown}, which are not checkpoint files; --force only replaces "
+                              "checkpoints, so move them out or choose another destination")
 
 
 TMP_INFIX = ".tmp-"

@@ -13,9 +13,15 @@ canvas from `explorer_static/`: no build step, nothing fetched from elsewhere). 
 
 Which query is inspected: generated token k is *chosen* by the logits of input column P - 1 + k (P: prompt length),
 so its attention and logit lens are read at that column: what the model looked at, and believed layer by layer,
-when it produced token k. The first click runs one forward over prompt + generated tokens with
-`hooks.run_with_cache` (with `engine.hooks`, which the generation uses too); only the generated tokens'
-attention rows and residual rows are kept per session, so later clicks cost a slice and one small unembedding.
+when it produced token k. The first click runs the prompt's first P - 1 tokens into a KV cache, then the n columns
+that chose the n generated tokens as one more chunk, recording only that chunk's attention rows and residuals
+(with `engine.hooks`, which the generation uses too): [L, N, n, P - 1 + n] probabilities, never the [L, N, T, T]
+of a whole forward (5,063 prompt tokens on the 2B: 1.4 GB per layer). Its memory is estimated first and a run that
+cannot fit is refused. Later clicks cost a slice and one small unembedding.
+
+Requests get the API's scrutiny (server.py): the body limit while it streams in, JSON without lone surrogates or
+runaway nesting, images through `engine.load_image` (data URLs; local files only inside the allowed directory;
+headers checked before decoding), the memory estimate; a client that goes away stops its generation.
 
 Arrays travel as {"shape", "f16": base64 little-endian float16} to keep a 28-layer x 12-head payload small.
 """
@@ -33,8 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from . import geometry, hooks, interventions
+from . import geometry, interventions
 from .generation import generate
+from .hook_points import make_hookset
+from .server_api import RequestError, parse_json_object
+from .server_guard import read_body
 
 __all__ = ["mount_explorer", "STATIC_DIR"]
 
@@ -125,9 +134,9 @@ class Explorer:
             if not isinstance(image_url, str):
                 raise ExplorerError(400, "image must be a data URL string or null")
             try:
-                image = self.engine.load_image(image_url).convert("RGB")
-            except Exception as e:  # the server's RequestError carries status + message; anything else is bad input
-                raise ExplorerError(getattr(e, "status", 400), getattr(e, "message", None) or str(e)) from None
+                image = self.engine.load_image(image_url, "image").convert("RGB")
+            except RequestError as e:  # refused by the media policy, or undecodable
+                raise ExplorerError(e.status, e.message) from None
         content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": question}]
         processor = self.engine.processor
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
@@ -136,6 +145,14 @@ class Explorer:
         except ValueError as e:  # e.g. an image too small or too oddly shaped for the patch grid
             raise ExplorerError(400, f"cannot encode the request: {e}") from None
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
+        grids = inputs.get("image_grid_thw")
+        try:
+            self.engine.check_memory(rows=1, prompt_tokens=int(inputs["input_ids"].shape[1]),
+                                     new_tokens=int(body.get("max_new_tokens", 24)),
+                                     vision_patches=int(grids.prod(-1).sum()) if grids is not None else 0,
+                                     largest_segment=int(grids[:, 1:].prod(-1).max()) if grids is not None else 0)
+        except RequestError as e:
+            raise ExplorerError(e.status, e.message) from None
         geom = None
         if image is not None:
             geom = geometry.vision_token_geometry(inputs["input_ids"], inputs["image_grid_thw"],
@@ -153,6 +170,7 @@ class Explorer:
         """NDJSON lines for the session: its header, each token as generate produces it, then done / error. The
         model runs in its own thread under the engine lock, so a client that goes away cannot leave it held."""
         events: queue.Queue = queue.Queue()
+        left = threading.Event()  # the client went away: the generation stops at its next token
 
         def run():
             t0 = time.perf_counter()
@@ -162,7 +180,7 @@ class Explorer:
                     out = generate(self.engine.model, **session.inputs, streamer=_Streamer(self.engine.processor,
                                                                                           events.put),
                                    max_new_tokens=max_new_tokens, do_sample=False, return_dict=True,
-                                   hooks=self.engine.hooks or None)
+                                   hooks=self.engine.hooks or None, should_stop=left.is_set)
                 session.new_ids = [int(t) for t in out.sequences[0, session.prompt_len:]]
                 session.done = True
                 events.put({"type": "done", "tokens": len(session.new_ids),
@@ -173,10 +191,13 @@ class Explorer:
             finally:
                 events.put(None)
 
-        yield json.dumps(self._header(session)) + "\n"
-        threading.Thread(target=run, daemon=True, name=f"explorer-{session.id}").start()
-        while (event := events.get()) is not None:
-            yield json.dumps(event) + "\n"
+        try:
+            yield json.dumps(self._header(session)) + "\n"
+            threading.Thread(target=run, daemon=True, name=f"explorer-{session.id}").start()
+            while (event := events.get()) is not None:
+                yield json.dumps(event) + "\n"
+        finally:  # also when the response is closed early (the client hung up)
+            left.set()
 
     def _header(self, session: Session) -> dict:
         return {"type": "session", "session": session.id, "prompt_tokens": session.prompt_len,
@@ -206,19 +227,44 @@ class Explorer:
         return session
 
     def _record(self, session: Session) -> None:
-        """One forward over prompt + generated tokens (the last one is never fed back: nothing reads its row),
-        keeping only the generated tokens' query rows."""
-        n, P = len(session.new_ids), session.prompt_len
-        seq = np.concatenate([session.inputs["input_ids"][0], np.asarray(session.new_ids, np.int64)])[None, :-1]
-        inputs = dict(session.inputs, input_ids=seq, attention_mask=np.ones_like(seq))
-        with self.engine.lock:
-            _, cache = hooks.run_with_cache(self.engine.model, RECORD, hooks=self.engine.hooks or None, **inputs)
-        rows = slice(P - 1, P - 1 + n)
+        """The prompt's first P - 1 tokens into a KV cache, then the n columns that chose the n generated tokens
+        (the last prompt token and the first n - 1 generated ones; positions continue from the cache as in
+        decoding) as one chunk, recording its attention rows and residuals: what one forward over prompt +
+        generated tokens records at those columns, at a fraction of the memory. Refused when it cannot fit."""
+        model, n, P = self.engine.model, len(session.new_ids), session.prompt_len
+        seq = np.concatenate([session.inputs["input_ids"][0], np.asarray(session.new_ids, np.int64)])
+        self._check_record_memory(session, n)
         L = self.text_config.num_hidden_layers
-        session.probs_LNnS = np.stack([np.asarray(cache[f"text.layers.{i}.attn.probs"])[0, :, rows]
-                                       for i in range(L)]).astype(np.float16)
         names = ["text.embed"] + [f"text.layers.{i}.resid_post" for i in range(L)]
-        session.resid = {name: np.asarray(cache[name])[:, rows] for name in names}
+        probs = [f"text.layers.{i}.attn.probs" for i in range(L)]
+        engine_hooks = self.engine.hooks or None
+        media = {k: v for k, v in session.inputs.items() if k in ("pixel_values", "image_grid_thw")}
+        with self.engine.lock:
+            cache = model.init_cache(1, P - 1 + n)
+            prefix = seq[None, :P - 1]
+            out = model(prefix, np.ones_like(prefix), **media, cache=cache, logits_to_keep=1,
+                        hooks=make_hookset(model.config, engine_hooks) if engine_hooks else None)
+            chunk = seq[None, P - 1:P - 1 + n]
+            out = model(chunk, np.ones_like(chunk), cache=out.cache,
+                        hooks=make_hookset(model.config, engine_hooks, names + probs))
+            records = out.records
+            del out
+        session.probs_LNnS = np.stack([np.asarray(records[name])[0] for name in probs]).astype(np.float16)
+        session.resid = {name: np.asarray(records[name]) for name in names}
+
+    def _check_record_memory(self, session: Session, n: int) -> None:
+        """The inspection's peak: a prefill of the prompt (memory.estimate_request, as the API checks requests)
+        plus the recorded chunk ([L, N, n, P - 1 + n] fp32 probabilities and [L + 1, n, D] residuals)."""
+        t, P = self.text_config, session.prompt_len
+        grids = session.inputs.get("image_grid_thw")
+        estimate = self.engine.memory_estimate(1, P + n, 1, int(grids.prod(-1).sum()) if grids is not None else 0,
+                                               int(grids[:, 1:].prod(-1).max()) if grids is not None else 0)
+        recorded = 4 * t.num_hidden_layers * n * (t.num_attention_heads * (P - 1 + n) + t.hidden_size) * 2
+        limit = self.engine.memory_limit(estimate)
+        if estimate.total + recorded > limit:
+            raise ExplorerError(413, f"inspecting this session needs about {(estimate.total + recorded) / 1e9:.2f} GB "
+                                     f"({recorded / 1e9:.2f} GB of recorded attention), more than the "
+                                     f"{limit / 1e9:.2f} GB available; ask with a smaller photo or fewer tokens")
 
     def inspect(self, sid: str, k: int) -> dict:
         session = self.session(sid)
@@ -280,7 +326,9 @@ def mount_explorer(app, engine) -> Explorer:
     router = APIRouter(prefix="/explorer")
 
     def error(e: ExplorerError) -> JSONResponse:
-        return JSONResponse({"error": {"message": e.message, "type": "explorer_error"}}, status_code=e.status)
+        headers = {"Connection": "close"} if e.status == 413 else None  # a refused upload: stop the client sending
+        return JSONResponse({"error": {"message": e.message, "type": "explorer_error"}}, status_code=e.status,
+                            headers=headers)
 
     @router.get("", include_in_schema=False)
     def page():
@@ -296,22 +344,11 @@ def mount_explorer(app, engine) -> Explorer:
 
     @router.post("/api/generate")
     async def start(request: Request):
-        # the API's body limit applies here too (a photo arrives as a data URL)
-        limit = getattr(engine, "max_request_bytes", None)
-        declared = request.headers.get("content-length", "")
-        if limit and declared.isdigit() and int(declared) > limit:
-            return error(ExplorerError(413, f"the request body has {int(declared)} bytes, more than the server's "
-                                            f"limit of {limit} (--max-request-bytes)"))
-        raw = await request.body()
-        if limit and len(raw) > limit:
-            return error(ExplorerError(413, f"the request body is larger than the server's limit of {limit} bytes "
-                                            "(--max-request-bytes)"))
+        # the API's body limit applies here too, while the body streams in (a photo arrives as a data URL)
         try:
-            body = json.loads(raw)
-        except ValueError:
-            return error(ExplorerError(400, "the body must be JSON"))
-        if not isinstance(body, dict):
-            return error(ExplorerError(400, "the body must be a JSON object"))
+            body = parse_json_object(await read_body(request, engine.max_request_bytes))
+        except RequestError as e:
+            return error(ExplorerError(e.status, e.message))
         n = body.get("max_new_tokens", 24)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
             return error(ExplorerError(400, f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}"))

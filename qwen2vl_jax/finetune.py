@@ -40,10 +40,12 @@ from .finetune_checkpoint import (  # noqa: F401  (read_checkpoint, read_meta: r
     read_checkpoint,
     read_meta,
     restore_checkpoint,
+    restore_intact,
     save_checkpoint,
     train_state,
 )
 from .params import CheckpointError
+from .sampling import seed_problem
 
 METRICS, CONFIG_FILE = "metrics.jsonl", "finetune_config.json"
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}  # the usual LoRA / full fine-tuning rates for Qwen2-VL
@@ -107,6 +109,11 @@ class FinetuneConfig:
             if not ok:
                 raise FinetuneError(message)
 
+        for name in ("model", "data", "out", "eval_data"):  # "" would be the current folder
+            value = getattr(self, name)
+            need(value is None and name == "eval_data" or isinstance(value, str) and value.strip() != "",
+                 f"{name} must name a {dict(model='model', out='directory').get(name, 'file')}, got an empty "
+                 f"path {value!r}")
         for name in ("batch_size", "grad_accum", "max_length", "save_every", "eval_every", "steps",
                      "keep_checkpoints", "min_pixels", "max_pixels"):
             value = getattr(self, name)
@@ -117,6 +124,10 @@ class FinetuneConfig:
         need(self.lr is None or self.lr > 0, f"lr must be positive, got {self.lr}")
         need(0.0 <= self.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(seed_problem(self.seed) is None, f"seed {seed_problem(self.seed)}")
+        mgn = self.max_grad_norm
+        need(mgn is None or (isinstance(mgn, (int, float)) and not isinstance(mgn, bool) and 0 < mgn < math.inf),
+             f"max_grad_norm must be a finite number > 0 (None: no clipping), got {mgn!r}")
         need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         need(self.remat is None or self.remat in REMAT_POLICIES, f"unknown remat policy {self.remat!r}; use one "
              f"of {', '.join(REMAT_POLICIES)}")
@@ -254,11 +265,13 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     optimizer = training.make_optimizer(model, tx, spec)
 
     start = 0
-    if resume_from is not None:
-        saved = read_meta(manager, resume_from)
-        _check_resumable(cfg, saved["config"])
-        restore_checkpoint(manager, model, optimizer, resume_from)
-        loader.load_state_dict(saved["loader"])
+    if resume_from is not None:  # the newest intact checkpoint (a damaged one is passed over, with a warning)
+        resume_from, saved = restore_intact(manager, model, optimizer,
+                                            accept=lambda meta: _check_resumable(cfg, meta["config"]))
+        try:
+            loader.load_state_dict(saved["loader"])
+        except ValueError as e:
+            raise FinetuneError(f"resume: checkpoint {resume_from}: {e}") from None
         start = int(saved["step"])
         if start > steps:
             raise FinetuneError(f"the checkpoint is at step {start}, past this run's {steps} steps")

@@ -111,7 +111,7 @@ def _prefill(model, ids, mask, pos, vision, vision_index, cache, hooks=None, off
     `max_new_tokens` (`_start` grows the cache)."""
     TRACE_COUNTS["prefill"] += 1
     with install(hooks, offset=offset) as run:
-        logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, last_only=True,
+        logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, logits_to_keep=1,
                                             cache_empty=True)
     return logits[:, -1], cache, run.records
 
@@ -209,7 +209,8 @@ def left_pad(input_ids, attention_mask, length: int, pad_id: int) -> tuple[np.nd
 def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
              image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None, *,
              generation_config: GenerationConfig | None = None, streamer=None, output_logits: bool = False,
-             return_dict: bool = False, hooks=None, cache_names=None, second_per_grid_ts=None, **kwargs):
+             return_dict: bool = False, hooks=None, cache_names=None, second_per_grid_ts=None,
+             should_stop: Callable[[], bool] | None = None, **kwargs):
     """transformers-style `generate`: returns `[B, prompt + new]` token ids (or a `GenerateOutput`).
 
     Settings come from `generation_config` (default: the checkpoint's generation_config.json when the model was
@@ -223,6 +224,9 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     step (`ctx.step`: tokens generated so far). `cache_names` records points: `GenerateOutput.records[name]`
     holds text values over the prompt and every fed-back token (what one forward over the output sequence minus
     its last token records; `logits` holds the rows that picked each new token) and vision values once.
+
+    `should_stop` (a callable, e.g. "has the client gone?") is asked between decode segments (each token when
+    streaming): when it answers True, generation ends there and returns the tokens made so far.
     """
     import time
 
@@ -289,12 +293,13 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
     t1 = time.perf_counter()
     if streamer is not None:
         streamer.put(first)
-        while int(state.step) < gc.max_new_tokens and not bool(np.all(np.asarray(state.finished_B))):
+        while (int(state.step) < gc.max_new_tokens and not bool(np.all(np.asarray(state.finished_B)))
+               and not (should_stop is not None and should_stop())):
             state = _decode_step_jit(model, state, knobs, text_hooks, do_sample=gc.do_sample)
             streamer.put(np.asarray(state.last_B))
         streamer.end()
     else:
-        state = _decode_in_segments(model, state, knobs, text_hooks, gc)
+        state = _decode_in_segments(model, state, knobs, text_hooks, gc, should_stop)
     n = int(state.step)
     new = np.asarray(state.tokens_BR)[:, :n].astype(np.int64)
     t2 = time.perf_counter()
@@ -310,15 +315,19 @@ def generate(model: Qwen2VL, input_ids, attention_mask=None, pixel_values=None,
                           new_tokens=n, records=records)
 
 
-def _decode_in_segments(model, state: DecodeState, knobs: Knobs, hooks, gc: GenerationConfig) -> DecodeState:
+def _decode_in_segments(model, state: DecodeState, knobs: Knobs, hooks, gc: GenerationConfig,
+                        should_stop: Callable[[], bool] | None = None) -> DecodeState:
     """The on-device decode loop, entered once per segment of about SEGMENT_SECONDS: the host regains control
-    between segments, so a KeyboardInterrupt stops generation within a segment (one compile: `stop_at` is
-    traced). Segments double from 8 tokens while they take less than SEGMENT_SECONDS."""
+    between segments, so a KeyboardInterrupt (or `should_stop()` answering True) stops generation within a
+    segment (one compile: `stop_at` is traced). Segments double from 8 tokens while they take less than
+    SEGMENT_SECONDS."""
     import time
 
     tokens = 8
     step = int(state.step)
     while step < gc.max_new_tokens and not bool(np.all(np.asarray(state.finished_B))):
+        if should_stop is not None and should_stop():
+            break
         t0 = time.perf_counter()
         state = _decode_loop_jit(model, state, knobs, jnp.int32(step + tokens), hooks, do_sample=gc.do_sample)
         step = int(state.step)  # waits for the segment

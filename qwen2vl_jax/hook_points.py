@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -78,9 +79,10 @@ def resolve_names(patterns: Iterable[str], available: Iterable[str], what: str =
         if not isinstance(pattern, str):
             raise HookError(f"{what} names must be strings, got {type(pattern).__name__}")
         hits = [pattern] if pattern in available else fnmatch.filter(available, pattern)
-        if not hits:
+        if not hits:  # suggest the most similar names (difflib's ratio), else those sharing the first part
+            close = difflib.get_close_matches(pattern.strip(), available, n=6, cutoff=0.6)
             stem = re.split(r"[.*?\[]", pattern)[0]
-            close = [n for n in available if n.startswith(stem)][:6] if stem else []
+            close = close or ([n for n in available if n.startswith(stem)][:6] if stem else [])
             hint = f"; close: {close}" if close else "; see hooks.list_hook_points(model)"
             raise HookError(f"{what} name {pattern!r} matches no hook point of this model{hint}")
         out.extend(h for h in hits if h not in out)

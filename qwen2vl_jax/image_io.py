@@ -90,6 +90,9 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
+        if text[:5].lower() == "data:" and not text.startswith("data:image"):
+            kind = text[5:].split(",", 1)[0].split(";", 1)[0] or "text/plain"  # RFC 2397: no type is text/plain
+            raise ValueError(f"a data URL must be an image (data:image/...;base64,...), got data:{kind}")
         if text.startswith("data:image"):
             if "base64," not in text:
                 raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")

@@ -279,8 +279,16 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> dict:
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
             raise LoRAError(f"{path}: a per-module {key} is not supported")
-    if not isinstance(cfg.get("r"), int) or cfg["r"] <= 0:
+    if not isinstance(cfg.get("r"), int) or isinstance(cfg["r"], bool) or cfg["r"] <= 0:
         raise LoRAError(f"{path}: r must be a positive integer, got {cfg.get('r')!r}")
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not is_number(cfg.get("lora_alpha", cfg["r"])):  # json reads NaN / Infinity too
+        raise LoRAError(f"{path}: lora_alpha must be a finite number, got {cfg.get('lora_alpha')!r}")
+    dropout = cfg.get("lora_dropout")
+    if dropout is not None and not (is_number(dropout) and 0 <= dropout < 1):
+        raise LoRAError(f"{path}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise LoRAError(f"{path}: use_rslora must be true or false, got {cfg.get('use_rslora')!r}")
     return cfg
 
 
@@ -331,6 +339,17 @@ def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.fl
         problems.append("no LoRA weights in the file")
     if problems:
         raise LoRAError(f"adapter {d} does not match the model:\n  - " + "\n  - ".join(problems[:50]))
+    arrays = {}  # every weight read and checked before the model changes
+    for key in [k for ab in found.values() for k in ab.values()] + list(base_weights.values()):
+        if not jnp.issubdtype(sf.dtype(key), jnp.floating):
+            problems.append(f"{key} is {sf.dtype(key).name}, not floating point")
+            continue
+        arrays[key] = sf.read(key).astype(np.float32)
+        bad = int(arrays[key].size - np.count_nonzero(np.isfinite(arrays[key])))
+        if bad:
+            problems.append(f"{key} holds {bad} NaN or Inf values (in float32)")
+    if problems:
+        raise LoRAError(f"adapter {weights} has unusable weights: " + "; ".join(problems[:10]))
     alpha = float(cfg.get("lora_alpha", rank))
     use_rslora = bool(cfg.get("use_rslora", False))
     scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
@@ -342,13 +361,13 @@ def load_adapter(model: Qwen2VL, adapter_dir: str | os.PathLike, *, dtype=jnp.fl
             raise LoRAError(f"{hf_module_name(path)} already has a LoRA adapter (merge_lora or remove_lora first)")
         lo = LoRA(lin.in_features, lin.out_features, rank, scaling, dropout=float(cfg.get("lora_dropout") or 0.0),
                   axes=lin.axes, dtype=dtype, rngs=rngs)
-        lo.lora_A.set_value(jnp.asarray(sf.read(ab["lora_A"]).astype(np.float32), dtype))
-        lo.lora_B.set_value(jnp.asarray(sf.read(ab["lora_B"]).astype(np.float32), dtype))
+        lo.lora_A.set_value(jnp.asarray(arrays[ab["lora_A"]], dtype))
+        lo.lora_B.set_value(jnp.asarray(arrays[ab["lora_B"]], dtype))
         lin.lora = lo
         adapted[path] = lin
         if path in base_weights:  # peft `set_peft_model_state_dict` loads it into the base layer: so do we
             w = lin.weight
-            w.set_value(jnp.asarray(sf.read(base_weights[path]).astype(np.float32), w.dtype))
+            w.set_value(jnp.asarray(arrays[base_weights[path]], w.dtype))
     targets_cfg = cfg.get("target_modules")
     model.lora_config = LoRAConfig(rank, alpha, float(cfg.get("lora_dropout") or 0.0), use_rslora,
                                    targets_cfg if isinstance(targets_cfg, str) else tuple(sorted(targets_cfg or ())))

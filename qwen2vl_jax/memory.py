@@ -23,8 +23,8 @@ Host-side arithmetic only (no JAX): it follows how this package lays a request o
   in fp32 and their product, the attention: whole `[B, N, T, S]` fp32 scores and softmax below
   `attention.xla.CHUNK_ABOVE_BYTES`, else query-block x key-block chunks with padded copies of q, k, v and of the
   `[B, T, S]` boolean mask), the layer-invariant values (residual, M-RoPE cos/sin, the mask), and fp32 logits of
-  the last position only (generation's prefill uses `last_only`; a plain forward's `[B, T, V]` logits are not
-  counted).
+  the last position only (generation's prefill keeps one row, `logits_to_keep=1`; a plain forward's `[B, T, V]`
+  logits are not counted).
 
 Constants measured on XLA:CPU (jax 0.10, benchmarks/bench_memory.py, results in benchmarks/results/memory.json):
 the estimate is an upper bound of the peak RSS of `generate` for the tiny test model and 2B-width slices.
@@ -224,7 +224,7 @@ def prefill_bytes(config: Qwen2VLConfig, batch: int, prompt_slots: int, slots: i
         attention = max(whole_row, chunked)
     attn_phase = B * T * D * a + qkv + attention + out
     mlp_phase = B * T * D * a + _mlp_rows(B * T, D, 2 * _dot(1, F, a) + F * a + _dot(1, D, a), a)
-    # fp32 logits of the last position only (generation's prefill: `last_only=True`). With a narrower dtype,
+    # fp32 logits of the last position only (generation's prefill: `logits_to_keep=1`). With a narrower dtype,
     # XLA:CPU widens the [V, D] LM head (the embedding when tied) to an fp32 copy for that product (measured:
     # +0.9 GB on the 2B in bf16, whatever the prompt length); it is alive once the layers' transients are gone.
     logits = B * (D * (4 + a) + V * (4 + a)) + (V * D * 4 if a < 4 else 0)

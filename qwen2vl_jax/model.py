@@ -220,16 +220,17 @@ class Qwen2VL(nnx.Module):
     # ---------------------------------------------------------------------------------------- the math
     def forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD=None, vision_index_BT=None,
                 cache: KVCache | None = None, *, output_hidden_states=False, output_attentions=False,
-                last_only=False, cache_empty=False):
-        """Pure device math: embeddings (+ scattered vision features), decoder, logits. `cache_empty`: the
-        cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
+                logits_to_keep: int = 0, cache_empty=False):
+        """Pure device math: embeddings (+ scattered vision features), decoder, logits (of the last
+        `logits_to_keep` positions; 0: all, as transformers 4.57 `Qwen2VLForConditionalGeneration.forward`).
+        `cache_empty`: the cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
         with use_partitioning(self.partitioning):
             return self._forward(input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache,
                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                                 last_only=last_only, cache_empty=cache_empty)
+                                 logits_to_keep=logits_to_keep, cache_empty=cache_empty)
 
     def _forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache, *,
-                 output_hidden_states, output_attentions, last_only, cache_empty):
+                 output_hidden_states, output_attentions, logits_to_keep, cache_empty):
         x_BTD = self.language_model.embed_tokens(input_ids_BT)
         if vision_MD is not None:
             features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
@@ -237,8 +238,8 @@ class Qwen2VL(nnx.Module):
         h_BTD, cache, hidden, attentions = self.language_model(
             x_BTD, position_ids_ZBT, attention_mask_BT, cache, output_hidden_states=output_hidden_states,
             output_attentions=output_attentions, cache_empty=cache_empty)
-        if last_only:  # generation needs one row of logits, not [T, V]
-            h_BTD = h_BTD[:, -1:]
+        if logits_to_keep:  # generation needs one row of logits, not [T, V]
+            h_BTD = h_BTD[:, -logits_to_keep:]
         logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
         logits_BTV = point("logits", constrain(logits_BTV, ("batch", "seq", "vocab")))
         return logits_BTV, cache, hidden, attentions
@@ -246,14 +247,18 @@ class Qwen2VL(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: KVCache | None = None,
                  *, output_hidden_states: bool = False, output_attentions: bool = False,
-                 hooks: HookSet | None = None, second_per_grid_ts=None) -> Qwen2VLOutput:
+                 hooks: HookSet | None = None, second_per_grid_ts=None, logits_to_keep: int = 0) -> Qwen2VLOutput:
         """HF-style forward. With `cache`, this call's tokens are appended to it (prefill when it is empty,
         then one or more decode tokens whose positions continue from the cache: slot + rope_delta).
 
         `hooks`: a `hook_points.HookSet` (exact names; `qwen2vl_jax.hooks` builds them from patterns): its hooks
         edit values inside the jitted forward and the names it records come back in `.records` (vision values
         cut to the real rows, `vision.trim_records`). `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal
-        patch of each video, from its processor (time-aligned video positions); Qwen2-VL ignores it."""
+        patch of each video, from its processor (time-aligned video positions); Qwen2-VL ignores it.
+        `logits_to_keep`: logits of the last this-many positions only (0: all; transformers 4.57's argument), so
+        a long prefill into a cache need not hold [T, vocab] logits."""
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an integer >= 0, got {logits_to_keep!r}")
         decoding = cache is not None and int(cache.length) > 0
         if decoding and position_ids is None:
             ids = _as_2d_ids(input_ids, self.config.text_config.vocab_size)
@@ -275,7 +280,7 @@ class Qwen2VL(nnx.Module):
         logits, cache, hidden, attentions, text_records = _forward_jit(
             self, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT,
             cache, text_hooks or None, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            cache_empty=cache is not None and not decoding)
+            logits_to_keep=logits_to_keep, cache_empty=cache is not None and not decoding)
         return Qwen2VLOutput(logits=logits, rope_deltas=prep.rope_deltas_B1, cache=cache,
                              hidden_states=hidden if output_hidden_states else None,
                              attentions=attentions if output_attentions else None,
@@ -283,13 +288,14 @@ class Qwen2VL(nnx.Module):
 
 
 def _forward_apply(model: Qwen2VL, ids, mask, pos, vision, vision_index, cache, hooks=None, *,
-                   output_hidden_states=False, output_attentions=False, last_only=False, cache_empty=False):
+                   output_hidden_states=False, output_attentions=False, logits_to_keep=0, cache_empty=False):
     TRACE_COUNTS["forward"] += 1  # runs once per compile
     with install(hooks) as run:
         out = model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
-                            output_attentions=output_attentions, last_only=last_only, cache_empty=cache_empty)
+                            output_attentions=output_attentions, logits_to_keep=logits_to_keep,
+                            cache_empty=cache_empty)
     return (*out, run.records)
 
 
-_STATIC = ("output_hidden_states", "output_attentions", "last_only", "cache_empty")
+_STATIC = ("output_hidden_states", "output_attentions", "logits_to_keep", "cache_empty")
 _forward_jit = jax.jit(_forward_apply, static_argnames=_STATIC, donate_argnames=("cache",))

@@ -66,13 +66,22 @@ def make_mesh(data: int = 1, fsdp: int = 1, model: int = 1, devices=None) -> Mes
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=1,fsdp=1,model=8" -> {"data": 1, "fsdp": 1, "model": 8} (axes left out are 1)."""
+    """"data=1,fsdp=1,model=8" -> {"data": 1, "fsdp": 1, "model": 8} (axes left out are 1; each axis at most once,
+    at least one)."""
     out = {"data": 1, "fsdp": 1, "model": 1}
-    for part in filter(None, (p.strip() for p in text.split(","))):
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"bad mesh {text!r}: it is empty; use data=N,fsdp=N,model=N with positive integers")
+    seen = set()
+    for part in parts:
         name, _, value = part.partition("=")
-        if name.strip() not in out or not value.strip().isdigit() or int(value) < 1:
+        name = name.strip()
+        if name not in out or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"bad mesh {text!r}: use data=N,fsdp=N,model=N with positive integers")
-        out[name.strip()] = int(value)
+        if name in seen:
+            raise ValueError(f"bad mesh {text!r}: it names {name} twice")
+        seen.add(name)
+        out[name] = int(value)
     return out
 
 

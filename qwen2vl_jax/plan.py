@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 
 import jax
@@ -231,7 +232,23 @@ def plan(config: Qwen2VLConfig, mesh: Mapping[str, int], *, batch: int, context:
          scan_layers: bool = False, name: str = "model", model=None,
          rules: Mapping = sharding.LOGICAL_RULES) -> Plan:
     """The per-device plan of `config` on a mesh of these axis sizes (`sharding.parse_mesh`'s dict). `model`: an
-    abstract model already built for this config and dtype (the table reuses one per preset)."""
+    abstract model already built for this config and dtype (the table reuses one per preset).
+
+    `context` is at most the model's `max_position_embeddings` (generation refuses more), and every activation
+    must be an array JAX can describe (at most 2**63 - 1 elements: `batch x context` rows of the widest one)."""
+    t = config.text_config
+    for name, value in (("batch", batch), ("context", context)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    batch, context = int(batch), int(context)  # Python ints: the byte counts below never overflow
+    if context > t.max_position_embeddings:
+        raise ValueError(f"context {context} is beyond the model's max_position_embeddings "
+                         f"({t.max_position_embeddings})")
+    width = max(t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim)  # [B, T, width]
+    if batch * context * width > 2**63 - 1 or batch * t.vocab_size > 2**63 - 1:
+        raise ValueError(f"batch {batch} x context {context} is too large to plan: its activations would hold more "
+                         f"than 2**63 - 1 elements (at this context, batch {(2**63 - 1) // (context * width):,} at "
+                         "most)")
     shape = MeshShape(dict(mesh))
     model = abstract(config, dtype, scan_layers) if model is None else model
     params = param_plan(model, shape, rules)

@@ -17,7 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["GenerationConfig", "Knobs", "process_logits", "pick_token"]
+__all__ = ["GenerationConfig", "Knobs", "process_logits", "pick_token", "SEED_MAX"]
+
+# Seeds: 0 .. 2**63 - 1, what `jax.random.key` takes (it converts a Python int to int64; larger ones overflow).
+SEED_MAX = 2**63 - 1
+SEED_RANGE = "[0, 2**63 - 1]"
+
+
+def seed_problem(seed) -> str | None:
+    """Why `seed` is not a valid seed (None when it is): an integer (not a bool) in `SEED_RANGE`."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
+        return f"must be an integer in {SEED_RANGE}, got {seed!r}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +113,7 @@ class GenerationConfig:
              f"needs at least one id, each in [0, {vocab_size}), got {self.eos_token_id!r}"),
             (pad is None or (is_int(pad) and 0 <= pad < vocab_size), "pad_token_id",
              f"must be None or an id in [0, {vocab_size}), got {pad!r}"),
-            (is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}"),
+            (seed_problem(self.seed) is None, "seed", seed_problem(self.seed)),
         ]
         for ok, name, message in checks:
             if not ok:
@@ -138,7 +149,14 @@ def process_logits(logits_BV, seen_BV, n_generated, knobs: Knobs, *, do_sample: 
     scores = jnp.where((n_generated < knobs.min_new_tokens) & is_eos_V[None], neg_inf, scores)
     if not do_sample:
         return scores
-    scores = scores / knobs.temperature
+    # TemperatureLogitsWarper (scores / temperature). A temperature that underflows float32 (1e-300 is 0.0: 0 / 0 is
+    # NaN, and torch.multinomial then refuses the row) or so small that a finite score / temperature overflows to
+    # +inf (several infs: NaN probabilities) is taken as its limit t -> 0: only the row's largest scores stay
+    # (ties together), so sampling picks the argmax, as greedy does.
+    scaled = scores / knobs.temperature
+    overflow = (knobs.temperature <= 0) | jnp.any(jnp.isposinf(scaled) & jnp.isfinite(scores), -1, keepdims=True)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    scores = jnp.where(overflow, jnp.where(scores == top, jnp.float32(0), neg_inf), scaled)
     # One descending sort serves top-k and top-p (TopKLogitsWarper, TopPLogitsWarper, min_tokens_to_keep=1).
     sorted_desc = -jnp.sort(-scores, axis=-1)
     V = scores.shape[-1]

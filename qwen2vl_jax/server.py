@@ -12,6 +12,14 @@ power-of-two number of rows by repeating a row, so at most log2(max_batch) + 1 b
 streamed request runs alone and sends each text piece as it is decoded; a client that hangs up stops its decode at
 the next token.
 
+Safety (a server trusts no client): images are data URLs, or local files only inside `--allowed-local-media-path`
+(server_media.py), their headers checked against a pixel budget before anything is decoded; `Host`, API key and
+content type are checked before a handler runs (server_guard.py); bodies, stop strings and `max_tokens`
+(`--max-tokens`) are bounded; each request's memory is estimated (memory.estimate_request) for the batch it joins
+and refused with the estimate when it cannot fit. A client that goes away (or, streaming, stops reading for
+`STALL_SECONDS` while its answer waits to be sent) stops its generation within one decode segment, and the worker
+goes on with the others.
+
 Sampling: `temperature` 0 is greedy; a `temperature` or `top_p` from the client samples with them and top_k=0 (the
 Instruct checkpoints' generation_config.json has top_k=1, top_p=0.001, which would keep sampling greedy); with
 neither, the checkpoint's generation_config applies. Sampled requests with a `seed` reproduce: they never share a
@@ -32,16 +40,16 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from . import memory
 from .generation import TextStreamer, generate
-from .image_io import load_image as _load_image
 from .sampling import GenerationConfig
 from .server_api import (
     RequestError,
-    StopCutter,
+    StopMatcher,
     chunk,
     completion,
     cut_at_stop,
@@ -53,10 +61,15 @@ from .server_api import (
     usage,
     validation_message,
 )
+from .server_guard import Guard, read_body
+from .server_media import MediaError, MediaPolicy, open_image, shrink_for_processor
 
-__all__ = ["Engine", "RequestError", "build_engine", "create_app"]
+__all__ = ["Engine", "RequestError", "build_engine", "create_app", "served_name"]
 
 DEFAULT_MAX_TOKENS = 512  # a request without max_tokens: this many at most (and never past the context)
+MAX_TOKENS_CAP = 4096  # --max-tokens: the most any request may ask for
+STALL_SECONDS = 0.5  # a streamed answer whose client has taken nothing for this long, with text waiting, is dropped
+DISCONNECT_POLL_SECONDS = 0.2  # how often a waiting non-streamed request checks that its client is still there
 
 
 @dataclasses.dataclass(eq=False)
@@ -75,12 +88,27 @@ class Job:
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
+    vision_patches: int = 0  # sum of t*h*w over the images' grids (the memory estimate's)
+    largest_segment: int = 0  # h*w of the largest image
+    produced: int = 0  # streamed events sent by the worker ...
+    consumed: int = 0  # ... and those the client's connection has taken
+    waiting_since: float = 0.0  # since when the oldest event not yet taken has waited (or the client last took one)
 
     def send(self, kind: str, payload: Any = None) -> None:
         if self.stream:
+            if self.produced == self.consumed:
+                self.waiting_since = time.monotonic()
+            self.produced += 1
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         else:
             self.loop.call_soon_threadsafe(_resolve, self.future, (kind, payload))
+
+    def gone(self) -> bool:
+        """The client left, or (streaming) has taken nothing for STALL_SECONDS while text waits for it."""
+        if not self.cancelled and self.stream and self.produced > self.consumed:
+            if time.monotonic() - self.waiting_since > STALL_SECONDS:
+                self.cancelled = True
+        return self.cancelled
 
 
 def _resolve(future: asyncio.Future, value) -> None:
@@ -134,12 +162,12 @@ class _Abort(Exception):
 
 
 class _JobStreamer(TextStreamer):
-    def __init__(self, processor, job: Job, cutter: StopCutter):
+    def __init__(self, processor, job: Job, cutter: StopMatcher):
         super().__init__(processor, on_text=self._piece)
         self.job, self.cutter = job, cutter
 
     def put(self, tokens_B) -> None:
-        if self.job.cancelled:
+        if self.job.gone():
             raise _Abort
         super().put(tokens_B)
 
@@ -156,59 +184,118 @@ class Engine:
 
     Shared with the explorer (explorer.py): `model`, `processor`, `model_name`, `lock` (held by whatever runs the
     model), `hooks` (None or `{name or pattern: fn(value, ctx)}`, qwen2vl_jax.hooks; applied to every generation
-    here and to the explorer's inspection runs), `load_image(url)`. `stats` counts requests and batch sizes.
+    here and to the explorer's inspection runs), `load_image(url)`, `check_memory(...)`. `stats` counts requests,
+    batch sizes and requests stopped because their client went away (`abandoned`).
+
+    `media`: the `MediaPolicy` for images (default: data URLs only, `DEFAULT_MAX_IMAGE_PIXELS` per image);
+    `max_tokens`: the most new tokens a request may ask for; `max_memory`: bytes this process may use in all
+    (weights included; default: what it holds now plus what the machine has available).
     """
 
     def __init__(self, model, processor, *, model_name: str, hooks=None, max_batch: int = 8, max_queue: int = 64,
                  max_request_bytes: int = 20 * 2**20, max_images: int = 16,
-                 default_max_tokens: int = DEFAULT_MAX_TOKENS):
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, max_tokens: int = MAX_TOKENS_CAP,
+                 media: MediaPolicy | None = None, max_memory: int | None = None):
         self.model, self.processor, self.model_name, self.hooks = model, processor, model_name, hooks
         self.max_batch, self.max_request_bytes, self.max_images = max_batch, max_request_bytes, max_images
-        self.default_max_tokens = default_max_tokens
+        self.max_tokens = max_tokens
+        self.default_max_tokens = min(default_max_tokens, max_tokens)
+        self.media = media if media is not None else MediaPolicy(max_bytes=max_request_bytes)
+        self.max_memory = max_memory
         self.lock = threading.Lock()
         self.context = model.config.text_config.max_position_embeddings
         self.base_config = GenerationConfig.from_pretrained(getattr(model, "source_dir", None))
-        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "streams": 0, "taken": 0, "batch_sizes": {}}
+        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "streams": 0, "taken": 0, "batch_sizes": {},
+                                      "abandoned": 0, "split_for_memory": 0}
         self.queue = _JobQueue(max_queue)
         self.worker = threading.Thread(target=self._work, name="qwen2vl-jax-serve-worker", daemon=True)
         self.worker.start()
 
     # ------------------------------------------------------------------------------------------ requests in
     def load_image(self, url: str, where: str = "image"):
-        """A data URL (`data:image/...;base64,...`), a local path or a `file://` URL -> PIL image; anything
-        undecodable, missing or remote -> RequestError 400 naming the image."""
+        """A data URL (`data:image/...;base64,...`), or a local path / `file://` URL inside the allowed media
+        directory -> PIL image, its header checked against the pixel budget before decoding. Anything else ->
+        RequestError (400, or 403 for a path the policy forbids) naming the image."""
         try:
-            return _load_image(url)
-        except (ValueError, OSError) as e:
-            raise RequestError(400, f"could not decode image {where}: {e}", param=where) from None
+            return open_image(self.media.image_bytes(url, where), self.media, where)
+        except MediaError as e:
+            raise RequestError(e.status, e.message, param=where) from None
+
+    def check_memory(self, *, rows: int, prompt_tokens: int, new_tokens: int, vision_patches: int = 0,
+                     largest_segment: int = 0) -> None:
+        """Refuse (RequestError 400, with the estimate) a generation of `rows` rows that cannot fit in memory
+        (memory.estimate_request, as the CLI's check; the weights are already resident)."""
+        estimate = self.memory_estimate(rows, prompt_tokens, new_tokens, vision_patches, largest_segment)
+        limit = self.memory_limit(estimate)
+        if estimate.total > limit:
+            raise RequestError(400, f"this request cannot fit in the server's memory: it needs about "
+                                    f"{estimate.describe()}, and {limit / 1e9:.2f} GB are available"
+                                    f"{' (--max-memory)' if self.max_memory else ''}; send fewer or smaller "
+                                    f"images, a shorter prompt or a smaller max_tokens")
+
+    def memory_estimate(self, rows, prompt_tokens, new_tokens, vision_patches=0, largest_segment=0):
+        return memory.estimate_request(
+            self.model.config, batch=rows, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+            vision_patches=vision_patches, largest_segment_patches=largest_segment,
+            dtype=str(np.dtype(self.model.dtype)), attn_implementation=self._backend())
+
+    def memory_limit(self, estimate) -> int:
+        return self.max_memory if self.max_memory else memory.available_bytes() + estimate.weights
+
+    def _backend(self) -> str | None:
+        from .attention import resolve
+
+        try:
+            return resolve(self.model.config.attn_implementation)
+        except Exception:  # an estimate for the worse backend is still an upper bound
+            return None
 
     def prepare(self, req, loop: asyncio.AbstractEventLoop) -> Job:
-        """Validate one parsed request, decode its images and tokenize it (the CPU work before the queue)."""
+        """Validate one parsed request, decode its images and tokenize it (the CPU work before the queue). Each
+        image is brought to the size the processor will use as soon as it is decoded, so a request holds one
+        full-size decode at a time."""
         messages, urls = to_template_messages(req)
         if len(urls) > self.max_images:
             raise RequestError(400, f"too many images: {len(urls)} in one request, at most {self.max_images}")
-        images = [self.load_image(url, where) for url, where in urls]
+        asked = req.new_tokens()
+        if asked is not None and asked > self.max_tokens:
+            raise RequestError(400, f"max_tokens is {asked}, more than this server allows ({self.max_tokens}, "
+                                    "--max-tokens)", param="max_tokens")
+        images = []
+        for url, where in urls:
+            image = self.load_image(url, where)
+            try:
+                images.append(shrink_for_processor(image, self.processor.image_processor))
+            except ValueError as e:  # smart_resize: too small, or too extreme an aspect ratio
+                raise RequestError(400, f"cannot use image {where}: {e}", param=where) from None
+            del image
         try:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = self.processor(text=[prompt], images=images or None)
         except ValueError as e:
             raise RequestError(400, f"cannot encode the messages: {e}") from None
+        del images
         ids = np.asarray(inputs["input_ids"])[0]
         room = self.context - len(ids)
-        asked = req.new_tokens()
         if room < 1 or (asked is not None and asked > room):
             raise RequestError(400, f"too many tokens: the prompt has {len(ids)} tokens and max_tokens is "
                                     f"{asked if asked is not None else 1}; together they exceed the model's context "
                                     f"of {self.context} tokens", param="max_tokens" if room >= 1 else "messages")
-        config = self._sampling(req, asked if asked is not None else min(self.default_max_tokens, room))
+        new_tokens = asked if asked is not None else min(self.default_max_tokens, room)
+        grids = inputs.get("image_grid_thw")
+        patches = int(np.prod(grids, -1).sum()) if grids is not None else 0
+        largest = int(np.prod(np.asarray(grids)[:, 1:], -1).max()) if grids is not None else 0
+        self.check_memory(rows=1, prompt_tokens=len(ids), new_tokens=new_tokens, vision_patches=patches,
+                          largest_segment=largest)
+        config = self._sampling(req, new_tokens)
         deterministic = not config.do_sample or config.top_k == 1
         key = None
         if deterministic and not req.stream:
             key = dataclasses.astuple(dataclasses.replace(config, max_new_tokens=1, seed=0))
-        job = Job(ids=ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+        job = Job(ids=ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=grids,
                   config=config, stops=req.stop_strings(), stream=req.stream,
                   include_usage=bool(req.stream_options and req.stream_options.include_usage), batch_key=key,
-                  loop=loop)
+                  loop=loop, vision_patches=patches, largest_segment=largest)
         return job
 
     def _sampling(self, req, max_new_tokens: int) -> GenerationConfig:
@@ -218,7 +305,8 @@ class Engine:
         elif req.temperature is not None or req.top_p is not None:
             kw.update(do_sample=True, top_k=0, temperature=1.0 if req.temperature is None else req.temperature,
                       top_p=1.0 if req.top_p is None else req.top_p)
-        seed = req.seed if req.seed is not None else secrets.randbits(31)  # OpenAI: no seed, no reproducibility
+        # OpenAI: no seed, no reproducibility. Its seeds are int64; ours 0..2**63-1 (negative ones wrap around)
+        seed = req.seed % 2**63 if req.seed is not None else secrets.randbits(31)
         config = dataclasses.replace(self.base_config, max_new_tokens=max_new_tokens, seed=seed, **kw)
         try:
             config.validate(self.model.config.text_config.vocab_size)
@@ -253,9 +341,30 @@ class Engine:
                 for job in jobs:
                     job.send("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
 
-    def _run_batch(self, jobs: list[Job]) -> None:
+    @staticmethod
+    def _rows(jobs: list[Job], max_batch: int) -> int:
         rows = 1 << (len(jobs) - 1).bit_length()  # a power of two (repeating the last row): few batch shapes
-        rows = max(min(rows, self.max_batch), len(jobs))
+        return max(min(rows, max_batch), len(jobs))
+
+    def _fits(self, jobs: list[Job]) -> bool:
+        estimate = self.memory_estimate(self._rows(jobs, self.max_batch), max(len(j.ids) for j in jobs),
+                                        max(j.config.max_new_tokens for j in jobs),
+                                        sum(j.vision_patches for j in jobs), max(j.largest_segment for j in jobs))
+        return estimate.total <= self.memory_limit(estimate)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One batch; split in halves (run one after the other) while the whole would not fit in memory. A job
+        was admitted alone (`prepare` checked it), so the halving ends."""
+        if len(jobs) > 1 and not self._fits(jobs):
+            self.stats["split_for_memory"] += 1
+            half = (len(jobs) + 1) // 2
+            self._run_batch(jobs[:half])
+            self._run_batch(jobs[half:])
+            return
+        jobs = [j for j in jobs if not j.cancelled]
+        if not jobs:
+            return
+        rows = self._rows(jobs, self.max_batch)
         filled = jobs + [jobs[-1]] * (rows - len(jobs))
         config = dataclasses.replace(jobs[0].config, max_new_tokens=max(j.config.max_new_tokens for j in jobs))
         length = max(len(j.ids) for j in filled)
@@ -270,7 +379,11 @@ class Engine:
         self.stats["batches"] += 1
         self.stats["requests"] += len(jobs)
         self.stats["batch_sizes"][len(jobs)] = self.stats["batch_sizes"].get(len(jobs), 0) + 1
-        out = generate(self.model, ids, mask, pixels, grids, generation_config=config, hooks=self.hooks)
+        out = generate(self.model, ids, mask, pixels, grids, generation_config=config, hooks=self.hooks,
+                       should_stop=lambda: all(j.cancelled for j in jobs))  # every client gone: stop decoding
+        if all(j.cancelled for j in jobs):
+            self.stats["abandoned"] += len(jobs)
+            return
         new = np.asarray(out)[:, length:]
         eos = set(config.eos_token_id)
         for r, job in enumerate(jobs):
@@ -284,14 +397,15 @@ class Engine:
     def _run_stream(self, job: Job) -> None:
         self.stats["streams"] += 1
         self.stats["requests"] += 1
-        cutter = StopCutter(job.stops)
+        cutter = StopMatcher(job.stops)
         streamer = _JobStreamer(self.processor, job, cutter)
         try:
             generate(self.model, job.ids[None], None, job.pixel_values, job.image_grid_thw,
-                     generation_config=job.config, hooks=self.hooks, streamer=streamer)
+                     generation_config=job.config, hooks=self.hooks, streamer=streamer, should_stop=job.gone)
         except _Abort:
             pass
-        if job.cancelled:
+        if job.gone():
+            self.stats["abandoned"] += 1
             return
         tail = cutter.flush()
         if tail:
@@ -307,6 +421,15 @@ class Engine:
         self.worker.join(timeout=60)
 
 
+def served_name(model_path) -> str:
+    """The model id clients see: a local checkpoint's folder name (never the server's filesystem path), or the
+    Hub id as given."""
+    text = os.fspath(model_path)
+    if os.path.exists(text):  # a local checkpoint
+        return os.path.basename(os.path.normpath(os.path.abspath(text)))
+    return text
+
+
 def build_engine(model_path, *, dtype: str = "float32", attn_implementation: str | None = None,
                  model_name: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
                  **options) -> Engine:
@@ -318,35 +441,28 @@ def build_engine(model_path, *, dtype: str = "float32", attn_implementation: str
                                                             attn_implementation=attn_implementation, progress=False)
     pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     processor = Qwen2VLProcessor.from_pretrained(model_path, **pixels)
-    return Engine(model, processor, model_name=model_name or os.fspath(model_path), **options)
+    return Engine(model, processor, model_name=model_name or served_name(model_path), **options)
 
 
 # ------------------------------------------------------------------------------------------------- the app
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes `limit` bytes (before it is all read when declared)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"the request body has {int(declared)} bytes, more than the server's limit of "
-                                f"{limit} (--max-request-bytes)")
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise RequestError(413, f"the request body is larger than the server's limit of {limit} bytes "
-                                    "(--max-request-bytes)")
-        parts.append(part)
-    return b"".join(parts)
-
-
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, bind_host: str = "127.0.0.1",
+               allowed_hosts: tuple[str, ...] | list[str] = (), docs: bool = False) -> FastAPI:
     """The FastAPI app over `engine`: the OpenAI routes, OpenAI-style error bodies for every error (validation
-    errors are 400s, as OpenAI answers them, not FastAPI's 422), and the explorer when its module is present."""
-    app = FastAPI(title="qwen2vl_jax", description="OpenAI-compatible API over a Qwen2-VL / Qwen2.5-VL model")
+    errors are 400s, as OpenAI answers them, not FastAPI's 422), and the explorer when its module is present.
+
+    `server_guard.Guard` checks every request but /health first (`Host` against `bind_host` and `allowed_hosts`,
+    `Authorization: Bearer api_key` when a key is set, JSON content type on POST). `docs`: serve /docs and
+    /openapi.json (off by default: they describe the server to anyone who asks)."""
+    app = FastAPI(title="qwen2vl_jax", description="OpenAI-compatible API over a Qwen2-VL / Qwen2.5-VL model",
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
     app.state.engine = engine
+    app.add_middleware(Guard, bind_host=bind_host, api_key=api_key, allowed_hosts=tuple(allowed_hosts))
 
     @app.exception_handler(RequestError)
     async def request_error(_, e: RequestError):
-        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status)
+        # a refused upload ends the connection: the client stops sending a body nobody reads
+        headers = {"Connection": "close"} if e.status == 413 else None
+        return JSONResponse(error_body(e.status, e.message, e.param, e.code), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -355,6 +471,11 @@ def create_app(engine: Engine) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):
         return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(_, e: Exception):  # a bug: an OpenAI error body for the client, the traceback in the log
+        traceback.print_exception(e)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -378,7 +499,9 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(await _read_body(request, engine.max_request_bytes))
+        body = await read_body(request, engine.max_request_bytes)
+        req = await run_in_threadpool(parse_request, body)
+        del body
         if req.model != engine.model_name:
             raise RequestError(404, f"the model {req.model!r} does not exist; this server serves "
                                     f"{engine.model_name!r}", param="model", code="model_not_found")
@@ -392,7 +515,14 @@ def create_app(engine: Engine) -> FastAPI:
         if req.stream:
             return StreamingResponse(_events(engine, job), media_type="text/event-stream")
         try:
-            kind, payload = await job.future
+            while True:  # wait for the answer, noticing a client that hangs up (its decode then stops)
+                done, _ = await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    job.cancelled = True
+                    return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            kind, payload = job.future.result()
         finally:
             job.cancelled = True  # a client that left before its turn is skipped (a no-op once answered)
         if kind == "error":
@@ -410,7 +540,8 @@ def create_app(engine: Engine) -> FastAPI:
 
 async def _events(engine: Engine, job: Job):
     """`chat.completion.chunk` events: the role, each text piece, the finish reason (and usage when asked), then
-    `[DONE]`. An error after the stream began travels as an `{"error": ...}` event, as OpenAI sends it."""
+    `[DONE]`. An error after the stream began travels as an `{"error": ...}` event, as OpenAI sends it. Each time
+    the connection has taken an event, `job.consumed` / `job.waiting_since` move (the worker's stall check)."""
     cid, created, name = new_id(), int(time.time()), engine.model_name
     try:
         yield sse(chunk(cid, created, name, {"role": "assistant", "content": ""}))
@@ -427,6 +558,8 @@ async def _events(engine: Engine, job: Job):
             else:
                 yield sse(error_body(payload.status, payload.message, payload.param, payload.code))
                 break
+            job.waiting_since = time.monotonic()  # taken: what still waits, waits from now
+            job.consumed += 1
         yield sse("[DONE]")
     finally:
         job.cancelled = True  # the client hung up (or we are done): the decode stops at its next token

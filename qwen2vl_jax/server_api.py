@@ -22,10 +22,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = ["RequestError", "ChatRequest", "error_body", "validation_message", "parse_request", "to_template_messages",
-           "completion", "chunk", "sse", "StopCutter", "cut_at_stop"]
+           "completion", "chunk", "sse", "StopMatcher", "cut_at_stop", "parse_json_object"]
 
-ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large",
-               503: "server_overloaded", 500: "server_error"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error",
+               421: "invalid_request_error", 503: "server_overloaded", 500: "server_error"}
+MAX_STOP_CHARS = 1024  # characters per stop string (OpenAI allows 4 stop strings; their length is ours to bound)
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's `seed` is a 64-bit integer
 
 
 class RequestError(Exception):
@@ -73,7 +76,7 @@ class ChatRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -98,21 +101,54 @@ def validation_message(err) -> str:
 
 def parse_request(body: bytes) -> ChatRequest:
     """Bytes -> ChatRequest, or a 400 naming what is wrong (the JSON syntax, or the field)."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    data = parse_json_object(body)
     try:
         req = ChatRequest.model_validate(data)
     except ValidationError as e:
         raise RequestError(400, validation_message(e)) from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply") from None
     if req.n != 1:
         raise RequestError(400, f"n must be 1 (one choice per request), got {req.n}", param="n")
     if len(req.stop_strings()) > 4:  # OpenAI's limit
         raise RequestError(400, "stop takes at most 4 strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in req.stop_strings()):
+        raise RequestError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
     return req
+
+
+def parse_json_object(body: bytes) -> dict:
+    """Bytes -> a JSON object, or a 400: not JSON, not an object, nested too deeply for the parser (json's C
+    scanner raises RecursionError), or holding a string that is not valid Unicode (a lone surrogate like
+    "\\ud800", which no tokenizer can encode)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError(400, "the request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_strings(data)
+    return data
+
+
+def _check_strings(data) -> None:
+    """Every string (keys too) must encode as UTF-8: JSON's `\\ud800` escapes decode to lone surrogates."""
+    stack = [(data, "body")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError(400, f"{where} holds an unpaired UTF-16 surrogate (e.g. \\ud800): not valid "
+                                        "Unicode text", param=where) from None
+        elif isinstance(value, dict):
+            stack.extend((k, where) for k in value)
+            stack.extend((v, f"{where}.{k}" if where != "body" else str(k)) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
 
 
 def to_template_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -175,33 +211,72 @@ def sse(obj: dict | str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- stop strings
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the earliest stop string (OpenAI leaves the stop string out), and whether one was found."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+class StopMatcher:
+    """Finds stop strings in text that arrives piece by piece, in time linear in the text (one Knuth-Morris-Pratt
+    automaton per stop string: each character advances every automaton by amortised O(1)), never rescanning.
 
-
-class StopCutter:
-    """Stop strings over streamed text: `feed(piece)` returns what can be sent now, holding back a tail that might
-    be the start of a stop string; `.stopped` once one appeared (nothing after it is sent); `flush()` at the end."""
+    `feed(piece)` returns the part of the text that is now certain to come before any stop string and can be sent;
+    the tail that may still be the start of a stop string is held back. Once a stop string is complete, `.stopped`
+    is True and nothing more is returned: the text ends before the stop string that completed first (ties: the one
+    that started first); OpenAI leaves the stop string out. `flush()` returns the held-back tail at the end."""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.pending, self.stopped = stops, "", False
+        self.stops = [s for s in stops if s]
+        self.fail = [_failure(s) for s in self.stops]
+        self.state = [0] * len(self.stops)  # characters of each stop matched at the end of the text so far
+        self.text: list[str] = []  # characters not yet returned
+        self.stopped = False
 
     def feed(self, piece: str) -> str:
         if self.stopped:
             return ""
         if not self.stops:
             return piece
-        text = self.pending + piece
-        cut, self.stopped = cut_at_stop(text, self.stops)
-        if self.stopped:
-            self.pending = ""
-            return cut
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.pending = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold]
+        for ch in piece:
+            self.text.append(ch)
+            best = None
+            for k, stop in enumerate(self.stops):
+                j = self.state[k]
+                while j and stop[j] != ch:
+                    j = self.fail[k][j - 1]
+                j = j + 1 if stop[j] == ch else 0
+                if j == len(stop):
+                    start = len(self.text) - j
+                    best = start if best is None else min(best, start)
+                    j = self.fail[k][j - 1]
+                self.state[k] = j
+            if best is not None:
+                out = "".join(self.text[:best])
+                self.text, self.stopped = [], True
+                return out
+        hold = max(self.state)  # the longest stop prefix the text ends with
+        out = "".join(self.text[:len(self.text) - hold])
+        self.text = self.text[len(self.text) - hold:]
+        return out
 
     def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
+        out = "" if self.stopped else "".join(self.text)
+        self.text = []
         return out
+
+
+def _failure(stop: str) -> list[int]:
+    """KMP's failure function: fail[i] = length of the longest proper prefix of stop[:i + 1] that is also its
+    suffix."""
+    fail, j = [0] * len(stop), 0
+    for i in range(1, len(stop)):
+        while j and stop[i] != stop[j]:
+            j = fail[j - 1]
+        if stop[i] == stop[j]:
+            j += 1
+        fail[i] = j
+    return fail
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text before the first stop string (as `StopMatcher` finds it in a stream, so a streamed and a whole
+    answer end at the same place), and whether one was found."""
+    matcher = StopMatcher(stops)
+    out = matcher.feed(text)
+    return (out, True) if matcher.stopped else (text, False)
+

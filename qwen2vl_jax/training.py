@@ -207,6 +207,9 @@ def recipe_schedule(lr: float, steps: int, *, warmup_steps: int | None = None, w
         raise ValueError(f"steps must be positive, got {steps}")
     warmup = int(np.ceil(warmup_ratio * steps)) if warmup_steps is None else int(warmup_steps)
     warmup = min(max(warmup, 0), steps)
+    if warmup == steps:  # the warmup is the whole run (1 step with any ratio > 0): no decay steps are left, and
+        # `_get_cosine_schedule_with_warmup_lr_lambda` is step / warmup at every update (0 at the first, as there)
+        return optax.linear_schedule(0.0, lr, warmup)
     if warmup:
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, end_lr)
     return optax.cosine_decay_schedule(lr, steps, end_lr / lr if lr else 0.0)

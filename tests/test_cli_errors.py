@@ -160,15 +160,21 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_stops_a_non_streaming_generate_within_two_seconds(tiny_checkpoint):
-    """SIGINT while a `--json` generate decodes: the process exits within two seconds. Before, `main` printed
-    `interrupted` but the process only exited when the on-device loop had run to `--max-new-tokens` (116 s for
-    30000 tokens); now the loop returns to the host every ~0.5 s and nothing more is queued."""
+def _long_generate(child: str, checkpoint) -> subprocess.Popen:
+    """`child` (a script running the CLI) asked for a 30000-token greedy `--json` generate, pipes open."""
     env = {**os.environ, "QWEN2VL_JAX_COMPILE_CACHE": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, "generate", "--model", str(tiny_checkpoint), "--prompt",
+    return subprocess.Popen([sys.executable, "-c", child, "generate", "--model", str(checkpoint), "--prompt",
                              "Count to a million.", "--greedy", "--max-new-tokens", "30000", "--json",
                              "--dtype", "float32"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             env=env)
+
+
+def test_ctrl_c_stops_a_non_streaming_generate_within_two_seconds(tiny_checkpoint):
+    """SIGINT while a `--json` generate decodes: the process exits within two seconds. Before, `main` printed
+    `interrupted` but the process only exited when the on-device loop had run to `--max-new-tokens` (116 s for
+    30000 tokens); now the loop returns to the host every ~0.5 s and nothing more is queued. A SIGINT that lands
+    while a garbage collection runs used to be lost (the next test); the CLI's flag catches that case too."""
+    proc = _long_generate(CHILD, tiny_checkpoint)
     try:
         for line in proc.stderr:
             if "DECODING" in line:
@@ -180,6 +186,49 @@ def test_ctrl_c_stops_a_non_streaming_generate_within_two_seconds(tiny_checkpoin
         took = time.monotonic() - sent
     finally:
         proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert took < 2.0, f"exited {took:.1f} s after SIGINT"
+
+
+GC_CHILD = """
+import gc, signal, sys, threading, time
+from qwen2vl_jax import cli, generation as gen
+loop = gen._decode_loop_jit
+segments = []
+def sigint_during_gc(phase, info):  # the signal lands while a collection runs: its handler runs in this callback
+    if phase == "start" and len(segments) == 3 and threading.current_thread() is threading.main_thread():
+        segments.append("sent")
+        print("SIGINT at", time.monotonic(), file=sys.stderr, flush=True)  # CLOCK_MONOTONIC: the parent's clock
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # to this thread: handled before return
+gc.callbacks.insert(0, sigint_during_gc)
+def announce(*args, **kwargs):
+    out = loop(*args, **kwargs)
+    segments.append(1)
+    gc.collect()
+    print("DECODING", file=sys.stderr, flush=True)
+    return out
+gen._decode_loop_jit = announce
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_that_a_gc_callback_swallows_still_stops_generate(tiny_checkpoint):
+    """The race behind a run that decoded on for 120 s after SIGINT: Python runs the SIGINT handler at the next
+    point the main thread checks for pending work, which can be inside a `gc.callbacks` function (jax registers
+    one) when the signal lands during a collection; CPython reports the KeyboardInterrupt raised there as
+    "Exception ignored" and drops it, so nothing stopped the decode loop. Here the child sends itself the SIGINT
+    from a GC callback during decoding, every time; the CLI's handler also sets a flag that generate polls
+    between segments (`cli_common.sigint_flag`), so the process still exits with 130 at once."""
+    proc = _long_generate(GC_CHILD, tiny_checkpoint)
+    try:
+        _, err = proc.communicate(timeout=120)
+        ended = time.monotonic()
+    finally:
+        proc.kill()
+    sent = [float(line.split()[-1]) for line in err.splitlines() if line.startswith("SIGINT at")]
+    assert len(sent) == 1, err[-2000:]
+    took = ended - sent[0]
+    assert "Exception ignored" in err and "KeyboardInterrupt" in err, err[-2000:]  # the interrupt was swallowed
     assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
     assert took < 2.0, f"exited {took:.1f} s after SIGINT"
 

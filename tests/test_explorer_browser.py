@@ -97,7 +97,7 @@ def test_inspection_api(app, engine, photo):
 
     cfg = engine.model.config.text_config
     L, N = cfg.num_hidden_layers, cfg.num_attention_heads
-    client = TestClient(app)
+    client = TestClient(app, base_url="http://127.0.0.1")  # the Host a loopback server answers for
     assert client.get("/explorer").status_code == 200 and "explorer.js" in client.get("/explorer").text
     assert client.get("/explorer/static/explorer.js").status_code == 200
     too_big = client.post("/explorer/api/generate", json={"question": "?", "image": "data:," + "A" * (3 * 2**20)})

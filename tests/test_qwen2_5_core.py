@@ -274,7 +274,7 @@ def test_server_answers_with_a_qwen2_5_checkpoint(ckpt25, photos):
         photo.save(buf, format="PNG")
         url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
-        with TestClient(create_app(engine)) as client:
+        with TestClient(create_app(engine), base_url="http://127.0.0.1") as client:  # a loopback Host
             r = client.post("/v1/chat/completions", json={"model": "tiny-2.5", "max_tokens": 6, "temperature": 0,
                                                           "messages": [{"role": "user", "content": content}]})
         assert r.status_code == 200, r.text

@@ -20,15 +20,18 @@ import uvicorn
 from qwen2vl_jax import cli
 from qwen2vl_jax.generation import generate
 from qwen2vl_jax.server import Engine, build_engine, create_app
+from qwen2vl_jax.server_guard import uvicorn_config
 
 NAME = "tiny-qwen2vl"
 
 
-def _serve(engine: Engine):
+def _serve(engine: Engine, **app_options):
+    """A live uvicorn server on a free loopback port over `engine` (`app_options`: create_app's keywords)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(engine, **app_options)
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -38,7 +41,7 @@ def _serve(engine: Engine):
     url = f"http://127.0.0.1:{port}"
     # no retries: the client would otherwise retry 503s and hide them
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
-    return SimpleNamespace(engine=engine, url=url, client=client, server=server, thread=thread)
+    return SimpleNamespace(engine=engine, url=url, client=client, server=server, thread=thread, app=app)
 
 
 def _stop(served) -> None:
@@ -128,15 +131,25 @@ def test_image_request_equals_generate(served, photos):
 
 
 def test_image_from_a_file_url_and_the_string_form(served, photos, tmp_path):
+    """Local files are read only inside the allowed directory (tests/test_server_security.py has the refusals)."""
+    from qwen2vl_jax.server_media import MediaPolicy
+
     path = tmp_path / "rocket.png"
     photos["rocket"].save(path)
     body = {"model": NAME, "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": f"file://{path}"}, {"type": "text", "text": "What?"}]}]}
-    r = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
-    assert r.status_code == 200, r.text
-    body["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": str(path)}}
-    assert httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60).json() ["choices"][0]["message"][
-        "content"] == r.json()["choices"][0]["message"]["content"]
+    before = served.engine.media
+    served.engine.media = MediaPolicy(tmp_path)
+    try:
+        r = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        body["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": str(path)}}
+        again = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+    finally:
+        served.engine.media = before
+    assert again.json()["choices"][0]["message"]["content"] == r.json()["choices"][0]["message"]["content"]
+    body["messages"][0]["content"][1]["text"] = "What??"
+    assert httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60).status_code == 403
 
 
 def test_models_and_health(served):
@@ -197,6 +210,9 @@ def test_corrupt_image_is_400(served):
 def test_too_many_tokens_is_400(served):
     with pytest.raises(openai.BadRequestError) as e:
         ask(served, "hi", max_tokens=10**6)
+    assert "--max-tokens" in e.value.message and "4096" in e.value.message  # the server's cap
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(served, "word " * 29000, max_tokens=4000)
     assert "too many tokens" in e.value.message and "32768" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         ask(served, "word " * 40000, max_tokens=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qwen2vl_jax"
-MAX_LINES = 500
+MAX_LINES = 650  # not a cap to split at (DEVELOPERS: split along a real seam, never with a shim): a flag to look again
 
 # Model math: builds nothing on generation, training, interventions, conversion, loading or the CLI. (`memory`, the
 # request-size estimate that generation and the CLI consult, sits here for the same rule: it reads config and buckets;
@@ -23,7 +23,7 @@ ABOVE_THE_MODEL = ["generation", "training", "lora", "data", "finetune", "finetu
                    "interventions", "geometry", "demo",
                    "convert", "checkpoint", "params", "safetensors_io", "hub", "pretrained", "cli", "cli_common",
                    "cli_chat", "selfcheck", "sharding", "plan", "processing", "sampling", "server",
-                   "server_api", "explorer"]
+                   "server_api", "server_guard", "server_media", "explorer"]
 
 
 def _modules() -> dict[str, Path]:
