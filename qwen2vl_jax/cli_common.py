@@ -269,24 +269,22 @@ def check_memory(args, directory: Path, dtype: str, inputs, *, may_switch: bool 
     """Refuse, before any weight is loaded, a request whose estimated peak exceeds `--max-memory` or what the
     machine has (memory.py), naming the knobs that shrink it. With `--dtype auto` and `may_switch` (nothing
     loaded yet), a float32 request that does not fit runs in bfloat16 when that fits. Returns the dtype to use."""
-    import numpy as np
 
     from .attention import resolve
     from .config import Qwen2VLConfig
-    from .memory import InsufficientMemory, check_fits, estimate_request
+    from .memory import InsufficientMemory, check_fits, estimate_request, vision_sizes
 
     if getattr(args, "mesh", None):  # the estimate is one host's; a mesh's per-device bytes: `qwen2vl-jax plan`
         return dtype
 
     config = Qwen2VLConfig.from_hf(directory)
     backend = resolve(args.attn_implementation)  # the backend that will run: its vision attention's memory differs
-    grids = [np.asarray(inputs[k]) for k in ("image_grid_thw", "video_grid_thw") if inputs.get(k) is not None]
-    grids = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+    patches, largest = vision_sizes(inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
 
     def estimate(dt):
         return estimate_request(config, batch=1, prompt_tokens=int(inputs["input_ids"].shape[1]),
-                                new_tokens=args.max_new_tokens, vision_patches=int(grids.prod(-1).sum()),
-                                largest_segment_patches=int(grids[:, 1:].prod(-1).max(initial=0)), dtype=dt,
+                                new_tokens=args.max_new_tokens, vision_patches=patches,
+                                largest_segment_patches=largest, dtype=dt,
                                 attn_implementation=backend)
 
     hints = []

@@ -42,6 +42,7 @@ import numpy as np
 from . import geometry, interventions
 from .generation import generate
 from .hook_points import make_hookset
+from .memory import vision_sizes
 from .server_api import RequestError, parse_json_object
 from .server_guard import read_body
 
@@ -145,12 +146,11 @@ class Explorer:
         except ValueError as e:  # e.g. an image too small or too oddly shaped for the patch grid
             raise ExplorerError(400, f"cannot encode the request: {e}") from None
         inputs = {k: np.asarray(v) for k, v in inputs.items()}
-        grids = inputs.get("image_grid_thw")
+        patches, largest = vision_sizes(inputs.get("image_grid_thw"))
         try:
             self.engine.check_memory(rows=1, prompt_tokens=int(inputs["input_ids"].shape[1]),
-                                     new_tokens=int(body.get("max_new_tokens", 24)),
-                                     vision_patches=int(grids.prod(-1).sum()) if grids is not None else 0,
-                                     largest_segment=int(grids[:, 1:].prod(-1).max()) if grids is not None else 0)
+                                     new_tokens=int(body.get("max_new_tokens", 24)), vision_patches=patches,
+                                     largest_segment=largest)
         except RequestError as e:
             raise ExplorerError(e.status, e.message) from None
         geom = None
@@ -256,9 +256,7 @@ class Explorer:
         """The inspection's peak: a prefill of the prompt (memory.estimate_request, as the API checks requests)
         plus the recorded chunk ([L, N, n, P - 1 + n] fp32 probabilities and [L + 1, n, D] residuals)."""
         t, P = self.text_config, session.prompt_len
-        grids = session.inputs.get("image_grid_thw")
-        estimate = self.engine.memory_estimate(1, P + n, 1, int(grids.prod(-1).sum()) if grids is not None else 0,
-                                               int(grids[:, 1:].prod(-1).max()) if grids is not None else 0)
+        estimate = self.engine.memory_estimate(1, P + n, 1, *vision_sizes(session.inputs.get("image_grid_thw")))
         recorded = 4 * t.num_hidden_layers * n * (t.num_attention_heads * (P - 1 + n) + t.hidden_size) * 2
         limit = self.engine.memory_limit(estimate)
         if estimate.total + recorded > limit:

@@ -33,13 +33,10 @@ from . import training
 from .attention import AttentionBackendError
 from .config import REMAT_POLICIES
 from .data import IGNORE_INDEX, Loader, collate, encode_conversation, read_jsonl
-from .finetune_checkpoint import (  # noqa: F401  (read_checkpoint, read_meta: re-exported for users)
+from .finetune_checkpoint import (
     CHECKPOINTS,
     FinetuneError,
     checkpoint_manager,
-    read_checkpoint,
-    read_meta,
-    restore_checkpoint,
     restore_intact,
     save_checkpoint,
     train_state,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["check_media_path", "load_image", "to_pil_rgb"]
+__all__ = ["check_media_path", "data_url_bytes", "load_image", "to_pil_rgb"]
 
 
 URL_PREFIXES = ("http://", "https://")
@@ -62,6 +62,23 @@ def check_media_path(path: str | os.PathLike, kind: str = "image") -> str:
     return str(local)
 
 
+def data_url_bytes(text: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL (RFC 2397); anything else, or (with `max_bytes`) more data
+    than that, is a ValueError saying so. The length is checked before anything is decoded."""
+    head, sep, payload = text.partition(",")
+    if not head[:11].lower() == "data:image/":
+        kind = head[5:].split(";", 1)[0] or "text/plain"  # RFC 2397: no type is text/plain
+        raise ValueError(f"a data URL must be an image (data:image/...;base64,...), got data:{kind[:40]}")
+    if not sep or not head.lower().endswith(";base64"):
+        raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")
+    if max_bytes is not None and len(payload) > (max_bytes * 4) // 3 + 4:
+        raise ValueError(f"the image data has more than the limit of {max_bytes} bytes")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"could not decode the base64 image data: {err}") from err
+
+
 def _open_pil(fp: Any, what: str, exif_transpose: bool) -> Image.Image:
     try:
         image = Image.open(fp)
@@ -90,17 +107,8 @@ def load_image(source: Any, *, exif_transpose: bool = False) -> Image.Image | np
         text = os.fspath(source)
         if isinstance(text, bytes):
             text = text.decode()
-        if text[:5].lower() == "data:" and not text.startswith("data:image"):
-            kind = text[5:].split(",", 1)[0].split(";", 1)[0] or "text/plain"  # RFC 2397: no type is text/plain
-            raise ValueError(f"a data URL must be an image (data:image/...;base64,...), got data:{kind}")
-        if text.startswith("data:image"):
-            if "base64," not in text:
-                raise ValueError("a `data:image` string must be base64 encoded (`data:image/...;base64,...`)")
-            try:
-                data = base64.b64decode(text.split("base64,", 1)[1], validate=False)
-            except (binascii.Error, ValueError) as err:
-                raise ValueError(f"could not decode the base64 image data: {err}") from err
-            return _open_pil(io.BytesIO(data), "from base64 data", exif_transpose)
+        if text[:5].lower() == "data:":
+            return _open_pil(io.BytesIO(data_url_bytes(text)), "from base64 data", exif_transpose)
         path = check_media_path(text, "image")  # file:// stripped; URL / not found / directory / unreadable
         with open(path, "rb") as fp:
             return _open_pil(fp, repr(path), exif_transpose)

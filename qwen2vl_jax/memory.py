@@ -37,6 +37,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .buckets import bucket
 from .config import Qwen2VLConfig
 
@@ -232,6 +234,14 @@ def prefill_bytes(config: Qwen2VLConfig, batch: int, prompt_slots: int, slots: i
 
 
 # ------------------------------------------------------------------------------------------------- the API
+def vision_sizes(*grids) -> tuple[int, int]:
+    """`estimate_request`'s `vision_patches` and `largest_segment_patches` from image / video grids ([n, 3] t, h, w
+    rows; None skipped): the patches over all of them, and h * w of the largest temporal slice."""
+    rows = [np.asarray(g).reshape(-1, 3) for g in grids if g is not None]
+    thw = np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
+    return int(thw.prod(-1).sum()), int(thw[:, 1:].prod(-1).max(initial=0))
+
+
 def estimate_request(config: Qwen2VLConfig, *, batch: int, prompt_tokens: int, new_tokens: int,
                      vision_patches: int = 0, largest_segment_patches: int = 0, dtype: str = "float32",
                      attn_implementation: str | None = None) -> MemoryEstimate:

@@ -283,8 +283,7 @@ class Engine:
                                     f"of {self.context} tokens", param="max_tokens" if room >= 1 else "messages")
         new_tokens = asked if asked is not None else min(self.default_max_tokens, room)
         grids = inputs.get("image_grid_thw")
-        patches = int(np.prod(grids, -1).sum()) if grids is not None else 0
-        largest = int(np.prod(np.asarray(grids)[:, 1:], -1).max()) if grids is not None else 0
+        patches, largest = memory.vision_sizes(grids)
         self.check_memory(rows=1, prompt_tokens=len(ids), new_tokens=new_tokens, vision_patches=patches,
                           largest_segment=largest)
         config = self._sampling(req, new_tokens)

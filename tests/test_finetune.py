@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.finetune import FinetuneConfig, finetune, read_checkpoint
+from qwen2vl_jax.finetune import FinetuneConfig, finetune
+from qwen2vl_jax.finetune_checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "A red rocket stands on the launch pad under a clear blue sky."

@@ -133,7 +133,7 @@ def test_remote_and_non_image_data_urls_are_refused(open_server):
     r = _chat(open_server.url, _image_part("https://example.com/cat.png"))
     assert r.status_code == 400 and "fetches nothing" in r.json()["error"]["message"]
     r = _chat(open_server.url, _image_part("data:text/plain;base64,aGVsbG8="))
-    assert r.status_code == 400 and "must hold an image" in r.json()["error"]["message"]
+    assert r.status_code == 400 and "must be an image" in r.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------------------------------------- API keys
