@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
     # the optional CPU kernels' sources, compiled on first use; the explorer's page (HTML, JS, CSS)
-    package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h", "explorer_static/*"]},
+    package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h", "server/static/*"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

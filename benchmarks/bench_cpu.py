@@ -60,7 +60,7 @@ def make_inputs(ckpt: Path, out: Path, image: Path | None = None) -> dict:
     """Processed inputs shared by both implementations, saved as .npz (and the 448x448 photo as `image`, PNG)."""
     from PIL import Image
 
-    from qwen2vl_jax.processing import Qwen2VLProcessor
+    from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
     sys.path.insert(0, str(ROOT / "tests"))
     import helpers
@@ -235,8 +235,8 @@ def worker_cold_ours(ckpt: Path, dtype: str, inputs_path: Path, image: Path, cac
     from PIL import Image
 
     from qwen2vl_jax import runtime
-    from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
     from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
+    from qwen2vl_jax.processing.image import Qwen2VLImageProcessor
 
     phases: dict[str, float] = {}
 
@@ -339,7 +339,7 @@ def cold_report(cold: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------- report
 def model_costs(ckpt: Path) -> dict:
     """Decode bytes per token and vision FLOPs, from the config."""
-    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.modeling.config import Qwen2VLConfig
 
     cfg = Qwen2VLConfig.from_hf(ckpt)
     t, v = cfg.text_config, cfg.vision_config

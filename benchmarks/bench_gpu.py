@@ -59,7 +59,7 @@ def _median_time(fn, repeats, sync):
 
 
 def _inputs(batch: int, side: int = SIDE):
-    from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
+    from qwen2vl_jax.processing.image import Qwen2VLImageProcessor
 
     y, x = np.mgrid[0:side, 0:side]
     photo = np.stack([x * 255 // side, y * 255 // side, (x * y) % 251], -1).astype(np.uint8)
@@ -72,11 +72,10 @@ def _inputs(batch: int, side: int = SIDE):
 
 def _config(preset: str):
     """A preset's config; "tiny" is the demo checkpoint's (2 layers, widths 64 / 32, the real vocabulary)."""
-    from qwen2vl_jax.config import Qwen2VLConfig
-    from qwen2vl_jax.presets import PRESETS
+    from qwen2vl_jax.modeling.config import PRESETS, Qwen2VLConfig
 
     if preset == "tiny":
-        from qwen2vl_jax.demo import TINY_HF_CONFIG
+        from qwen2vl_jax.testing.demo import TINY_HF_CONFIG
 
         return Qwen2VLConfig.from_hf(TINY_HF_CONFIG)
     return PRESETS[preset]()
@@ -88,7 +87,7 @@ def _copy_weights(hf_model, ours, place=None) -> None:
     import jax.numpy as jnp
     import torch
 
-    from qwen2vl_jax import params as P
+    from qwen2vl_jax.checkpoints import keymap as P
 
     targets = P.model_params(ours)
     filled = set()
@@ -114,8 +113,8 @@ def _random_weights(ours, mesh=None, seed: int = 0) -> None:
     import jax
     import jax.numpy as jnp
 
-    from qwen2vl_jax import params as P
-    from qwen2vl_jax.sharding import param_shardings
+    from qwen2vl_jax.checkpoints import keymap as P
+    from qwen2vl_jax.sharding.mesh import param_shardings
 
     shardings = param_shardings(ours, mesh) if mesh is not None else {}
     key = jax.random.key(seed)
@@ -134,7 +133,7 @@ def _random_weights(ours, mesh=None, seed: int = 0) -> None:
 
 def _split_stats(ours) -> dict:
     """How our parameters are spread: the most ways any one is split (distinct shards), how many are split."""
-    from qwen2vl_jax import params as P
+    from qwen2vl_jax.checkpoints import keymap as P
 
     ways = []
     for p in P.model_params(ours).values():
@@ -263,7 +262,7 @@ def main(argv=None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"  # before JAX starts: the dry run is CPU-only even on a GPU host
     import jax
 
-    from qwen2vl_jax.sharding import parse_mesh
+    from qwen2vl_jax.sharding.mesh import parse_mesh
 
     pick = lambda value, real, dry_value: value if value is not None else (dry_value if dry else real)  # noqa: E731
     presets = pick(args.presets, "2b,7b", "tiny").split(",")

@@ -74,7 +74,7 @@ import re, sys
 from PIL import Image
 import skimage.data
 from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-from qwen2vl_jax import model as model_lib, vision as vision_lib
+from qwen2vl_jax.modeling import model as model_lib, vision as vision_lib
 path, dtype, max_pixels = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
 pr = Qwen2VLProcessor.from_pretrained(path)
@@ -134,7 +134,7 @@ def main() -> None:
         path = default_2b_path()
         build_random_2b_checkpoint(path)
     else:
-        from qwen2vl_jax import demo
+        from qwen2vl_jax.testing import demo
 
         path = demo.tiny_checkpoint()
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "model": args.model,

@@ -47,7 +47,7 @@ def _rss_baseline():
     import jax.numpy as jnp
     import psutil
 
-    import qwen2vl_jax.convert  # noqa: F401  (imports the model modules too)
+    import qwen2vl_jax.checkpoints.convert  # noqa: F401  (imports the model modules too)
 
     jax.block_until_ready(jnp.zeros(8) + 1)  # the backend (and its allocator) is up before the baseline
     return psutil.Process().memory_info().rss
@@ -79,7 +79,7 @@ def child_load(path: str, dtype: str) -> None:
 
 def child_convert(src: str, dst: str, fmt: str) -> None:
     """Runs in the measured subprocess: baseline after imports, then one conversion."""
-    from qwen2vl_jax import convert
+    from qwen2vl_jax.checkpoints import convert
 
     baseline = _rss_baseline()
     s = convert.convert(src, dst, format=fmt, force=True, progress=False)
@@ -150,7 +150,7 @@ def machine() -> dict:
 
 def identical(a: Path, b: Path) -> bool:
     """Same tensor names (after folding >= 4.52 names), dtypes and bytes, compared one tensor at a time."""
-    from qwen2vl_jax.params import canonical_hf_name, open_files, safetensors_files
+    from qwen2vl_jax.checkpoints.keymap import canonical_hf_name, open_files, safetensors_files
 
     def index(path):
         return {canonical_hf_name(n): (sf, n) for sf in open_files(safetensors_files(path)) for n in sf.keys()}

@@ -1,4 +1,4 @@
-"""Memory estimate (`qwen2vl_jax.memory.estimate_request`) against the measured peak RSS of real requests.
+"""Memory estimate (`qwen2vl_jax.generation.memory.estimate_request`) against the measured peak RSS of real requests.
 
 Each case runs in a fresh child process: imports and backend init, then the baseline RSS; a random-weight model
 is built in-process (the tiny test config, or a Qwen2-VL-2B-width slice: real widths, 2 decoder layers and 2
@@ -48,9 +48,11 @@ def child(spec: dict) -> dict:
     import numpy as np
     from flax import nnx
 
-    from qwen2vl_jax import config as config_lib
-    from qwen2vl_jax import demo, generation, kernels
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax import kernels
+    from qwen2vl_jax.generation import decoding as generation
+    from qwen2vl_jax.modeling import config as config_lib
+    from qwen2vl_jax.modeling.model import Qwen2VL
+    from qwen2vl_jax.testing import demo
 
     jnp.zeros(1).block_until_ready()
     kernels.available()
@@ -123,8 +125,9 @@ def cases(args) -> list[dict]:
 
 
 def estimate_for(c: dict):
-    from qwen2vl_jax import config as config_lib
-    from qwen2vl_jax import demo, memory
+    from qwen2vl_jax.generation import memory
+    from qwen2vl_jax.modeling import config as config_lib
+    from qwen2vl_jax.testing import demo
 
     if c["model"] == "tiny":
         cfg = config_lib.Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)

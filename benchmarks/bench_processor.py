@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
+from qwen2vl_jax.processing.image import Qwen2VLImageProcessor
 
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 RESULTS = Path(__file__).parent / "results" / "processor.json"

@@ -50,10 +50,10 @@ CHILD_COMPILE = r"""
 import json, sys, time
 import numpy as np, jax, jax.numpy as jnp
 jax.config.update("jax_enable_compilation_cache", False)
-from qwen2vl_jax import config as config_lib
-from qwen2vl_jax.checkpoint import abstract_model
-from qwen2vl_jax.model import Qwen2VL, _forward_jit
-from qwen2vl_jax.vision import _vision_jit
+from qwen2vl_jax.modeling import config as config_lib
+from qwen2vl_jax.checkpoints.load import abstract_model
+from qwen2vl_jax.modeling.model import Qwen2VL, _forward_jit
+from qwen2vl_jax.modeling.vision import _vision_jit
 preset, scan, tower = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 cfg = getattr(config_lib, f"qwen2_vl_{preset}")().replace(attn_implementation="xla", scan_layers=scan)
 t = time.perf_counter()

@@ -125,7 +125,7 @@ def make_inputs(ckpt: Path, out: Path, side: int) -> dict:
     """The batch both implementations train on (our processor; identical to HF's), saved as .npz."""
     from PIL import Image
 
-    from qwen2vl_jax.processing import Qwen2VLProcessor
+    from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
     sys.path.insert(0, str(ROOT / "tests"))
     import helpers

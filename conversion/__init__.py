@@ -1,4 +1,4 @@
-"""Command-line checkpoint converters (thin argparse wrappers over `qwen2vl_jax.convert`).
+"""Command-line checkpoint converters (thin argparse wrappers over `qwen2vl_jax.checkpoints.convert`).
 
     python -m conversion.hf_to_flax SRC [DST] [--dtype bfloat16|float32] [--max-shard-size 2GB] [--force] [--quiet]
     python -m conversion.flax_to_hf SRC DST [--dtype ...] [--max-shard-size 5GB] [--force] [--quiet]

@@ -6,8 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from qwen2vl_jax.params import CheckpointError
-from qwen2vl_jax.safetensors_io import SafetensorsError
+from qwen2vl_jax.checkpoints.keymap import CheckpointError
+from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsError
 
 
 def add_write_arguments(parser: argparse.ArgumentParser, default_shard_size: str) -> None:

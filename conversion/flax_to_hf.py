@@ -2,7 +2,7 @@
 
     python -m conversion.flax_to_hf SRC DST
 
-SRC: a directory written by conversion.hf_to_flax / qwen2vl_jax.convert.save_pretrained (any HF checkpoint works
+SRC: a directory written by conversion.hf_to_flax / qwen2vl_jax.checkpoints.convert.save_pretrained (any HF checkpoint works
 too, e.g. to rename >= 4.52 keys back to the Hub layout). lm_head.weight is written only for untied models.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen2vl_jax.convert import DEFAULT_HF_SHARD_SIZE, flax_to_hf
+from qwen2vl_jax.checkpoints.convert import DEFAULT_HF_SHARD_SIZE, flax_to_hf
 
 from ._common import add_write_arguments, report
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen2vl_jax.convert import DEFAULT_FLAX_SHARD_SIZE, hf_to_flax
+from qwen2vl_jax.checkpoints.convert import DEFAULT_FLAX_SHARD_SIZE, hf_to_flax
 
 from ._common import add_write_arguments, report
 

@@ -19,15 +19,17 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
     O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
     A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (a bucket)
 
-Modules (docs/ARCHITECTURE.md has the tour): config · layers · buckets · attention/ (the backend seam) · kernels/
-(native CPU kernels) · vision · text · model (`Qwen2VL`, the math) · rope_index · params / checkpoint /
-safetensors_io / hub (loading) · convert · sharding · runtime · memory (a request's bytes) · sampling ·
-generation · pretrained
-(`Qwen2VLForConditionalGeneration`, the HF-style facade) · hook_points (named places in the model) · hooks
-(`run_with_cache`, `run_with_hooks`) · interventions (ablation, patching, steering, logit lens) · geometry (vision
-tokens on the photo) · demo (a tiny random checkpoint) · training / lora / data / finetune · processing /
-image_processing / tokenizer / chat_template / processing_utils / image_io / qvu_image / video / vision_info
-(preprocessing) · cli / cli_common / cli_chat / cli_finetune / selfcheck.
+Packages (docs/ARCHITECTURE.md has the tour; imports point one way, down this list):
+
+    cli/  server/                 the command line; the OpenAI-compatible server and the attention explorer
+    pretrained · lora             the HF-style facade (from_pretrained / save_pretrained / generate); LoRA adapters
+    training/  hooks/             the loss, steps and fine-tuning loop; run_with_cache / run_with_hooks, interventions
+    generation/  sharding/        decoding, sampling, request memory; the mesh, parameter placement, memory plans
+    checkpoints/                  the Hub, safetensors, the HF key map, loading, converting
+    modeling/                     the math: config, layers, rope, vision, text, model, hook points, partitioning
+    attention/  kernels/          the attention backends (the seam); the native CPU kernels
+    processing/                   images, videos, tokenizer, chat template, the processor (NumPy only, no JAX)
+    testing/ · runtime            the tiny demo checkpoint; process-wide XLA settings
 """
 
 from __future__ import annotations
@@ -37,29 +39,33 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Qwen2VLConfig": ".config",
-    "Qwen2VLTextConfig": ".config",
-    "Qwen2VLVisionConfig": ".config",
-    "qwen2_vl_2b": ".presets",
-    "qwen2_vl_7b": ".presets",
-    "qwen2_vl_72b": ".presets",
-    "qwen2_5_vl_3b": ".presets",
-    "qwen2_5_vl_7b": ".presets",
-    "qwen2_5_vl_32b": ".presets",
-    "qwen2_5_vl_72b": ".presets",
-    "get_rope_index": ".rope_index",
-    "Qwen2VL": ".model",
+    "Qwen2VLConfig": ".modeling.config",
+    "Qwen2VLTextConfig": ".modeling.config",
+    "Qwen2VLVisionConfig": ".modeling.config",
+    "qwen2_vl_2b": ".modeling.config",
+    "qwen2_vl_7b": ".modeling.config",
+    "qwen2_vl_72b": ".modeling.config",
+    "qwen2_5_vl_3b": ".modeling.config",
+    "qwen2_5_vl_7b": ".modeling.config",
+    "qwen2_5_vl_32b": ".modeling.config",
+    "qwen2_5_vl_72b": ".modeling.config",
+    "get_rope_index": ".modeling.rope",
+    "Qwen2VL": ".modeling.model",
     "Qwen2VLForConditionalGeneration": ".pretrained",
+    "Qwen2_5_VLForConditionalGeneration": ".pretrained",
     "register_attention": ".attention",
-    "Qwen2VLProcessor": ".processing",
-    "Qwen2_5_VLProcessor": ".processing",
-    "GenerationConfig": ".generation",
-    "TextStreamer": ".generation",
-    "stream_generate": ".generation",
+    "Qwen2VLProcessor": ".processing.processor",
+    "Qwen2_5_VLProcessor": ".processing.processor",
+    "GenerationConfig": ".generation.sampling",
+    "TextStreamer": ".generation.decoding",
+    "stream_generate": ".generation.decoding",
     "use_exact_cpu_fp32_matmuls": ".runtime",
 }
 
-__all__ = sorted(_EXPORTS)
+# Modules reachable as attributes of the package under their short names (`from qwen2vl_jax import demo`).
+_MODULES = {"demo": ".testing.demo", "interventions": ".hooks.interventions", "geometry": ".hooks.geometry"}
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
 
 
 def __getattr__(name: str):
@@ -68,6 +74,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value
         return value
+    if name in _MODULES:
+        module = importlib.import_module(_MODULES[name], __name__)
+        globals()[name] = module
+        return module
     raise AttributeError(f"module 'qwen2vl_jax' has no attribute {name!r}")
 
 

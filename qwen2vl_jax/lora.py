@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ARCHITECTURES
-from .layers import Linear, LoRAParam, dense, param, param_path
-from .model import Qwen2VL
-from .params import canonical_hf_name, hf_to_ours, ours_to_hf
-from .safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from .checkpoints.keymap import canonical_hf_name, hf_to_ours, ours_to_hf
+from .checkpoints.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from .modeling.config import ARCHITECTURES
+from .modeling.layers import Linear, dense
+from .modeling.model import Qwen2VL
+from .modeling.parameters import LoRAParam, param, param_path
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The vision tower's Linears (blocks' attention and MLP); add them to DEFAULT_TARGETS to adapt the vision tower.

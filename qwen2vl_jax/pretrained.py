@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 
-from .checkpoint import load_pretrained
-from .convert import save_pretrained
-from .generation import generate
-from .model import Qwen2VL
+from .checkpoints.convert import save_pretrained
+from .checkpoints.load import load_pretrained
+from .generation.decoding import generate
+from .modeling.model import Qwen2VL
 
-__all__ = ["Qwen2VLForConditionalGeneration"]
+__all__ = ["Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"]
 
 
 class Qwen2VLForConditionalGeneration(Qwen2VL):
@@ -41,12 +41,26 @@ class Qwen2VLForConditionalGeneration(Qwen2VL):
 
     def save_pretrained(self, out_dir, **kwargs):
         """Write this model as an HF checkpoint (`format="hf"`, default) or in our format (`format="flax"`);
-        research edits made in JAX then load in transformers. See `qwen2vl_jax.convert.save_pretrained`."""
+        research edits made in JAX then load in transformers. See `qwen2vl_jax.checkpoints.convert.save_pretrained`."""
         return save_pretrained(self, out_dir, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, *, second_per_grid_ts=None, **kwargs):
-        """transformers-style generation; see `qwen2vl_jax.generation.generate` for the arguments
+        """transformers-style generation; see `qwen2vl_jax.generation.decoding.generate` for the arguments
         (`second_per_grid_ts`: Qwen2.5-VL's per-video time spacing, from its processor; ignored by Qwen2-VL)."""
         return generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                         video_grid_thw, second_per_grid_ts=second_per_grid_ts, **kwargs)
+
+
+class Qwen2_5_VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
+    """The same class under transformers' Qwen2.5-VL name: `Qwen2VL` runs both families (the config's
+    `model_type` picks the vision blocks and the video positions). Loading a Qwen2-VL checkpoint with it is refused,
+    as transformers refuses a checkpoint of another model type."""
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs) -> Qwen2_5_VLForConditionalGeneration:
+        model = super().from_pretrained(source, **kwargs)
+        if model.config.model_type != "qwen2_5_vl":
+            raise ValueError(f"{source} is a {model.config.model_type} checkpoint, not Qwen2.5-VL: load it with "
+                             "Qwen2VLForConditionalGeneration (which takes either family)")
+        return model

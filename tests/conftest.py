@@ -105,7 +105,7 @@ def hf_tokenizer(tokenizer_dir):
 @pytest.fixture(scope="session")
 def proc(tokenizer_dir):
     """Our processor over the real Qwen2 tokenizer files."""
-    from qwen2vl_jax.processing import Qwen2VLProcessor
+    from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
     return Qwen2VLProcessor.from_pretrained(tokenizer_dir)
 

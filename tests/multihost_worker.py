@@ -48,8 +48,8 @@ def main(checkpoint: str, out_dir: str, pid: int, nproc: int, port: int, local_d
                                    initialization_timeout=120)
     from jax.experimental import multihost_utils
 
-    from qwen2vl_jax import params as params_lib
     from qwen2vl_jax import sharding
+    from qwen2vl_jax.checkpoints import keymap as params_lib
     from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
     assert jax.process_count() == nproc and len(jax.local_devices()) == local_devices, jax.devices()

@@ -15,7 +15,7 @@ from flax import nnx
 import helpers
 from qwen2vl_jax import attention, kernels
 from qwen2vl_jax.attention import xla as xla_attention
-from qwen2vl_jax.model import TRACE_COUNTS
+from qwen2vl_jax.modeling.model import TRACE_COUNTS
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 TOL = 1e-5
@@ -188,8 +188,8 @@ def test_unknown_or_unusable_backends_fail_by_name(tiny_checkpoint, monkeypatch)
 def test_platform_default_and_the_kernels_in_the_compiled_model(tiny_checkpoint, hf_tokenizer, photos):
     """None means `cpu` on this host; the `xla` backend's fp32 program has no native call at all (the program an
     accelerator runs), the `cpu` backend's has the fused vision kernel."""
-    from qwen2vl_jax import model as model_lib
-    from qwen2vl_jax import vision as vision_lib
+    from qwen2vl_jax.modeling import model as model_lib
+    from qwen2vl_jax.modeling import vision as vision_lib
 
     assert attention.resolve(None) == "cpu"
     inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
@@ -243,8 +243,8 @@ def _count_calls(jaxpr, primitive: str) -> int:
 def test_pallas_runs_the_flash_kernel_inside_the_model(models, hf_tokenizer, photos):
     """The model's prefill builds its mask inside the trace with a static start: the flash kernel is in the
     program (vision and decoder), not the fallback."""
-    from qwen2vl_jax import model as model_lib
-    from qwen2vl_jax import vision as vision_lib
+    from qwen2vl_jax.modeling import model as model_lib
+    from qwen2vl_jax.modeling import vision as vision_lib
 
     model = models("pallas")
     prep = model.prepare_inputs(**helpers.parity_inputs(hf_tokenizer, photos, "one_photo"))
@@ -272,7 +272,7 @@ def _decoder_case(B=2, T=5, K=2, G=2, H=16, seed=0):
 def test_backend_gradients_match_xla(backend):
     """Training differentiates through the chosen backend: same gradients as the `xla` formulation (decoder without
     a cache; vision over several segments with padding), real rows only."""
-    from qwen2vl_jax import vision as vision_lib
+    from qwen2vl_jax.modeling import vision as vision_lib
 
     fns = attention.get_attention(backend), attention.get_attention("xla")
     q, k, v, mask = _decoder_case()

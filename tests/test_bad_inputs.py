@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import helpers
-from qwen2vl_jax.generation import GenerationConfig, generate
-from qwen2vl_jax.image_processing import Qwen2VLImageProcessor
+from qwen2vl_jax.generation.decoding import generate
+from qwen2vl_jax.generation.sampling import GenerationConfig
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
+from qwen2vl_jax.processing.image import Qwen2VLImageProcessor
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_tied_config_ignores_a_stored_lm_head_like_transformers(checkpoint_facto
     head = np.random.default_rng(7).standard_normal(embed.shape).astype(embed.dtype)
     save_file({**tensors, "lm_head.weight": head}, path / "model.safetensors", metadata={"format": "pt"})
 
-    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.checkpoints.load"):
         ours = Qwen2VLForConditionalGeneration.from_pretrained(path)
     assert "lm_head.weight is ignored because the config ties it" in caplog.text
     assert ours.lm_head is None and ours.config.tie_word_embeddings

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from conversion import hf_to_flax as hf_to_flax_cmd
-from qwen2vl_jax import convert, image_io, safetensors_io
-from qwen2vl_jax.checkpoint import OURS_MARKER
-from qwen2vl_jax.image_io import load_image
-from qwen2vl_jax.qvu_image import fetch_image
-from qwen2vl_jax.video import fetch_video
+from qwen2vl_jax.checkpoints import convert, safetensors_io
+from qwen2vl_jax.checkpoints.load import OURS_MARKER
+from qwen2vl_jax.processing import image_io
+from qwen2vl_jax.processing.image_io import fetch_image, load_image
+from qwen2vl_jax.processing.video import fetch_video
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -246,7 +246,7 @@ def test_stale_temporary_folders_are_removed_live_ones_kept(tiny_checkpoint, tmp
     other.mkdir()
 
     monkeypatch.setattr(safetensors_io, "write_file", spy)
-    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.convert"):
+    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.checkpoints.convert"):
         convert.hf_to_flax(tiny_checkpoint, tmp_path / "out", progress=False)
     assert not dead.exists() and not legacy.exists()
     assert live.is_dir() and other.is_dir()

@@ -149,7 +149,8 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(tiny_checkpoint, t
 
 CHILD = """
 import sys
-from qwen2vl_jax import cli, generation as gen
+from qwen2vl_jax import cli
+from qwen2vl_jax.generation import decoding as gen
 loop = gen._decode_loop_jit
 def announce(*args, **kwargs):  # tells the parent that decoding has begun
     out = loop(*args, **kwargs)
@@ -192,7 +193,8 @@ def test_ctrl_c_stops_a_non_streaming_generate_within_two_seconds(tiny_checkpoin
 
 GC_CHILD = """
 import gc, signal, sys, threading, time
-from qwen2vl_jax import cli, generation as gen
+from qwen2vl_jax import cli
+from qwen2vl_jax.generation import decoding as gen
 loop = gen._decode_loop_jit
 segments = []
 def sigint_during_gc(phase, info):  # the signal lands while a collection runs: its handler runs in this callback
@@ -250,8 +252,8 @@ def test_image_paths_the_cli_names(form, needle, tiny_checkpoint, tmp_path, phot
 
 
 def test_dtype_auto_runs_bfloat16_when_only_that_fits(tiny_checkpoint, tmp_path, photos, capsys):
-    from qwen2vl_jax import memory
-    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.generation import memory
+    from qwen2vl_jax.modeling.config import Qwen2VLConfig
 
     photo = tmp_path / "p.png"
     photos["coffee"].save(photo)

@@ -111,7 +111,7 @@ def test_cache_directory_resolution(tmp_path, monkeypatch):
 
 
 def test_importing_the_library_leaves_jax_config_alone():
-    code = ("import jax, qwen2vl_jax, qwen2vl_jax.cli, qwen2vl_jax.runtime; c = jax.config; "
+    code = ("import jax, qwen2vl_jax, qwen2vl_jax.cli.app, qwen2vl_jax.runtime; c = jax.config; "
             "print(c.jax_compilation_cache_dir, c.jax_persistent_cache_min_compile_time_secs)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

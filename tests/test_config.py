@@ -5,8 +5,7 @@ import json
 
 import pytest
 
-from qwen2vl_jax.config import Qwen2VLConfig, Qwen2VLVisionConfig
-from qwen2vl_jax.presets import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
+from qwen2vl_jax.modeling.config import Qwen2VLConfig, Qwen2VLVisionConfig, qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
 
 # The Instruct checkpoints' config.json values.
 TABLE = {
@@ -101,7 +100,7 @@ def test_default_config_is_one_consistent_model():
     72B-Instruct's, and the model it describes builds (abstractly)."""
     from flax import nnx
 
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.modeling.model import Qwen2VL
 
     config = Qwen2VLConfig()
     assert config == qwen2_vl_72b() and config.attn_implementation is None

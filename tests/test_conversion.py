@@ -12,12 +12,13 @@ import torch
 import helpers
 from conversion import flax_to_hf as flax_to_hf_cmd
 from conversion import hf_to_flax as hf_to_flax_cmd
-from qwen2vl_jax import convert, safetensors_io
-from qwen2vl_jax.checkpoint import OURS_MARKER, SIDE_FILES
-from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.params import CheckpointError, canonical_hf_name, model_params, safetensors_files
+from qwen2vl_jax.checkpoints import convert, safetensors_io
+from qwen2vl_jax.checkpoints.keymap import CheckpointError, canonical_hf_name, safetensors_files
+from qwen2vl_jax.checkpoints.load import OURS_MARKER, SIDE_FILES
+from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile, TensorSpec, load_file, parse_size, plan_shards
+from qwen2vl_jax.modeling.config import Qwen2VLConfig
+from qwen2vl_jax.modeling.parameters import model_params
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.safetensors_io import SafetensorsFile, TensorSpec, load_file, parse_size, plan_shards
 
 O_PROJ = "language_model.layers.0.self_attn.o_proj.weight"
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import kernels, vision
+from qwen2vl_jax import kernels
 from qwen2vl_jax.attention import cpu as cpu_attention
 from qwen2vl_jax.attention import xla as xla_attention
 from qwen2vl_jax.kernels import build, ffi
 from qwen2vl_jax.kernels.glue import xla_matmul
-from qwen2vl_jax.layers import dense
+from qwen2vl_jax.modeling import vision
+from qwen2vl_jax.modeling.layers import dense
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX2+FMA and a C++ compiler")

@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from qwen2vl_jax import data
-from qwen2vl_jax.buckets import bucket
-from qwen2vl_jax.data import IGNORE_INDEX, DataError
+from qwen2vl_jax.modeling.buckets import bucket
+from qwen2vl_jax.training import data
+from qwen2vl_jax.training.data import IGNORE_INDEX, DataError
 
 VISION = ("<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>")
 
@@ -179,8 +179,8 @@ def test_bad_lines_are_named(proc, media):
 # ---------------------------------------------------------------------------------------------- collate
 def test_collate_buckets_and_feeds_prepare_batch(proc, media, tiny_checkpoint):
     from qwen2vl_jax import Qwen2VLForConditionalGeneration
-    from qwen2vl_jax.training import IGNORE_INDEX as TRAINING_IGNORE
-    from qwen2vl_jax.training import prepare_batch
+    from qwen2vl_jax.training.steps import IGNORE_INDEX as TRAINING_IGNORE
+    from qwen2vl_jax.training.steps import prepare_batch
 
     assert TRAINING_IGNORE == IGNORE_INDEX
     short = data.encode_conversation(proc, [user("Hi"), reply("Hello " * 50)])

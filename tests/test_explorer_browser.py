@@ -1,4 +1,4 @@
-"""The attention explorer (qwen2vl_jax/explorer.py + explorer_static/): its inspection API through FastAPI's
+"""The attention explorer (qwen2vl_jax/server/explorer.py + server/static/): its inspection API through FastAPI's
 TestClient, and the page itself in a headless Chromium (Playwright driving Debian's `chromium` package).
 
 Both run the tiny checkpoint with `engine.hooks` forcing every text attention row onto one chosen image token (merged
@@ -51,8 +51,8 @@ def photo(photos):
 def engine(tiny_checkpoint, photo):
     """The server's engine over the tiny checkpoint, with a hook forcing every attention row onto one vision token;
     `.geometry` and `.inputs` (the page's prompt, encoded here) are the test's own."""
-    from qwen2vl_jax import geometry
-    from qwen2vl_jax.server import build_engine
+    from qwen2vl_jax.hooks import geometry
+    from qwen2vl_jax.server.app import build_engine
 
     engine = build_engine(tiny_checkpoint, model_name="tiny-qwen2-vl", max_request_bytes=2 * 2**20)
     model, processor = engine.model, engine.processor
@@ -72,7 +72,7 @@ def engine(tiny_checkpoint, photo):
 
 @pytest.fixture(scope="module")
 def app(engine):
-    from qwen2vl_jax.server import create_app
+    from qwen2vl_jax.server.app import create_app
 
     return create_app(engine)
 
@@ -93,7 +93,8 @@ def _generate(client, photo, n=4):
 def test_inspection_api(app, engine, photo):
     from fastapi.testclient import TestClient
 
-    from qwen2vl_jax import hooks, interventions
+    from qwen2vl_jax import hooks
+    from qwen2vl_jax.hooks import interventions
 
     cfg = engine.model.config.text_config
     L, N = cfg.num_hidden_layers, cfg.num_attention_heads

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.finetune import FinetuneConfig, finetune
-from qwen2vl_jax.finetune_checkpoint import read_checkpoint
+from qwen2vl_jax.training.finetune import FinetuneConfig, finetune, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "A red rocket stands on the launch pad under a clear blue sky."
@@ -53,7 +52,7 @@ def caption_data(media) -> Path:
 def greedy_answer(model, checkpoint, image: Path) -> str:
     """The model's greedy answer to the training question about `image` (prompt built by the checkpoint's processor:
     the user turn with the image, then the assistant header)."""
-    from qwen2vl_jax.processing import Qwen2VLProcessor
+    from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
     proc = Qwen2VLProcessor.from_pretrained(checkpoint, max_pixels=MAX_PIXELS)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]

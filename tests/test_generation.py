@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import helpers
-from qwen2vl_jax import generation as gen
-from qwen2vl_jax import vision as vision_lib
-from qwen2vl_jax.buckets import bucket
-from qwen2vl_jax.generation import GenerationConfig, TextStreamer
+from qwen2vl_jax.generation import decoding as gen
+from qwen2vl_jax.generation.decoding import TextStreamer
+from qwen2vl_jax.generation.sampling import GenerationConfig
+from qwen2vl_jax.modeling import vision as vision_lib
+from qwen2vl_jax.modeling.buckets import bucket
+from qwen2vl_jax.modeling.vision_layout import vision_layout
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.processing import Qwen2VLProcessor
-from qwen2vl_jax.vision import vision_layout
+from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
 N_NEW = 32
 

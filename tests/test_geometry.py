@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import geometry
-from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.image_processing import smart_resize
-from qwen2vl_jax.processing import Qwen2VLProcessor
-from qwen2vl_jax.rope_index import get_rope_index
+from qwen2vl_jax.hooks import geometry
+from qwen2vl_jax.modeling.config import Qwen2VLConfig
+from qwen2vl_jax.modeling.rope import get_rope_index
+from qwen2vl_jax.processing.image import smart_resize
+from qwen2vl_jax.processing.processor import Qwen2VLProcessor
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"

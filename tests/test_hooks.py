@@ -16,10 +16,10 @@ import torch
 
 import helpers
 from qwen2vl_jax import Qwen2VLForConditionalGeneration, hooks
-from qwen2vl_jax import interventions as iv
-from qwen2vl_jax import model as model_lib
-from qwen2vl_jax.generation import generate
-from qwen2vl_jax.hook_points import HookError, HookSet, make_hookset
+from qwen2vl_jax.generation.decoding import generate
+from qwen2vl_jax.hooks import interventions as iv
+from qwen2vl_jax.modeling import model as model_lib
+from qwen2vl_jax.modeling.hook_points import HookError, HookSet, make_hookset
 
 TOL = 1e-5
 

@@ -14,11 +14,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from qwen2vl_jax import checkpoint, safetensors_io
-from qwen2vl_jax import params as params_lib
-from qwen2vl_jax.params import CheckpointError, canonical_hf_name, hf_to_ours, model_params, safetensors_files
+from qwen2vl_jax.checkpoints import keymap as params_lib
+from qwen2vl_jax.checkpoints import load as checkpoint
+from qwen2vl_jax.checkpoints import safetensors_io
+from qwen2vl_jax.checkpoints.keymap import CheckpointError, canonical_hf_name, hf_to_ours, safetensors_files
+from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile, load_file, save_file
+from qwen2vl_jax.modeling.parameters import model_params
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.safetensors_io import SafetensorsFile, load_file, save_file
 
 UP = "model.layers.0.mlp.up_proj.weight"  # [intermediate 96, hidden 64] in the tiny config
 
@@ -199,7 +201,7 @@ def test_a_tied_flag_wins_over_a_stored_head_and_a_missing_head_ties(checkpoint_
     An untied config whose files hold no head can only be tied: we follow the tensors."""
     untied = shutil.copytree(checkpoint_factory(tied=False), tmp_path / "untied-says-tied")
     set_tied_flag(untied, True)
-    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="qwen2vl_jax.checkpoints.load"):
         model = Qwen2VLForConditionalGeneration.from_pretrained(untied)
     assert "lm_head.weight is ignored because the config ties it" in caplog.text
     assert model.lm_head is None and model.config.tie_word_embeddings
@@ -388,7 +390,7 @@ def test_hub_id_resolves_from_the_local_cache(tiny_checkpoint, tmp_path, monkeyp
 
 
 def test_future_format_version_is_refused(tiny_checkpoint, tmp_path):
-    from qwen2vl_jax.convert import hf_to_flax
+    from qwen2vl_jax.checkpoints.convert import hf_to_flax
 
     dst = hf_to_flax(tiny_checkpoint, tmp_path / "flax", progress=False).destination
     marker = json.loads((dst / "qwen2vl_jax.json").read_text())
@@ -398,7 +400,7 @@ def test_future_format_version_is_refused(tiny_checkpoint, tmp_path):
 
 
 def test_name_maps_are_inverse_and_cover_both_layouts():
-    from qwen2vl_jax.params import ours_to_hf
+    from qwen2vl_jax.checkpoints.keymap import ours_to_hf
 
     for hub in ("model.layers.3.self_attn.q_proj.bias", "visual.merger.mlp.0.weight", "visual.blocks.7.attn.qkv.bias",
                 "lm_head.weight", "model.embed_tokens.weight"):

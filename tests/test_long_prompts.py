@@ -42,8 +42,9 @@ def test_mlp_in_row_blocks_equals_the_whole_call(tower, dtype, monkeypatch):
     the whole call's, the hook point `mlp.act` still sees every row, and short calls are untouched."""
     from flax import nnx
 
-    from qwen2vl_jax import demo, hook_points, layers, text, vision
-    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.modeling import hook_points, layers, text, vision
+    from qwen2vl_jax.modeling.config import Qwen2VLConfig
+    from qwen2vl_jax.testing import demo
 
     config = Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
     if tower == "text":

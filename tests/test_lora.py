@@ -18,9 +18,9 @@ from flax import nnx
 
 import helpers
 from qwen2vl_jax import lora, training
-from qwen2vl_jax.layers import LoRAParam, model_params, param_path
+from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile, save_file
+from qwen2vl_jax.modeling.parameters import LoRAParam, model_params, param_path
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.safetensors_io import SafetensorsFile, save_file
 
 TOL = 1e-5
 RANK, ALPHA = 4, 8

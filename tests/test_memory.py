@@ -1,4 +1,4 @@
-"""The memory estimate (`qwen2vl_jax.memory`): its layout constants match the code that runs the request, the KV
+"""The memory estimate (`qwen2vl_jax.generation.memory`): its layout constants match the code that runs the request, the KV
 cache and weight bytes are exact, it grows with every input, its refusals are one line, sizes parse, and it bounds
 the measured peak RSS of a real (tiny) request."""
 
@@ -14,8 +14,10 @@ import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import config as config_lib
-from qwen2vl_jax import demo, memory, presets
+from qwen2vl_jax.generation import memory
+from qwen2vl_jax.modeling import config as config_lib
+from qwen2vl_jax.modeling import config as presets
+from qwen2vl_jax.testing import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = config_lib.Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
@@ -23,8 +25,9 @@ TWO_B = presets.qwen2_vl_2b()
 
 
 def test_layout_constants_match_their_sources():
-    from qwen2vl_jax import generation, layers
     from qwen2vl_jax.attention import xla
+    from qwen2vl_jax.generation import decoding as generation
+    from qwen2vl_jax.modeling import layers
 
     assert memory.PROMPT_GRANULE == generation.PROMPT_GRANULE
     assert memory.VISION_QUERY_CHUNK == xla.QUERY_CHUNK
@@ -34,7 +37,7 @@ def test_layout_constants_match_their_sources():
 
 
 def test_importing_memory_starts_no_jax():
-    code = "import sys, qwen2vl_jax.memory; print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))"
+    code = "import sys, qwen2vl_jax.generation.memory; print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 
@@ -42,7 +45,7 @@ def test_importing_memory_starts_no_jax():
 def test_parameter_count_and_kv_cache_bytes_are_exact():
     from flax import nnx
 
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.modeling.model import Qwen2VL
 
     model = Qwen2VL(TINY, rngs=nnx.Rngs(0))
     assert memory.parameter_count(TINY) == model.num_params()["total"]
@@ -137,8 +140,10 @@ _MEASURE = textwrap.dedent("""
     from pathlib import Path
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from qwen2vl_jax import config as C, demo, generation
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax import demo
+    from qwen2vl_jax.generation import decoding as generation
+    from qwen2vl_jax.modeling import config as C
+    from qwen2vl_jax.modeling.model import Qwen2VL
 
     def status(field):
         line = [x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":")][0]
@@ -176,8 +181,8 @@ def test_padded_lengths_are_the_ones_generate_uses(monkeypatch):
     """The decode cache `generate` builds (and the prompt-sized prefill cache) has the slots the estimate counts."""
     from flax import nnx
 
-    from qwen2vl_jax import generation
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.generation import decoding as generation
+    from qwen2vl_jax.modeling.model import Qwen2VL
 
     seen = []
     real = generation._start_jit

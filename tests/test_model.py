@@ -8,9 +8,9 @@ from flax import nnx
 
 import helpers
 from qwen2vl_jax import hooks
-from qwen2vl_jax.presets import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
+from qwen2vl_jax.modeling.config import qwen2_vl_2b, qwen2_vl_7b, qwen2_vl_72b
+from qwen2vl_jax.modeling.rope import get_rope_index
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.rope_index import get_rope_index
 
 TOL = 1e-5
 IMG, VID, VS, VE = 151655, 151656, 151652, 151653

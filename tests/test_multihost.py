@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax import params as params_lib
-from qwen2vl_jax.checkpoint import abstract_model, open_checkpoint
+from qwen2vl_jax.checkpoints import keymap as params_lib
+from qwen2vl_jax.checkpoints.load import abstract_model, open_checkpoint
+from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -98,11 +98,12 @@ def test_sharded_load_matches_one_device_and_reads_each_shard_once(tiny_checkpoi
         import json, math
         import jax, jax.numpy as jnp, ml_dtypes, numpy as np
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from qwen2vl_jax import params as params_lib, sharding
-        from qwen2vl_jax.checkpoint import abstract_model, open_checkpoint
-        from qwen2vl_jax.layers import checkpoint_params
+        from qwen2vl_jax import sharding
+        from qwen2vl_jax.checkpoints import keymap as params_lib
+        from qwen2vl_jax.checkpoints.load import abstract_model, open_checkpoint
+        from qwen2vl_jax.modeling.parameters import checkpoint_params
         from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration as M
-        from qwen2vl_jax.safetensors_io import SafetensorsFile
+        from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile
         assert len(jax.devices()) == 4
         CONV = "visual.patch_embed.proj.weight"
         reports, reads = [], []

@@ -15,9 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.checkpoint import abstract_model
-from qwen2vl_jax.model import Qwen2VL
-from qwen2vl_jax.presets import qwen2_vl_72b
+from qwen2vl_jax.checkpoints.load import abstract_model
+from qwen2vl_jax.modeling.config import qwen2_vl_72b
+from qwen2vl_jax.modeling.model import Qwen2VL
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_72B = ["plan", "--model", "72b", "--mesh", "data=1,fsdp=1,model=8", "--batch", "8", "--context", "32768",
@@ -99,10 +99,11 @@ CHECK = textwrap.dedent("""
     import json, math, sys
     import jax, numpy as np
     from jax.sharding import NamedSharding
-    from qwen2vl_jax import plan as plan_lib, sharding
-    from qwen2vl_jax.config import Qwen2VLConfig
-    from qwen2vl_jax.presets import PRESETS
-    from qwen2vl_jax.layers import model_params
+    from qwen2vl_jax import sharding
+    from qwen2vl_jax.sharding import plan as plan_lib
+    from qwen2vl_jax.modeling.config import Qwen2VLConfig
+    from qwen2vl_jax.modeling.config import PRESETS
+    from qwen2vl_jax.modeling.parameters import model_params
     from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
     assert len(jax.devices()) == 8
     path, B, S = sys.argv[1], 8, 16

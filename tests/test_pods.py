@@ -98,7 +98,7 @@ CHILD = textwrap.dedent("""
     use_exact_cpu_fp32_matmuls()
     jax.config.update("jax_default_matmul_precision", "highest")
     from qwen2vl_jax import sharding
-    from qwen2vl_jax.layers import model_params
+    from qwen2vl_jax.modeling.parameters import model_params
     from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration as M
     args = json.loads(sys.argv[1])
     assert len(jax.devices()) == 8

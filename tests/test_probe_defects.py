@@ -15,7 +15,8 @@ import pytest
 from test_cli_errors import _one_error_line
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.generation import GenerationConfig, generate
+from qwen2vl_jax.generation.decoding import generate
+from qwen2vl_jax.generation.sampling import GenerationConfig
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 SEED_MAX = 2**63 - 1
@@ -234,7 +235,7 @@ def _adapter_variant(src, dst, *, config=None, raw_config=None, tensors=None):
     if raw_config is not None:
         (dst / "adapter_config.json").write_text(raw_config((src / "adapter_config.json").read_text()))
     if tensors is not None:
-        from qwen2vl_jax.safetensors_io import load_file, save_file
+        from qwen2vl_jax.checkpoints.safetensors_io import load_file, save_file
 
         weights = load_file(src / "adapter_model.safetensors")
         save_file(tensors(weights), dst / "adapter_model.safetensors")
@@ -350,7 +351,7 @@ def test_negative_max_grad_norm_is_refused(value, tiny_checkpoint, one_conversat
 
 
 def test_finetune_config_refuses_a_negative_max_grad_norm(tmp_path):
-    from qwen2vl_jax.finetune import FinetuneConfig, FinetuneError
+    from qwen2vl_jax.training.finetune import FinetuneConfig, FinetuneError
 
     for bad in (-1.0, 0.0, float("nan"), "1"):
         with pytest.raises(FinetuneError, match="max_grad_norm"):
@@ -360,7 +361,7 @@ def test_finetune_config_refuses_a_negative_max_grad_norm(tmp_path):
 
 @pytest.mark.parametrize("url", ["data:text/plain;base64,aGVsbG8=", "data:,hello", "data:application/pdf;base64,AA=="])
 def test_a_non_image_data_url_says_so(url):
-    from qwen2vl_jax.image_io import load_image
+    from qwen2vl_jax.processing.image_io import load_image
 
     with pytest.raises(ValueError) as exc:
         load_image(url)
@@ -379,8 +380,8 @@ def test_a_non_image_data_url_in_generate_is_one_line(tiny_checkpoint, capsys):
                                            ("text.layers.1.atn.probs", "text.layers.1.attn.probs"),
                                            ("vision.blocks.0.resid_post ", "vision.blocks.0.resid_post")])
 def test_hook_error_suggests_the_nearest_names(model, typo, nearest):
-    from qwen2vl_jax.hook_points import HookError, resolve_names
-    from qwen2vl_jax.hooks import list_hook_points
+    from qwen2vl_jax.hooks.run import list_hook_points
+    from qwen2vl_jax.modeling.hook_points import HookError, resolve_names
 
     names = list_hook_points(model)
     assert nearest in names and typo not in names

@@ -18,11 +18,10 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from qwen2vl_jax.chat_template import DEFAULT_CHAT_TEMPLATE
-from qwen2vl_jax.image_processing import Qwen2VLImageProcessor, convert_to_rgb, smart_resize
-from qwen2vl_jax.processing import Qwen2VLProcessor
-from qwen2vl_jax.qvu_image import qvu_smart_resize
-from qwen2vl_jax.tokenizer import Qwen2Tokenizer
+from qwen2vl_jax.processing.image import Qwen2VLImageProcessor, convert_to_rgb, smart_resize
+from qwen2vl_jax.processing.image_io import qvu_smart_resize
+from qwen2vl_jax.processing.processor import Qwen2VLProcessor
+from qwen2vl_jax.processing.tokenizer import DEFAULT_CHAT_TEMPLATE, Qwen2Tokenizer
 
 HUB_MIN, HUB_MAX = 3136, 12845056  # Qwen2-VL-*-Instruct Hub preprocessor_config.json
 MAX_ABS_DIFF = {}  # largest |ours - HF| seen per test case, reported by test_report_max_abs_diff
@@ -601,26 +600,23 @@ def test_size_form_and_missing_files(tokenizer_dir, tmp_path, photos):
 
 # ------------------------------------------------------------------------------------------------ module layout
 # The preprocessing modules, each with the qwen2vl_jax modules it may load (itself and what it imports, directly or
-# not). Imports point one way: processing -> image_processing / tokenizer / chat_template -> video -> qvu_image ->
-# image_io; none of them imports processing, JAX, torch, transformers or any model module.
+# not). Imports point one way: processor -> image / tokenizer -> video -> image_io; none of them imports JAX,
+# torch, transformers or any model module (the processor resolves Hub ids with the top-level `hub`).
 PREPROCESSING_IMPORTS = {
-    "processing_utils": set(),
-    "chat_template": set(),
-    "image_io": set(),
-    "qvu_image": {"image_io"},
-    "video": {"image_io", "qvu_image"},
-    "vision_info": {"image_io", "qvu_image", "video"},
-    "image_processing": {"image_io", "qvu_image", "video", "processing_utils"},
-    "tokenizer": {"chat_template", "processing_utils"},
-    "processing": {"chat_template", "hub", "image_io", "image_processing", "processing_utils", "qvu_image",
-                   "tokenizer", "video"},
+    "processing.tokenizer": set(),
+    "processing.image_io": set(),
+    "processing.video": {"processing.image_io"},
+    "processing.vision_info": {"processing.image_io", "processing.video"},
+    "processing.image": {"processing.image_io", "processing.video", "processing.tokenizer"},
+    "processing.processor": {"hub", "processing.image_io", "processing.image", "processing.tokenizer",
+                             "processing.video"},
 }
 
 
 @pytest.mark.parametrize("module", sorted(PREPROCESSING_IMPORTS))
 def test_preprocessing_modules_import_one_way(module):
     """Import one module in a fresh interpreter and list what it loaded: no JAX, no torch, no transformers, and of
-    this package only the module, the package `__init__` and the modules it is allowed to import."""
+    this package only the module, the package `__init__`s and the modules it is allowed to import."""
     import subprocess
     import sys
 
@@ -630,35 +626,27 @@ def test_preprocessing_modules_import_one_way(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
-    allowed = {"qwen2vl_jax", f"qwen2vl_jax.{module}"} | {f"qwen2vl_jax.{m}" for m in PREPROCESSING_IMPORTS[module]}
+    allowed = {"qwen2vl_jax", "qwen2vl_jax.processing", f"qwen2vl_jax.{module}"} | {
+        f"qwen2vl_jax.{m}" for m in PREPROCESSING_IMPORTS[module]}
     assert loaded <= allowed, f"qwen2vl_jax.{module} loads {sorted(loaded - allowed)}"
-    if module != "processing":
-        assert "qwen2vl_jax.processing" not in loaded
 
 
-def test_processing_reexports_the_split_modules():
-    """`from qwen2vl_jax.processing import ...` keeps working for the names it exported before the split, and every
-    module's `__all__` names exist."""
+def test_each_preprocessing_name_has_one_home():
+    """Every module's `__all__` names exist and are defined in that module (no re-exports: the processor module
+    exports its processors, the image processor lives in `image`), and each `smart_resize` has one meaning."""
     import importlib
 
-    from qwen2vl_jax import chat_template, image_processing, processing, processing_utils, tokenizer
-
-    for name in ("OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "smart_resize", "convert_to_rgb", "patchify",
-                 "Qwen2VLImageProcessor"):
-        assert getattr(processing, name) is getattr(image_processing, name)
-    for name in ("DEFAULT_CHAT_TEMPLATE", "compile_chat_template", "render_chat_template"):
-        assert getattr(processing, name) is getattr(chat_template, name)
-    assert processing.Qwen2Tokenizer is tokenizer.Qwen2Tokenizer
-    assert processing.BatchFeature is processing_utils.BatchFeature
     for module in PREPROCESSING_IMPORTS:
         mod = importlib.import_module(f"qwen2vl_jax.{module}")
-        missing = [name for name in mod.__all__ if not hasattr(mod, name)]
-        assert not missing, f"qwen2vl_jax.{module}.__all__ names missing: {missing}"
-    # One `smart_resize` per meaning: HF's in image_processing, qwen-vl-utils' is `qvu_smart_resize`.
-    from qwen2vl_jax import qvu_image, video
+        for name in getattr(mod, "__all__", []):
+            value = getattr(mod, name)
+            assert getattr(value, "__module__", mod.__name__) == mod.__name__, f"{module}.{name} is re-exported"
+    from qwen2vl_jax.processing import image, image_io, processor, video
 
-    assert not hasattr(qvu_image, "smart_resize") and not hasattr(video, "smart_resize")
-    assert qvu_image.qvu_smart_resize(10, 500) != image_processing.smart_resize(10, 500)
+    assert not hasattr(processor, "OPENAI_CLIP_MEAN") or processor.OPENAI_CLIP_MEAN is image.OPENAI_CLIP_MEAN
+    # HF's `smart_resize` in `image`, qwen-vl-utils' is `qvu_smart_resize` (image_io); video has neither of its own
+    assert not hasattr(image_io, "smart_resize") and not hasattr(video, "smart_resize")
+    assert image_io.qvu_smart_resize(10, 500) != image.smart_resize(10, 500)
 
 
 def test_report_max_abs_diff():

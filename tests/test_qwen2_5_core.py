@@ -14,9 +14,8 @@ import pytest
 
 import helpers
 from qwen2vl_jax import attention
-from qwen2vl_jax.config import ConfigError, Qwen2VLConfig, Qwen2VLVisionConfig
-from qwen2vl_jax.presets import PRESETS
-from qwen2vl_jax.vision import vision_layout, window_index
+from qwen2vl_jax.modeling.config import PRESETS, ConfigError, Qwen2VLConfig, Qwen2VLVisionConfig
+from qwen2vl_jax.modeling.vision_layout import vision_layout, window_index
 
 GRIDS = [  # (t, h, w) in patches: not multiples of the 8-patch window, exact multiples, smaller than one window,
     [1, 18, 26], [1, 16, 16], [1, 4, 6], [3, 10, 8], [1, 2, 34], [2, 8, 24]]  # a video, thin strips
@@ -85,9 +84,9 @@ def test_config_families_round_trip_and_refuse_mixed_fields():
 
 
 def test_parameter_count_formula_matches_the_modules():
-    from qwen2vl_jax.layers import model_params
-    from qwen2vl_jax.memory import parameter_count
-    from qwen2vl_jax.plan import abstract
+    from qwen2vl_jax.generation.memory import parameter_count
+    from qwen2vl_jax.modeling.parameters import model_params
+    from qwen2vl_jax.sharding.plan import abstract
 
     for key in ("2.5-3b", "2.5-72b"):
         config = PRESETS[key]()
@@ -249,7 +248,7 @@ def test_cli_names_the_family_and_generates_from_a_video(ckpt25, capsys):
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
     inputs = processor(text=[processor.apply_chat_template(messages)], videos=[video], fps=1.0, max_pixels=12544)
-    from qwen2vl_jax.video import fetch_video
+    from qwen2vl_jax.processing.video import fetch_video
 
     _, sampled = fetch_video(video, fps=1.0, max_pixels=12544)  # the rate actually sampled (a 4-frame minimum)
     assert inputs["second_per_grid_ts"].tolist() == [2 / sampled.sample_fps]
@@ -264,8 +263,8 @@ def test_server_answers_with_a_qwen2_5_checkpoint(ckpt25, photos):
 
     from fastapi.testclient import TestClient
 
-    from qwen2vl_jax.generation import generate
-    from qwen2vl_jax.server import build_engine, create_app
+    from qwen2vl_jax.generation.decoding import generate
+    from qwen2vl_jax.server.app import build_engine, create_app
 
     engine = build_engine(ckpt25, model_name="tiny-2.5", max_pixels=64 * 28 * 28)
     try:

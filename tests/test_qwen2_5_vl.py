@@ -18,11 +18,11 @@ import torch
 from flax import nnx
 
 import helpers
-from qwen2vl_jax import Qwen2VLForConditionalGeneration, convert
-from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.generation import generate
-from qwen2vl_jax.presets import qwen2_5_vl_3b, qwen2_5_vl_7b, qwen2_5_vl_32b, qwen2_5_vl_72b
-from qwen2vl_jax.vision import window_index
+from qwen2vl_jax import Qwen2VLForConditionalGeneration
+from qwen2vl_jax.checkpoints import convert
+from qwen2vl_jax.generation.decoding import generate
+from qwen2vl_jax.modeling.config import Qwen2VLConfig, qwen2_5_vl_3b, qwen2_5_vl_7b, qwen2_5_vl_32b, qwen2_5_vl_72b
+from qwen2vl_jax.modeling.vision_layout import window_index
 
 TOL = 1e-5
 N_NEW = 32

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax.hook_points import HookError
-from qwen2vl_jax.layers import model_params
 from qwen2vl_jax.lora import LoRAError, apply_lora
+from qwen2vl_jax.modeling.hook_points import HookError
+from qwen2vl_jax.modeling.parameters import model_params
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration as M
 
 
@@ -57,7 +57,7 @@ def test_scanned_model_matches_unrolled(tiny_checkpoint, batch, tmp_path):
     # written back per layer: the same tensors, byte for byte, as the unrolled model writes
     sc.save_pretrained(tmp_path / "scan", format="flax")
     one.save_pretrained(tmp_path / "one", format="flax")
-    from qwen2vl_jax.safetensors_io import SafetensorsFile
+    from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile
 
     fa, fb = SafetensorsFile(tmp_path / "one" / "model.safetensors"), SafetensorsFile(tmp_path / "scan" /
                                                                                        "model.safetensors")
@@ -67,7 +67,7 @@ def test_scanned_model_matches_unrolled(tiny_checkpoint, batch, tmp_path):
 
 def test_scanned_model_refuses_per_layer_tools(tiny_checkpoint, batch):
     sc = M.from_pretrained(tiny_checkpoint, scan_layers=True)
-    from qwen2vl_jax.hooks import run_with_cache
+    from qwen2vl_jax.hooks.run import run_with_cache
 
     with pytest.raises(HookError, match="scan_layers=False"):
         run_with_cache(sc, ["text.layers.0.resid_post"], **batch)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import helpers
-from qwen2vl_jax.processing import Qwen2_5_VLProcessor, Qwen2VLProcessor, processor_class_for
+from qwen2vl_jax.processing.processor import Qwen2_5_VLProcessor, Qwen2VLProcessor, processor_class_for
 
 SMALL = dict(min_pixels=3136, max_pixels=12845056)  # Qwen2-VL / Qwen2.5-VL Hub preprocessor_config.json bounds
 
@@ -164,7 +164,7 @@ def test_video_path_uses_the_rate_actually_sampled(proc25, video_file):
     """A path is decoded with qwen-vl-utils' sampling at `fps`; the spacing is temporal_patch_size / sample_fps,
     the rate qwen-vl-utils' `process_vision_info(return_video_kwargs=True)` reports (bigbuckbunny: 132 frames at
     25 fps; 2 fps -> 10 frames -> 1.894 fps)."""
-    from qwen2vl_jax.video import fetch_video
+    from qwen2vl_jax.processing.video import fetch_video
 
     small = Qwen2_5_VLProcessor(proc25.image_processor, proc25.tokenizer,
                                 type(proc25.video_processor).from_dict({"min_pixels": 3136, "max_pixels": 64 * 784}))
@@ -210,8 +210,8 @@ def _cli_args(model, **kw):
 def test_cli_encode_passes_the_sampled_fps(ckpt25_dir, video_file, fps):
     """`qwen2vl-jax generate --model <Qwen2.5-VL> --video clip.mp4 --fps F`: the processor is told the rate the
     frames were sampled at (F rounded to an even frame count: 4 fps -> 22 of 132 frames at 25 fps -> 4.17 fps)."""
-    from qwen2vl_jax.cli_common import encode, load_processor, messages_for
-    from qwen2vl_jax.video import fetch_video
+    from qwen2vl_jax.cli.common import encode, load_processor, messages_for
+    from qwen2vl_jax.processing.video import fetch_video
 
     args = _cli_args(ckpt25_dir, fps=fps)
     processor = load_processor(args, ckpt25_dir)
@@ -224,7 +224,7 @@ def test_cli_encode_passes_the_sampled_fps(ckpt25_dir, video_file, fps):
 
 
 def test_cli_encode_frames_without_a_rate_use_fps_flag(ckpt25_dir, tokenizer_dir, clips):
-    from qwen2vl_jax.cli_common import encode, load_processor, messages_for
+    from qwen2vl_jax.cli.common import encode, load_processor, messages_for
 
     for fps, expected in ((None, 1.0), (4.0, 0.5)):
         args = _cli_args(ckpt25_dir, fps=fps)
@@ -267,7 +267,7 @@ def test_processor_outputs_splat_into_model_generate_hooks_and_training(model25,
     `prepare_batch(model, labels=..., **inputs)` take the processor's outputs, `second_per_grid_ts` included, and
     the time spacing reaches the positions."""
     from qwen2vl_jax import hooks, training
-    from qwen2vl_jax.generation import generate
+    from qwen2vl_jax.generation.decoding import generate
 
     processor = Qwen2VLProcessor.from_pretrained(ckpt25_dir)
     text = [_prompt(processor, 1)]
@@ -302,7 +302,7 @@ def test_training_data_carries_second_per_grid_ts(ckpt25_dir, tokenizer_dir, cli
     reports it), concatenated over the batch in video order; a Qwen2-VL processor's batches have no such key."""
     from PIL import Image
 
-    from qwen2vl_jax.data import collate, encode_conversation
+    from qwen2vl_jax.training.data import collate, encode_conversation
 
     frames = []
     for k, frame in enumerate(clips[0]):

@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.generation import generate
-from qwen2vl_jax.server import Engine, build_engine, create_app
-from qwen2vl_jax.server_guard import uvicorn_config
+from qwen2vl_jax.generation.decoding import generate
+from qwen2vl_jax.server.app import Engine, build_engine, create_app
+from qwen2vl_jax.server.guard import uvicorn_config
 
 NAME = "tiny-qwen2vl"
 
@@ -132,7 +132,7 @@ def test_image_request_equals_generate(served, photos):
 
 def test_image_from_a_file_url_and_the_string_form(served, photos, tmp_path):
     """Local files are read only inside the allowed directory (tests/test_server_security.py has the refusals)."""
-    from qwen2vl_jax.server_media import MediaPolicy
+    from qwen2vl_jax.server.media import MediaPolicy
 
     path = tmp_path / "rocket.png"
     photos["rocket"].save(path)

@@ -23,9 +23,9 @@ import pytest
 from test_server import NAME, _serve, _stop, data_url, reference
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.server import Engine, build_engine, served_name
-from qwen2vl_jax.server_api import StopMatcher, cut_at_stop
-from qwen2vl_jax.server_media import MediaPolicy
+from qwen2vl_jax.server.api import StopMatcher, cut_at_stop
+from qwen2vl_jax.server.app import Engine, build_engine, served_name
+from qwen2vl_jax.server.media import MediaPolicy
 
 KEY = "sk-test-0123456789"
 
@@ -307,7 +307,7 @@ def test_a_batch_that_cannot_fit_runs_in_parts(base_engine):
     one after the other, with the answers they would have had."""
     import asyncio
 
-    from qwen2vl_jax.server_api import parse_request
+    from qwen2vl_jax.server.api import parse_request
 
     engine = _engine(base_engine)
     prompts = ["first question?", "second question?"]

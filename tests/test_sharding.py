@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec
 
 import helpers
 from qwen2vl_jax import sharding
-from qwen2vl_jax.params import model_params
-from qwen2vl_jax.presets import qwen2_vl_2b, qwen2_vl_72b
+from qwen2vl_jax.modeling.config import qwen2_vl_2b, qwen2_vl_72b
+from qwen2vl_jax.modeling.parameters import model_params
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 

@@ -8,8 +8,8 @@ import psutil
 import pytest
 
 import helpers
-from qwen2vl_jax import generation as gen
-from qwen2vl_jax import vision as vision_lib
+from qwen2vl_jax.generation import decoding as gen
+from qwen2vl_jax.modeling import vision as vision_lib
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 pytestmark = pytest.mark.slow

@@ -83,7 +83,7 @@ def test_model_math_imports_nothing_built_on_it():
         bad = {m for m in _reaches(graph, module) if m.split(".")[1] in ABOVE_THE_MODEL}
         assert not bad, f"{module} reaches {sorted(bad)}"
     # and the facade does sit above all three
-    assert {"qwen2vl_jax.checkpoint", "qwen2vl_jax.convert", "qwen2vl_jax.generation"} <= graph[
+    assert {"qwen2vl_jax.checkpoints.load", "qwen2vl_jax.checkpoints.convert", "qwen2vl_jax.generation.decoding"} <= graph[
         "qwen2vl_jax.pretrained"]
 
 

@@ -25,8 +25,8 @@ from flax import nnx
 
 import helpers
 from qwen2vl_jax import lora, training
-from qwen2vl_jax.layers import LoRAParam, model_params, param_path
-from qwen2vl_jax.params import hf_to_ours, to_ours_layout
+from qwen2vl_jax.checkpoints.keymap import hf_to_ours, to_ours_layout
+from qwen2vl_jax.modeling.parameters import LoRAParam, model_params, param_path
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 TESTS = Path(__file__).resolve().parent
@@ -434,7 +434,7 @@ def mesh_child(job_file: str) -> None:
     labels = data.pop("labels")
     assert len(jax.devices()) == 4
     configs = [("single", None, None), ("data2-model2", sharding.make_mesh(data=2, model=2), sharding.LOGICAL_RULES),
-               ("fsdp4", sharding.make_mesh(fsdp=4), sharding.FSDP_RULES)]
+               ("fsdp4", sharding.make_mesh(fsdp=4), sharding.LOGICAL_RULES)]
     runs = {}
     for name, mesh, rules in configs:
         model = Qwen2VLForConditionalGeneration.from_pretrained(job["checkpoint"], attn_implementation="xla")

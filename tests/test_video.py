@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import helpers
-from qwen2vl_jax.qvu_image import fetch_image, qvu_smart_resize
-from qwen2vl_jax.video import (
+from qwen2vl_jax.processing.image_io import fetch_image, qvu_smart_resize
+from qwen2vl_jax.processing.video import (
     FRAME_FACTOR,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
@@ -24,7 +24,7 @@ from qwen2vl_jax.video import (
     smart_nframes,
     torch_linspace_float32,
 )
-from qwen2vl_jax.vision_info import process_vision_info
+from qwen2vl_jax.processing.vision_info import process_vision_info
 
 # qwen-vl-utils 0.0.8 on the test clips: (file, frames, fps, sampled frames, per-frame size, video_grid_thw).
 REAL_VIDEOS = [

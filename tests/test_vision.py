@@ -7,11 +7,12 @@ import torch
 from flax import nnx
 
 import helpers
-from qwen2vl_jax import vision as vision_lib
-from qwen2vl_jax.hook_points import make_hookset
-from qwen2vl_jax.presets import qwen2_vl_2b
+from qwen2vl_jax.modeling import vision as vision_lib
+from qwen2vl_jax.modeling.config import qwen2_vl_2b
+from qwen2vl_jax.modeling.hook_points import make_hookset
+from qwen2vl_jax.modeling.vision import VisionTransformer
+from qwen2vl_jax.modeling.vision_layout import merge_order_positions, vision_layout
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
-from qwen2vl_jax.vision import VisionTransformer, merge_order_positions, vision_layout
 
 TOL = 1e-5
 

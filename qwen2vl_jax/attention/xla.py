@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..layers import apply_rotary
+from ..modeling.rope import apply_rotary
 from .masks import DecoderMask, VisionSegments
 
 # Vision queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the

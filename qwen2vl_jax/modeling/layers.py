@@ -1,0 +1,124 @@
+"""Building blocks shared by both towers: Linear, Embed, LayerNorm, RMSNorm, and the one dot recipe they use.
+
+Why a shared file: the vision tower and the decoder use the same Linear, and how a dot is issued decides speed on
+XLA:CPU (see docs/BENCHMARKS.md), so that recipe lives in one place:
+
+* weights are stored like PyTorch's nn.Linear, `[out, in]`, and contracted on their minor axis (`x @ w.T`): the
+  fastest matrix-vector layout on XLA:CPU, and HF conversion is a plain copy;
+* bf16 weights are fed to the dot as bf16 with `preferred_element_type=float32`: a bf16-result dot makes XLA:CPU
+  materialise an fp32 copy of the weight on every call;
+* decode-sized dots with bf16 weights go to a native kernel on x86 CPUs (`kernels.matmul`); on the CPU elsewhere a
+  single bf16 row is padded to two rows so the fast library (YNNPACK, which refuses vectors) takes the gemv.
+
+Their parameters are made by `parameters.param`, with logical axis names (`modeling.partitioning`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .. import kernels
+from .parameters import param
+from .partitioning import gathered_weight
+
+
+def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+    """`x[..., I] @ w[O, I]^T + b[O]`, accumulated in fp32, returned in x's dtype (`kernels.matmul` issues the
+    dot: XLA's, or the native bf16 gemv for decode-sized products on the CPU)."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    y_AO = kernels.matmul(x.reshape(-1, n_in), w_OI)
+    if b_O is not None:
+        y_AO = y_AO + b_O.astype(jnp.float32)
+    return y_AO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
+
+
+MLP_ROW_BLOCK = 2048  # long inputs run the MLPs in row blocks: their [rows, F] products are the largest tensors
+
+
+def in_row_blocks(fn, x: jax.Array, block: int | None = None) -> jax.Array:
+    """`fn(x)` for a row-wise `fn` (every leading axis of `x` is a row), computed in near-equal blocks of at most
+    `block` rows (default MLP_ROW_BLOCK), one after the other (`lax.map`), when there are more than 2 x block rows:
+    then only one block's intermediates exist at a time (a 16k-token prefill's fp32 `[rows, F]` MLP products are
+    2 x 0.59 GB on the 2B). Each row's numbers are the whole call's."""
+    block = MLP_ROW_BLOCK if block is None else block
+    *lead, D = x.shape
+    rows = math.prod(lead)
+    if rows <= 2 * block:
+        return fn(x)
+    n = -(-rows // block)
+    size = (-(-rows // n) + 7) // 8 * 8  # n near-equal blocks, 8-row aligned: padding under n x 8 rows
+    x_NCD = jnp.pad(x.reshape(rows, D), ((0, n * size - rows), (0, 0))).reshape(n, size, D)
+    y_NCO = jax.lax.map(fn, x_NCD)
+    return y_NCO.reshape(n * size, -1)[:rows].reshape(*lead, y_NCO.shape[-1])
+
+
+class Linear(nnx.Module):
+    """nn.Linear with the PyTorch weight layout `[out, in]` (so the HF key map is a copy, not a transpose)."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, init_std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = param(init_std * jax.random.normal(rngs.params(), (out_features, in_features), param_dtype),
+                            axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
+        self.axes = axes
+        self.lora = nnx.data(None)  # a low-rank adapter, set by `qwen2vl_jax.lora.apply_lora` (None: plain nn.Linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = dense(x, gathered_weight(self.weight[...], self.axes), None if self.bias is None else self.bias[...])
+        if self.lora is not None:
+            # peft `lora.Linear.forward`: base result + B(A(dropout(x))) * scaling computed in the adapter's dtype,
+            # the sum cast back to the base result's dtype.
+            y = (y.astype(jnp.float32) + self.lora(x).astype(jnp.float32)).astype(y.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding `[V, D]`; `attend` reuses it as a tied output projection (2B)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 init_std: float = 0.02):
+        self.weight = param(init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype),
+                            ("vocab", "embed"))
+
+    def __call__(self, ids_BT: jax.Array) -> jax.Array:
+        return jnp.take(self.weight[...], ids_BT, axis=0)
+
+    def attend(self, x_BTD: jax.Array) -> jax.Array:
+        return dense(x_BTD, gathered_weight(self.weight[...], ("vocab", "embed")))
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm (biased variance, eps inside the sqrt), computed in fp32 and cast back."""
+
+    def __init__(self, features: int, *, eps: float, axis_name: str, param_dtype=jnp.float32):
+        self.eps, self.axis_name = eps, axis_name
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
+        self.bias = param(jnp.zeros((features,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        w, b = (gathered_weight(p[...], (self.axis_name,)) for p in (self.weight, self.bias))
+        y = y * w.astype(jnp.float32) + b.astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Qwen2RMSNorm: normalise in fp32, cast back to the input dtype, *then* multiply by the weight (transformers
+    `Qwen2RMSNorm.forward`)."""
+
+    def __init__(self, features: int, *, eps: float, axis_name: str = "embed", param_dtype=jnp.float32):
+        self.eps, self.axis_name = eps, axis_name
+        self.weight = param(jnp.ones((features,), param_dtype), (axis_name,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return gathered_weight(self.weight[...], (self.axis_name,)) * x32.astype(x.dtype)
