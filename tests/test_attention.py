@@ -15,7 +15,7 @@ from flax import nnx
 import helpers
 from qwen2vl_jax import attention, kernels
 from qwen2vl_jax.attention import xla as xla_attention
-from qwen2vl_jax.modeling.model import TRACE_COUNTS
+from qwen2vl_jax.modeling.rope import apply_rotary
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 TOL = 1e-5
@@ -132,10 +132,10 @@ def test_a_registered_backend_runs_in_every_layer(tiny_checkpoint, hf_tokenizer,
         assert isinstance(mask, attention.DecoderMask) and mask.allowed_BTS.dtype == jnp.bool_
         return xla_attention.decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask)
 
-    def vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments):
+    def vision(q_PNH, k_PNH, v_PNH, rotary, segments):
         calls["vision"] += 1
-        assert isinstance(segments, attention.VisionSegments)
-        return xla_attention.vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
+        assert isinstance(segments, attention.VisionSegments) and isinstance(rotary, attention.VisionRotary)
+        return xla_attention.vision_attention(q_PNH, k_PNH, v_PNH, rotary, segments)
 
     attention.register_attention("test_recording", decoder_fn=decoder, vision_fn=vision, overwrite=True)
     attention.register_attention("test_no_attention", decoder_fn=lambda q, k, v, mask: jnp.zeros_like(q),
@@ -188,8 +188,7 @@ def test_unknown_or_unusable_backends_fail_by_name(tiny_checkpoint, monkeypatch)
 def test_platform_default_and_the_kernels_in_the_compiled_model(tiny_checkpoint, hf_tokenizer, photos):
     """None means `cpu` on this host; the `xla` backend's fp32 program has no native call at all (the program an
     accelerator runs), the `cpu` backend's has the fused vision kernel."""
-    from qwen2vl_jax.modeling import model as model_lib
-    from qwen2vl_jax.modeling import vision as vision_lib
+    from qwen2vl_jax.modeling import programs
 
     assert attention.resolve(None) == "cpu"
     inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
@@ -197,13 +196,11 @@ def test_platform_default_and_the_kernels_in_the_compiled_model(tiny_checkpoint,
         model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=name)
         prep = model.prepare_inputs(**inputs)
         pixels, layout = prep.vision_pixels, prep.vision_layout
-        hlo = vision_lib._vision_jit.lower(model.visual, pixels, layout.pos_hw_P2, layout.segments(),
-                                           output_hidden_states=False).as_text()
+        hlo = programs.vision.lower(model.visual, pixels, layout.pos_hw_P2, layout.segments(),
+                                    output_hidden_states=False).as_text()
         assert (kernels.build.ATTENTION_TARGET in hlo) is expected, name
-        before = TRACE_COUNTS["forward"]
-        text_hlo = model_lib._forward_jit.lower(model, prep.input_ids_BT, prep.attention_mask_BT,
-                                                prep.position_ids_ZBT, None, None, None).as_text()
-        assert TRACE_COUNTS["forward"] == before + 1
+        text_hlo = programs.forward.lower(model, prep.input_ids_BT, prep.attention_mask_BT,
+                                          prep.position_ids_ZBT, None, None, None).as_text()
         assert "qwen2vl_jax_" not in text_hlo  # fp32 prefill: XLA ops only, whatever the backend
 
 
@@ -243,16 +240,15 @@ def _count_calls(jaxpr, primitive: str) -> int:
 def test_pallas_runs_the_flash_kernel_inside_the_model(models, hf_tokenizer, photos):
     """The model's prefill builds its mask inside the trace with a static start: the flash kernel is in the
     program (vision and decoder), not the fallback."""
-    from qwen2vl_jax.modeling import model as model_lib
-    from qwen2vl_jax.modeling import vision as vision_lib
+    from qwen2vl_jax.modeling import programs
 
     model = models("pallas")
     prep = model.prepare_inputs(**helpers.parity_inputs(hf_tokenizer, photos, "one_photo"))
-    text_jaxpr = jax.make_jaxpr(model_lib._forward_apply)(model, prep.input_ids_BT, prep.attention_mask_BT,
+    text_jaxpr = jax.make_jaxpr(programs._forward)(model, prep.input_ids_BT, prep.attention_mask_BT,
                                                           prep.position_ids_ZBT, None, None, None)
     assert _count_calls(text_jaxpr.jaxpr, "pallas_call") == model.config.text_config.num_hidden_layers
     layout = prep.vision_layout
-    vision_jaxpr = jax.make_jaxpr(lambda v, x, p, s: vision_lib._vision_apply(v, x, p, s, output_hidden_states=False))(
+    vision_jaxpr = jax.make_jaxpr(lambda v, x, p, s: programs._vision(v, x, p, s, output_hidden_states=False))(
         model.visual, prep.vision_pixels, layout.pos_hw_P2, layout.segments())
     assert _count_calls(vision_jaxpr.jaxpr, "pallas_call") == model.config.vision_config.depth
 
@@ -272,7 +268,7 @@ def _decoder_case(B=2, T=5, K=2, G=2, H=16, seed=0):
 def test_backend_gradients_match_xla(backend):
     """Training differentiates through the chosen backend: same gradients as the `xla` formulation (decoder without
     a cache; vision over several segments with padding), real rows only."""
-    from qwen2vl_jax.modeling import vision as vision_lib
+    from qwen2vl_jax.modeling import vision_layout as vision_lib
 
     fns = attention.get_attention(backend), attention.get_attention("xla")
     q, k, v, mask = _decoder_case()
@@ -284,7 +280,8 @@ def test_backend_gradients_match_xla(backend):
     qv, kv_, vv = (jnp.asarray(rng.standard_normal((P, 2, 16)), jnp.float32) for _ in range(3))
     angles = rng.uniform(0, 10, (P, 8))
     cos, sin = (jnp.asarray(f(np.concatenate([angles, angles], -1)), jnp.float32) for f in (np.cos, np.sin))
-    vloss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, cos, sin, layout.segments())[:n]))  # noqa: E731
+    rotary = attention.VisionRotary(cos, sin, apply_rotary)
+    vloss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, rotary, layout.segments())[:n]))  # noqa: E731
     with jax.default_matmul_precision("highest"):
         got, ref = (jax.grad(loss(b.decoder), argnums=(0, 1, 2))(q, k, v) for b in fns)
         vgot, vref = (jax.grad(vloss(b.vision), argnums=(0, 1, 2))(qv, kv_, vv) for b in fns)

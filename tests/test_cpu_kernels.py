@@ -13,12 +13,14 @@ import pytest
 
 import helpers
 from qwen2vl_jax import kernels
+from qwen2vl_jax.attention import VisionRotary
 from qwen2vl_jax.attention import cpu as cpu_attention
 from qwen2vl_jax.attention import xla as xla_attention
 from qwen2vl_jax.kernels import build, ffi
 from qwen2vl_jax.kernels.glue import xla_matmul
-from qwen2vl_jax.modeling import vision
+from qwen2vl_jax.modeling import vision_layout as vision
 from qwen2vl_jax.modeling.layers import dense
+from qwen2vl_jax.modeling.rope import apply_rotary
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs x86-64 AVX2+FMA and a C++ compiler")
@@ -169,7 +171,7 @@ def test_vision_attention_uses_the_kernel_and_agrees_with_xla():
     P = layout.padded_patches
     q, k, v = (jnp.asarray(rng.standard_normal((P, 4, 16)).astype(np.float32)) for _ in range(3))
     cos, sin = _rotary_tables(P, 16, rng)
-    args = (q, k, v, cos, sin, layout.segments())
+    args = (q, k, v, VisionRotary(cos, sin, apply_rotary), layout.segments())
     assert build.ATTENTION_TARGET in jax.jit(cpu_attention.vision_attention).lower(*args).as_text()
     with jax.default_matmul_precision("highest"):
         xla = np.asarray(jax.jit(xla_attention.vision_attention)(*args))[: layout.num_patches]
@@ -184,7 +186,7 @@ def test_vision_attention_gradient_goes_through_the_xla_formulation():
     layout = vision.vision_layout(np.array([[2, 4, 4]]))
     rng = np.random.default_rng(5)
     q, k, v = (jnp.asarray(rng.standard_normal((layout.padded_patches, 2, 8)).astype(np.float32)) for _ in range(3))
-    rest = (*_rotary_tables(layout.padded_patches, 8, rng), layout.segments())
+    rest = (VisionRotary(*_rotary_tables(layout.padded_patches, 8, rng), apply_rotary), layout.segments())
     n = layout.num_patches
     loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, *rest)[:n]))  # noqa: E731
     with jax.default_matmul_precision("highest"):
@@ -209,7 +211,7 @@ def test_segment_attention_rejects_bad_shapes():
     layout = vision.vision_layout(np.array([[1, 2, 4]]))
     x = jnp.ones((layout.padded_patches, 2, 12), jnp.float32)
     cs = jnp.ones((layout.padded_patches, 12), jnp.float32)
-    lowered = jax.jit(cpu_attention.vision_attention).lower(x, x, x, cs, cs, layout.segments())
+    lowered = jax.jit(cpu_attention.vision_attention).lower(x, x, x, VisionRotary(cs, cs, apply_rotary), layout.segments())
     assert build.ATTENTION_TARGET not in lowered.as_text()
 
 

@@ -18,7 +18,7 @@ import helpers
 from qwen2vl_jax import Qwen2VLForConditionalGeneration, hooks
 from qwen2vl_jax.generation.decoding import generate
 from qwen2vl_jax.hooks import interventions as iv
-from qwen2vl_jax.modeling import model as model_lib
+from qwen2vl_jax.modeling import programs
 from qwen2vl_jax.modeling.hook_points import HookError, HookSet, make_hookset
 
 TOL = 1e-5
@@ -179,8 +179,8 @@ def test_recorded_values_on_the_xla_backend(pair, tiny_checkpoint, hf_tokenizer,
 
 # ------------------------------------------------------------------------------------------- free when unused
 def _lowered_forward(model, prep, hookset):
-    return model_lib._forward_jit.lower(model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT,
-                                        None, None, None, hookset).as_text()
+    return programs.forward.lower(model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT,
+                                  None, None, None, hookset).as_text()
 
 
 def test_unhooked_and_identity_hooked_programs_are_the_plain_program(pair, hf_tokenizer):
@@ -320,9 +320,9 @@ def test_activation_patching_sweep(pair, ab_inputs):
     ours, _ = pair
     a, b = ab_inputs
     T = a["input_ids"].shape[1]
-    before = model_lib.TRACE_COUNTS["forward"]
+    before = programs.compiles()["forward"]
     grid = iv.activation_patching(ours, a, b, layers=[1], positions=[T - 1, T - 2])
-    assert model_lib.TRACE_COUNTS["forward"] - before <= 2  # the source run + one program for the sweep
+    assert programs.compiles()["forward"] - before <= 2  # the source run + one program for the sweep
     out_a = np.asarray(ours(**a).logits)[0, -1]
     # patching the last layer at the last position recovers the source's prediction exactly
     want = float(jax.nn.log_softmax(jnp.asarray(out_a))[int(out_a.argmax())])
@@ -343,12 +343,12 @@ def test_steering_adds_the_vector_and_reuses_the_program(pair, hf_tokenizer):
     np.testing.assert_allclose(steered["text.layers.0.resid_post"], base["text.layers.0.resid_post"] + 3.0 * v1,
                                atol=1e-5)
     first = np.asarray(hooks.run_with_hooks(ours, iv.steer({0: v1}), input_ids=ids).logits)
-    before = model_lib.TRACE_COUNTS["forward"]
+    before = programs.compiles()["forward"]
     second = np.asarray(hooks.run_with_hooks(ours, iv.steer({0: v2}, scale=-1.0), input_ids=ids).logits)
-    assert model_lib.TRACE_COUNTS["forward"] == before  # a new vector and scale: same compiled program
+    assert programs.compiles()["forward"] == before  # a new vector and scale: same compiled program
     assert np.abs(first - second).max() > 1e-3  # ... which did use the new vector
     hooks.run_with_hooks(ours, iv.steer({1: v2}), input_ids=ids)
-    assert model_lib.TRACE_COUNTS["forward"] == before + 1  # another hooked point: a new program
+    assert programs.compiles()["forward"] == before + 1  # another hooked point: a new program
     # positions: only token 2 moves
     _, one = hooks.run_with_cache(ours, ["text.layers.0.resid_post"], hooks=iv.steer({0: v1}, positions=[2]),
                                   input_ids=ids)

@@ -48,18 +48,21 @@ def test_mlp_in_row_blocks_equals_the_whole_call(tower, dtype, monkeypatch):
 
     config = Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
     if tower == "text":
-        mlp, width = text.MLP(config.text_config, param_dtype=dtype, rngs=nnx.Rngs(0)), config.text_config.hidden_size
+        mlp = text.MLP(config.text_config, param_dtype=dtype, rngs=nnx.Rngs(0), name="text.layers.0.mlp", layer=0)
+        width = config.text_config.hidden_size
         shape, name, act_width = (2, 1500, width), "text.layers.0.mlp", config.text_config.intermediate_size
     else:
         cfg = config.vision_config
-        mlp, width = vision.VisionMLP(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)), cfg.embed_dim
+        mlp = vision.VisionMLP(cfg, param_dtype=dtype, rngs=nnx.Rngs(0), name="vision.blocks.0.mlp", layer=0)
+        width = cfg.embed_dim
         shape, name, act_width = (3000, width), "vision.blocks.0.mlp", cfg.mlp_dim
     x = jax.random.normal(jax.random.key(1), shape, dtype)  # 3000 rows: 3 blocks of 1000
     monkeypatch.setattr(layers, "MLP_ROW_BLOCK", 1024)
-    blocks = jax.jit(lambda x: mlp(x))
+    blocks = jax.jit(lambda x: layers.rowwise(mlp, x))  # the caller decides the row blocks (the MLP is pure)
     assert "while" in blocks.lower(x).as_text()  # really in blocks (lax.map)
+    assert "while" not in jax.jit(mlp).lower(x).as_text()  # the MLP itself never blocks
     monkeypatch.setattr(layers, "MLP_ROW_BLOCK", 10**6)
-    whole = jax.jit(lambda x: mlp(x))
+    whole = jax.jit(lambda x: layers.rowwise(mlp, x))
     assert "while" not in whole.lower(x).as_text()
     # fp32: the same numbers. bf16: XLA:CPU computes bf16 elementwise ops in fp32 and rounds at fusion boundaries,
     # which differ inside the loop, so a value may round once less or more: within one bf16 ulp (2^-8 = 3.9e-3).
@@ -70,7 +73,7 @@ def test_mlp_in_row_blocks_equals_the_whole_call(tower, dtype, monkeypatch):
 
     def recorded(x):
         with hook_points.install(hookset) as run:
-            return mlp(x), run.records[f"{name}.act"]
+            return layers.rowwise(mlp, x), run.records[f"{name}.act"]
 
     y, act = jax.jit(recorded)(x)
     assert act.shape == (*shape[:-1], act_width) and helpers.rel_err(y, whole(x)) <= tol

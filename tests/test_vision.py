@@ -7,9 +7,10 @@ import torch
 from flax import nnx
 
 import helpers
-from qwen2vl_jax.modeling import vision as vision_lib
+from qwen2vl_jax.modeling import programs
 from qwen2vl_jax.modeling.config import qwen2_vl_2b
 from qwen2vl_jax.modeling.hook_points import make_hookset
+from qwen2vl_jax.modeling.rope import vision_cos_sin
 from qwen2vl_jax.modeling.vision import VisionTransformer
 from qwen2vl_jax.modeling.vision_layout import merge_order_positions, vision_layout
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
@@ -89,7 +90,7 @@ def test_positions_and_rotary_match_reference(tiny_pair):
     layout = vision_layout(grid, 2)
     with torch.no_grad():
         ref_angles = hf.model.visual.rot_pos_emb(torch.from_numpy(grid)).numpy()  # [P, head_dim/2]
-    cos, sin = ours.visual.rotary(layout.pos_hw_P2[: layout.num_patches])
+    cos, sin = vision_cos_sin(layout.pos_hw_P2[: layout.num_patches], ours.visual.config)
     ref_emb = np.concatenate([ref_angles, ref_angles], -1)
     assert np.max(np.abs(np.asarray(cos) - np.cos(ref_emb))) < 1e-6
     assert np.max(np.abs(np.asarray(sin) - np.sin(ref_emb))) < 1e-6
@@ -118,13 +119,15 @@ def test_one_compile_serves_several_sizes_of_a_bucket(tiny_pair):
     grids = [[1, 20, 30], [1, 24, 28], [1, 22, 32], [1, 26, 26]]  # 600, 672, 704, 676 patches -> bucket 768
     layouts = [vision_layout(np.array([g]), 2) for g in grids]
     assert len({(lay.padded_patches, lay.seg_rows_QL.shape) for lay in layouts}) == 1
-    before = vision_lib.TRACE_COUNTS["vision"]
+    before = programs.compiles()["vision"]
     outs = []
     for g in grids:
         pixels = rng.standard_normal((int(np.prod(g)), 1176)).astype(np.float32)
         outs.append(ours.visual(pixels, np.array([g])))
-    assert vision_lib.TRACE_COUNTS["vision"] - before <= 1
+    assert programs.compiles()["vision"] - before <= 1
     assert [o.shape[0] for o in outs] == [150, 168, 176, 169]
+    ours.visual(rng.standard_normal((1024, 1176)).astype(np.float32), np.array([[1, 32, 32]]))  # the next bucket
+    assert programs.compiles()["vision"] - before >= 1  # the counter does count
 
 
 def test_2b_vision_parameter_count_without_allocation():

@@ -5,10 +5,16 @@ Two kinds of attention, one signature each (shape letters: the package docstring
 * decoder: `decoder_fn(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask) -> o_BTNH` (in q's dtype). q and k come after
   M-RoPE; k / v are the key slots (this call's tokens, or the whole KV cache with this call's rows written); GQA
   query head n reads kv head n // G. Prefill, decode steps and training forwards all go through it.
-* vision: `vision_fn(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments) -> o_PNH` (in v's dtype).
-  q and k arrive *before* the vision tower's 2-D rotary so a backend may fuse it (`xla.rotate_qk` is the
-  reference rotation); rows attend only within their segment (one temporal slice of one image or video: the
-  reference's `cu_seqlens`), non-causally.
+* vision: `vision_fn(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments) -> o_PNH` (in
+  v's dtype). q and k arrive *before* the vision tower's 2-D rotary, which `rotary` carries (cos / sin and the
+  rotation), so a backend may fuse it (the native kernel does) or apply it first (`rotary(q_PNH)`); `rotary` is None
+  when they arrive rotated (hooks read them). Rows attend only within their segment (one temporal slice of one
+  image or video: the reference's `cu_seqlens`), non-causally.
+
+And one capability each, for the interpretability captures: probabilities. `decoder_probs_fn(q, k, v, mask, edit)`
+and `vision_probs_fn(q, k, v, rotary, segments, edit)` return `(o, p)` where `p = edit(probabilities)` is what
+the value product used (fp32; `[B, N, T, S]` / `[Q, N, L, L]`), so a hook on `attn.probs` changes the output. A
+backend that registers none gets the `xla` formulation's, the only built-in one that materialises them.
 
 The numbers must be the reference's (transformers 4.57 `modeling_qwen2_vl.py` `eager_attention_forward` and
 `VisionAttention.forward`): scores and softmax in fp32, probabilities cast to the activation dtype before the value
@@ -25,7 +31,7 @@ product. Built-in backends:
 `None` picks the platform's default (`default_backend()`): `cpu` where the native kernels are available (JAX on
 the CPU of an x86 host with AVX2 + FMA and a C++ compiler), else `xla`. Off TPU, `pallas` runs in Pallas'
 interpret mode (slow; for checking numbers). Eager probabilities (`output_attentions=True`, the interpretability
-captures) always use the `xla` formulation, whatever the backend: only it materialises them.
+captures) go through the backend's probabilities capability: the `xla` formulation's for the built-in backends.
 
 Your own backend:
 
@@ -40,9 +46,9 @@ import dataclasses
 from collections.abc import Callable
 
 from .. import kernels
-from .masks import DecoderMask, VisionSegments
+from .masks import DecoderMask, VisionRotary, VisionSegments
 
-__all__ = ["DecoderMask", "VisionSegments", "AttentionBackend", "AttentionBackendError", "register_attention",
+__all__ = ["DecoderMask", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError", "register_attention",
            "get_attention", "available_backends", "default_backend", "resolve"]
 
 
@@ -52,11 +58,13 @@ class AttentionBackendError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
-    """A named pair of attention functions (see the module docstring for their signatures)."""
+    """A named set of attention functions (see the module docstring for their signatures)."""
 
     name: str
     decoder: Callable
     vision: Callable
+    decoder_probs: Callable
+    vision_probs: Callable
     requires: Callable[[], str] | None = None  # returns "" when usable here, else why not
 
 
@@ -64,9 +72,10 @@ _REGISTRY: dict[str, AttentionBackend] = {}
 
 
 def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_fn: Callable | None = None,
+                       decoder_probs_fn: Callable | None = None, vision_probs_fn: Callable | None = None,
                        requires: Callable[[], str] | None = None, overwrite: bool = False) -> AttentionBackend:
     """Register a backend under `name` (then `attn_implementation=name` selects it). A kind given as None uses the
-    `xla` formulation. `requires()` may return a reason the backend cannot run here ("" when it can).
+    `xla` formulation (the probabilities capabilities too). `requires()` may return a reason the backend cannot run here ("" when it can).
 
     Compiled programs are cached by the backend's name: after replacing a backend (`overwrite=True`), models that
     already ran with that name keep the old functions until they are rebuilt or switched to another name and back
@@ -78,13 +87,15 @@ def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_
         raise ValueError(f"attention backend {name!r} is already registered (pass overwrite=True to replace it)")
     if decoder_fn is None and vision_fn is None:
         raise ValueError(f"attention backend {name!r}: give decoder_fn, vision_fn or both")
-    for kind, fn in (("decoder_fn", decoder_fn), ("vision_fn", vision_fn)):
+    for kind, fn in (("decoder_fn", decoder_fn), ("vision_fn", vision_fn), ("decoder_probs_fn", decoder_probs_fn),
+                     ("vision_probs_fn", vision_probs_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"attention backend {name!r}: {kind} must be callable, got {type(fn).__name__}")
     from . import xla
 
     backend = AttentionBackend(name, decoder_fn or xla.decoder_attention, vision_fn or xla.vision_attention,
-                               requires)
+                               decoder_probs_fn or xla.decoder_attention_probs,
+                               vision_probs_fn or xla.vision_attention_probs, requires)
     _REGISTRY[name] = backend
     return backend
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from .. import kernels
-from .masks import DecoderMask, VisionSegments
+from .masks import DecoderMask, VisionRotary, VisionSegments
 from .xla import masked_attention
 from .xla import vision_attention as xla_vision_attention
 
@@ -15,7 +15,14 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     return kernels.decode_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS, reference=masked_attention)
 
 
-def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    """The fused rotary + flash-attention kernel over each segment's (first row, length): 2.2x the XLA ops."""
-    return kernels.rotary_segment_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments,
-                                            reference=xla_vision_attention)
+def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):
+    """The fused rotary + flash-attention kernel over each segment's (first row, length): 2.2x the XLA ops. q and
+    k that arrive rotated (hooks read them) take the `xla` formulation."""
+    if rotary is None:
+        return xla_vision_attention(q_PNH, k_PNH, v_PNH, None, segments)
+
+    def reference(q, k, v, cos_PH, sin_PH, segments):
+        return xla_vision_attention(q, k, v, VisionRotary(cos_PH, sin_PH, rotary.rotate), segments)
+
+    return kernels.rotary_segment_attention(q_PNH, k_PNH, v_PNH, rotary.cos_PH, rotary.sin_PH, segments,
+                                            reference=reference)

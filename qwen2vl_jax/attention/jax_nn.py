@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .masks import DecoderMask, VisionSegments
+from .masks import DecoderMask, VisionRotary, VisionSegments
 from .xla import rotate_qk
 
 
@@ -33,10 +33,10 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     return o_BTNH.astype(dtype)
 
 
-def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
+def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):
     """Segments become batch rows (`[Q, L, N, H]`, gathered) with their lengths as sequence lengths. Where XLA's
     formulation runs, a segment's scores are one `[N, L, L]` buffer (the `xla` backend chunks the queries)."""
-    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, rotary)
     rows_QL = segments.rows_QL
     lengths_Q = segments.valid_QL.sum(axis=1).astype(jnp.int32)
     o_QLNH = _attend(q_PNH[rows_QL], k_PNH[rows_QL], v_PNH[rows_QL], scale=q_PNH.shape[-1] ** -0.5,

@@ -1,8 +1,10 @@
-"""What an attention backend is told about which keys each query may see."""
+"""What an attention backend is told: which keys each query may see (`DecoderMask`, `VisionSegments`), and the
+vision rotary still to apply to q and k (`VisionRotary`)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 
@@ -51,3 +53,18 @@ class VisionSegments:
     valid_QL: jax.Array  # bool
     row_slot_P: jax.Array  # int32
     bounds_Q2: jax.Array  # int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class VisionRotary:
+    """The vision tower's 2-D rotary, handed to a backend still to be applied to q and k: cos / sin `[P, H]` (fp32)
+    and the rotation itself (`modeling.rope.apply_rotary`, passed in by the model, so this package imports nothing
+    of it). A backend fuses it into its kernel (reading `cos_PH` / `sin_PH`) or applies it first: `rotary(q_PNH)`."""
+
+    cos_PH: jax.Array
+    sin_PH: jax.Array
+    rotate: Callable = dataclasses.field(metadata=dict(static=True))
+
+    def __call__(self, x_PNH: jax.Array) -> jax.Array:
+        return self.rotate(x_PNH, self.cos_PH, self.sin_PH)

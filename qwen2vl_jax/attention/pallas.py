@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .masks import DecoderMask, VisionSegments
+from .masks import DecoderMask, VisionRotary, VisionSegments
 from .xla import decoder_attention as xla_decoder_attention
 from .xla import rotate_qk
 
@@ -100,8 +100,8 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     return jnp.swapaxes(o_BNTH, 1, 2).astype(dtype)
 
 
-def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
+def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, rotary)
     rows_QL = segments.rows_QL
     to_QNLH = lambda x_PNH: jnp.swapaxes(x_PNH[rows_QL], 1, 2)
     ids_QL = segments.valid_QL.astype(jnp.int32)  # 1: the segment's rows, 0: its padding slots

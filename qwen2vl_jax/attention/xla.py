@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..modeling.rope import apply_rotary
-from .masks import DecoderMask, VisionSegments
+from .masks import DecoderMask, VisionRotary, VisionSegments
 
 # Vision queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the
 # softmax passes (1.5x faster attention than one [heads, L, L] buffer for a 1024-patch image), and memory stays
@@ -124,10 +123,18 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     return masked_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS)
 
 
+def decoder_attention_probs(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask, edit=lambda p: p):
+    """The probabilities capability: `(o, p)` with `p = edit(softmax(...))` `[B, N, T, S]` (fp32) used for the value
+    product, so a hook that edits the pattern changes the output (transformers `eager_attention_forward`)."""
+    p_BNTS = edit(decoder_probs(q_BTNH, k_BSKH, mask.allowed_BTS))
+    return probs_times_values(p_BNTS, v_BSKH, q_BTNH.dtype), p_BNTS
+
+
 # ----------------------------------------------------------------------------------------------------- vision
-def rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH):
-    """The vision rotary on q and k (transformers `apply_rotary_pos_emb_vision`: fp32 inside, cast back)."""
-    return apply_rotary(q_PNH, cos_PH, sin_PH), apply_rotary(k_PNH, cos_PH, sin_PH)
+def rotate_qk(q_PNH, k_PNH, rotary: VisionRotary | None):
+    """The vision rotary on q and k (transformers `apply_rotary_pos_emb_vision`: fp32 inside, cast back); None:
+    they arrive rotated."""
+    return (q_PNH, k_PNH) if rotary is None else (rotary(q_PNH), rotary(k_PNH))
 
 
 def segment_attention(q_PNH, k_PNH, v_PNH, segments: VisionSegments):
@@ -183,6 +190,14 @@ def segment_probs_times_values(p_QNLL, v_PNH, segments: VisionSegments):
     return o_QLNH.reshape(-1, N, H)[segments.row_slot_P]
 
 
-def vision_attention(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments: VisionSegments):
-    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
+def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, rotary)
     return segment_attention(q_PNH, k_PNH, v_PNH, segments)
+
+
+def vision_attention_probs(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments,
+                           edit=lambda p: p):
+    """The probabilities capability: `(o, p)` with `p = edit(...)` the per-segment probabilities `[Q, N, L, L]`."""
+    q_PNH, k_PNH = rotate_qk(q_PNH, k_PNH, rotary)
+    p_QNLL = edit(segment_probs(q_PNH, k_PNH, segments))
+    return segment_probs_times_values(p_QNLL, v_PNH, segments), p_QNLL

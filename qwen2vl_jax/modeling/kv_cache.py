@@ -51,6 +51,11 @@ class KVCache:
     def max_length(self) -> int:
         return self.mask_BS.shape[1]
 
+    def appended(self, keys, values, mask_BS: jax.Array, T: int) -> KVCache:
+        """The cache after a call of T tokens: every layer's keys / values with the call's written, its slots
+        marked in `mask_BS`, the write index moved on by T."""
+        return dataclasses.replace(self, keys=keys, values=values, mask_BS=mask_BS, length=self.length + T)
+
     def grown(self, slots: int) -> KVCache:
         """The cache with `slots` more empty slots at the end (inside jit: generation's `_start`)."""
         pad = lambda a: constrain(jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, slots), (0, 0), (0, 0)]),

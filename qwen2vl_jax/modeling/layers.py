@@ -56,6 +56,12 @@ def in_row_blocks(fn, x: jax.Array, block: int | None = None) -> jax.Array:
     return y_NCO.reshape(n * size, -1)[:rows].reshape(*lead, y_NCO.shape[-1])
 
 
+def rowwise(mlp, x: jax.Array) -> jax.Array:
+    """`mlp(x)` for a row-wise block (an MLP), in row blocks (`in_row_blocks`) when it allows it
+    (`mlp.row_blockable()`: nothing needs the whole call at once)."""
+    return in_row_blocks(mlp, x) if mlp.row_blockable() else mlp(x)
+
+
 class Linear(nnx.Module):
     """nn.Linear with the PyTorch weight layout `[out, in]` (so the HF key map is a copy, not a transpose)."""
 

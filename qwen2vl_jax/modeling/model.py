@@ -1,13 +1,15 @@
 """`Qwen2VL`: vision tower + decoder + LM head, the host-side input preparation and the embedding merge. One class
 for both families: `config.model_type` "qwen2_5_vl" (Qwen2.5-VL, transformers `Qwen2_5_VLForConditionalGeneration`)
-changes only the vision blocks (`vision.py`) and the video positions (`rope_index.py`).
+changes only the vision blocks (`vision.py`) and the video positions (`rope.get_rope_index`).
 
 Data flow of one forward (transformers 4.57 `Qwen2VLModel.forward`), host steps in NumPy, device steps jitted:
 
     host:   input_ids [B,T] -> get_rope_index -> position_ids [3,B,T], rope_deltas [B,1]
             image/video grids -> VisionLayout (positions, segments, bucket padding); token -> feature index
+            (`inputs.prepare_inputs`)
     device: visual(pixels) -> features [M,D]; embed(ids) with features scattered into the <|image_pad|> /
             <|video_pad|> slots in order -> decoder with M-RoPE -> final norm -> lm_head -> logits [B,T,V]
+            (`Qwen2VL.forward`, compiled by `programs.py`)
 """
 
 from __future__ import annotations
@@ -20,19 +22,31 @@ import numpy as np
 from flax import nnx
 
 from ..attention import resolve as resolve_attention
+from . import programs
 from .config import Qwen2VLConfig
-from .hook_points import HookSet, install, point
+from .hook_points import HookSet, point
 from .inputs import PreparedInputs, as_2d_ids, prepare_inputs
 from .kv_cache import KVCache
 from .layers import Linear
-from .parameters import model_params, remat_policy
+from .module import remat_policy
+from .parameters import model_params
 from .partitioning import active as use_partitioning
 from .partitioning import constrain
 from .rope import get_rope_index
 from .text import TextModel
 from .vision import VisionTransformer
 
-TRACE_COUNTS: dict[str, int] = {"forward": 0}
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ForwardOutput:
+    """What the device forward returns (`Qwen2VL.forward`; the compiled program adds `records`)."""
+
+    logits: jax.Array  # [B, T, V] (T: the last `logits_to_keep` positions when given)
+    cache: KVCache | None = None
+    hidden_states: tuple[jax.Array, ...] = ()  # embeddings, each layer's output, final norm (HF order)
+    attentions: tuple[jax.Array, ...] = ()  # per layer [B, N, T, S]
+    records: dict[str, jax.Array] = dataclasses.field(default_factory=dict)  # values recorded at hook points
 
 
 @dataclasses.dataclass
@@ -127,29 +141,36 @@ class Qwen2VL(nnx.Module):
     # ---------------------------------------------------------------------------------------- the math
     def forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD=None, vision_index_BT=None,
                 cache: KVCache | None = None, *, output_hidden_states=False, output_attentions=False,
-                logits_to_keep: int = 0, cache_empty=False):
-        """Pure device math: embeddings (+ scattered vision features), decoder, logits (of the last
-        `logits_to_keep` positions; 0: all, as transformers 4.57 `Qwen2VLForConditionalGeneration.forward`).
-        `cache_empty`: the cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
-        with use_partitioning(self.partitioning):
-            return self._forward(input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache,
-                                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                                 logits_to_keep=logits_to_keep, cache_empty=cache_empty)
+                logits_to_keep: int = 0, cache_empty=False) -> ForwardOutput:
+        """logits = lm_head(decoder(embed(ids) with the vision features in the placeholder slots)).
 
-    def _forward(self, input_ids_BT, attention_mask_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache, *,
-                 output_hidden_states, output_attentions, logits_to_keep, cache_empty):
+        Pure device math (transformers 4.57 `Qwen2VLForConditionalGeneration.forward`): logits of the last
+        `logits_to_keep` positions (0: all). `vision_MD`: merged vision features, `vision_index_BT` the feature row
+        of each slot (-1: text). `cache_empty`: the cache holds nothing yet (a prefill; see `TextModel.__call__`)."""
+        with use_partitioning(self.partitioning):
+            x_BTD = self.embed(input_ids_BT, vision_MD, vision_index_BT)
+            out = self.language_model(x_BTD, position_ids_ZBT, attention_mask_BT, cache,
+                                      output_hidden_states=output_hidden_states,
+                                      output_attentions=output_attentions, cache_empty=cache_empty)
+            logits_BTV = point("logits", self.logits(out.last_hidden_state, logits_to_keep))
+        return ForwardOutput(logits_BTV, out.cache, out.hidden_states, out.attentions)
+
+    def embed(self, input_ids_BT, vision_MD=None, vision_index_BT=None):
+        """Token embeddings `[B, T, D]`, the vision features scattered into their slots in order (transformers
+        `get_placeholder_mask` + `masked_scatter`, as an index computed on the host)."""
         x_BTD = self.language_model.embed_tokens(input_ids_BT)
-        if vision_MD is not None:
-            features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
-            x_BTD = jnp.where(vision_index_BT[..., None] >= 0, features_BTD, x_BTD)
-        h_BTD, cache, hidden, attentions = self.language_model(
-            x_BTD, position_ids_ZBT, attention_mask_BT, cache, output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions, cache_empty=cache_empty)
-        if logits_to_keep:  # generation needs one row of logits, not [T, V]
+        if vision_MD is None:
+            return x_BTD
+        features_BTD = vision_MD.astype(x_BTD.dtype)[jnp.maximum(vision_index_BT, 0)]
+        return jnp.where(vision_index_BT[..., None] >= 0, features_BTD, x_BTD)
+
+    def logits(self, h_BTD, logits_to_keep: int = 0):
+        """`lm_head(h)` of the last `logits_to_keep` positions (generation needs one row, not `[T, V]`); the tied
+        embedding when there is no head."""
+        if logits_to_keep:
             h_BTD = h_BTD[:, -logits_to_keep:]
         logits_BTV = self.lm_head(h_BTD) if self.lm_head is not None else self.language_model.embed_tokens.attend(h_BTD)
-        logits_BTV = point("logits", constrain(logits_BTV, ("batch", "seq", "vocab")))
-        return logits_BTV, cache, hidden, attentions
+        return constrain(logits_BTV, ("batch", "seq", "vocab"))
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None, position_ids=None, cache: KVCache | None = None,
@@ -160,7 +181,7 @@ class Qwen2VL(nnx.Module):
 
         `hooks`: a `hook_points.HookSet` (exact names; `qwen2vl_jax.hooks` builds them from patterns): its hooks
         edit values inside the jitted forward and the names it records come back in `.records` (vision values
-        cut to the real rows, `vision.trim_records`). `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal
+        cut to the real rows, `vision_layout.trim_records`). `second_per_grid_ts`: Qwen2.5-VL's seconds per temporal
         patch of each video, from its processor (time-aligned video positions); Qwen2-VL ignores it.
         `logits_to_keep`: logits of the last this-many positions only (0: all; transformers 4.57's argument), so
         a long prefill into a cache need not hold [T, vocab] logits."""
@@ -184,25 +205,11 @@ class Qwen2VL(nnx.Module):
             else:
                 vision, _ = self.visual.run_padded(prep.vision_pixels, prep.vision_layout)
         text_hooks = hooks.only("vision.", keep=False) if hooks else None
-        logits, cache, hidden, attentions, text_records = _forward_jit(
+        out = programs.forward(
             self, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vision, prep.vision_index_BT,
             cache, text_hooks or None, output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             logits_to_keep=logits_to_keep, cache_empty=cache is not None and not decoding)
-        return Qwen2VLOutput(logits=logits, rope_deltas=prep.rope_deltas_B1, cache=cache,
-                             hidden_states=hidden if output_hidden_states else None,
-                             attentions=attentions if output_attentions else None,
-                             records={**records, **text_records} if hooks is not None else None)
-
-
-def _forward_apply(model: Qwen2VL, ids, mask, pos, vision, vision_index, cache, hooks=None, *,
-                   output_hidden_states=False, output_attentions=False, logits_to_keep=0, cache_empty=False):
-    TRACE_COUNTS["forward"] += 1  # runs once per compile
-    with install(hooks) as run:
-        out = model.forward(ids, mask, pos, vision, vision_index, cache, output_hidden_states=output_hidden_states,
-                            output_attentions=output_attentions, logits_to_keep=logits_to_keep,
-                            cache_empty=cache_empty)
-    return (*out, run.records)
-
-
-_STATIC = ("output_hidden_states", "output_attentions", "logits_to_keep", "cache_empty")
-_forward_jit = jax.jit(_forward_apply, static_argnames=_STATIC, donate_argnames=("cache",))
+        return Qwen2VLOutput(logits=out.logits, rope_deltas=prep.rope_deltas_B1, cache=out.cache,
+                             hidden_states=out.hidden_states if output_hidden_states else None,
+                             attentions=out.attentions if output_attentions else None,
+                             records={**records, **out.records} if hooks is not None else None)

@@ -1,5 +1,5 @@
 """The parameter tree: parameters annotated with logical axes, walking a model's parameters by checkpoint path,
-stacking layers for `scan_layers`, and the remat policies.
+and stacking layers for `scan_layers`.
 
 Every parameter carries logical axis names (`out_sharding=(...)`, flax's metadata for `nnx.get_partition_spec`);
 `modeling.partitioning.LOGICAL_RULES` maps them to a device mesh.
@@ -10,8 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-from .config import REMAT_POLICIES
 
 
 class LoRAParam(nnx.Param):
@@ -89,10 +87,3 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
             node.set_metadata(out_sharding=("layers", *meta["out_sharding"]),
                               logical_axes=("layers", *meta["logical_axes"]))
     return module
-
-
-def remat_policy(name: str):
-    """The `jax.checkpoint` policy named by one of `config.REMAT_POLICIES`."""
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {name!r}; use one of {REMAT_POLICIES}")
-    return getattr(jax.checkpoint_policies, name)

@@ -1,34 +1,33 @@
-"""The Qwen2 decoder with multimodal rotary embeddings (M-RoPE), and its static KV cache.
+"""The Qwen2 decoder with multimodal rotary embeddings (M-RoPE).
 
 Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VLTextModel` / `Qwen2VLDecoderLayer` /
-`Qwen2VLAttention`. One decoder layer:
+`Qwen2VLAttention` / `Qwen2MLP`. One decoder layer:
 
-    h = h + o_proj(attn(mrope(q_proj(rms(h))), mrope(k_proj(rms(h))), v_proj(rms(h))))
-    h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+    x = x + o_proj(attention(mrope(q_proj(rms(x))), mrope(k_proj(rms(x))), v_proj(rms(x))))
+    x = x + down_proj(silu(gate_proj(rms(x))) * up_proj(rms(x)))
 
-Attention scores and softmax are accumulated in fp32 whatever the weight dtype; rotary and norms run in fp32 too.
-The layer loop is a Python loop inside one jit (unrolled), the default. `scan_layers=True` stacks the layers and runs
-them with `lax.scan` (one compiled block: the 72B's text forward compiles in 1.2 s instead of 9.6 s on the CPU), but
-on XLA:CPU a scanned bf16 model decodes at a third of the speed (docs/BENCHMARKS.md).
+Attention scores and softmax are accumulated in fp32 whatever the weight dtype; rotary and norms run in fp32 too
+(`rope.py`, `layers.py`). The layers run as a Python loop inside one jit (unrolled), the default, or, with
+`scan_layers=True`, stacked and run by `lax.scan` (one compiled block: the 72B's text forward compiles in 1.2 s
+instead of 9.6 s on the CPU; on XLA:CPU a scanned bf16 model decodes at a third of the speed, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..attention import DecoderMask, get_attention
-from ..attention import xla as attention_xla
 from . import kv_cache
 from .config import Qwen2VLTextConfig
-from .hook_points import HookError, active, point, recording, set_call, wants
+from .hook_points import HookError, active, point, recording, set_call
 from .kv_cache import KVCache
-from .layers import Embed, Linear, RMSNorm, in_row_blocks
-from .parameters import heads_axis, remat_policy, stack_modules
+from .layers import Embed, Linear, RMSNorm, rowwise
+from .module import Block, checkpointed
+from .parameters import heads_axis, stack_modules
 from .partitioning import constrain
 from .rope import apply_rotary, mrope_cos_sin
 
@@ -36,20 +35,26 @@ from .rope import apply_rotary, mrope_cos_sin
 RESIDUAL_AXES = ("batch", "seq", "act_embed")  # [B, T, D]
 Q_AXES = ("batch", "seq", "q_heads", "head_dim")  # [B, T, N, H]
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, T, K, H]
+MLP_AXES = ("batch", "seq", "mlp")  # [B, T, F]
 
 
-# ------------------------------------------------------------------------------------------------- modules
-class Attention(nnx.Module):
-    """GQA self-attention with M-RoPE. The attention itself goes through the backend named by
-    `attn_implementation` (`qwen2vl_jax.attention`; None: the platform default). Hook points `{name}.q / .k / .v /
-    .probs / .head_out` (`qwen2vl_jax.modeling.hook_points`)."""
+class Attention(Block):
+    """GQA self-attention with M-RoPE (transformers `Qwen2VLAttention.forward`), N query heads over K kv heads:
 
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None,
-                 name: str = "text.layers.0.attn", layer: int = 0):
+        q = mrope(W_q x + b_q)        k = mrope(W_k x + b_k)        v = W_v x + b_v
+        k, v = the cache's slots, this call's k / v written at `start`          (with a KV cache)
+        o = softmax(q k^T / sqrt(H) + mask) v                                  (query head n reads kv head n // G)
+        out = W_o o
+
+    The attention is the backend's (`attn_implementation`, `qwen2vl_jax.attention`; None: the platform default).
+    Hook points `{name}.q / .k` (after M-RoPE) `/ .v / .probs / .head_out`."""
+
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int,
+                 attn_implementation: str | None = None):
+        self.place(name, layer)
         D, N, K, H = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = N, K, H
         self.attn_implementation = attn_implementation
-        self.name, self.layer = name, layer
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         q_rows, kv_rows = heads_axis("q_heads", N, "head_dim", H), heads_axis("kv_heads", K, "head_dim", H)
         self.q_proj = Linear(D, N * H, use_bias=True, axes=(q_rows, "embed"), **kw)
@@ -58,79 +63,117 @@ class Attention(nnx.Module):
         self.o_proj = Linear(N * H, D, use_bias=False, axes=("embed", q_rows), **kw)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
-        """Causal GQA attention; with `kv = (keys_BSKH, values_BSKH)` the new k/v are written at `start` first.
+        """(out `[B, T, D]`, this layer's keys / values `[B, S, K, H]`, probabilities `[B, N, T, S]` when
+        `output_attentions` else None). With `kv = (keys, values)` of the cache, this call's k / v are written at
+        slot `start` first."""
+        q_BTNH = self.hook("q", apply_rotary(self.heads(self.q_proj, x_BTD, Q_AXES), cos_BTH, sin_BTH))
+        k_BTKH = self.hook("k", apply_rotary(self.heads(self.k_proj, x_BTD, KV_AXES), cos_BTH, sin_BTH))
+        v_BTKH = self.hook("v", self.heads(self.v_proj, x_BTD, KV_AXES))
+        k_BSKH, v_BSKH = (k_BTKH, v_BTKH) if kv is None else kv_cache.write(kv, k_BTKH, v_BTKH, start)
+        o_BTNH, probs_BNTS = self.attend(q_BTNH, k_BSKH, v_BSKH, mask, output_attentions)
+        out_BTD = self.o_proj(self.hook("head_out", o_BTNH).reshape(*x_BTD.shape[:2], -1))
+        return out_BTD, (k_BSKH, v_BSKH), probs_BNTS
 
-        Probabilities (`output_attentions`, or `.probs` hooked / recorded) come only from the `xla` formulation, so
-        asking for them runs that one whatever the backend.
-        """
-        B, T, _ = x_BTD.shape
-        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
-        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
-        q_BTNH = at("q", apply_rotary(constrain(self.q_proj(x_BTD).reshape(B, T, N, H), Q_AXES), cos_BTH, sin_BTH))
-        k_BTKH = at("k", apply_rotary(constrain(self.k_proj(x_BTD).reshape(B, T, K, H), KV_AXES), cos_BTH, sin_BTH))
-        v_BTKH = at("v", constrain(self.v_proj(x_BTD).reshape(B, T, K, H), KV_AXES))
-        if kv is None:
-            k_BSKH, v_BSKH = k_BTKH, v_BTKH
+    def heads(self, proj: Linear, x_BTD, axes):
+        """`proj(x)` as heads `[B, T, heads, H]`, constrained to `axes`."""
+        return constrain(proj(x_BTD).reshape(*x_BTD.shape[:2], -1, self.head_dim), axes)
+
+    def attend(self, q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask, output_attentions: bool):
+        """The backend's attention: `o [B, T, N, H]`, and the probabilities (through the backend's probabilities
+        capability, the `.probs` hook applied before the value product) when they are returned or hooked."""
+        backend = get_attention(self.attn_implementation)
+        if output_attentions or self.hooked("probs"):
+            o_BTNH, probs_BNTS = backend.decoder_probs(q_BTNH, k_BSKH, v_BSKH, mask, lambda p: self.hook("probs", p))
         else:
-            k_BSKH, v_BSKH = kv_cache.write(kv, k_BTKH, v_BTKH, start)
-        probs_BNTS = None
-        if output_attentions or wants(f"{self.name}.probs"):
-            probs_BNTS = at("probs", attention_xla.decoder_probs(q_BTNH, k_BSKH, mask.allowed_BTS))
-            o_BTNH = attention_xla.probs_times_values(probs_BNTS, v_BSKH, q_BTNH.dtype)
-        else:
-            o_BTNH = get_attention(self.attn_implementation).decoder(q_BTNH, k_BSKH, v_BSKH, mask)
-        o_BTNH = constrain(o_BTNH, Q_AXES)
-        out = self.o_proj(at("head_out", o_BTNH).reshape(B, T, N * H))
-        return out, (k_BSKH, v_BSKH), probs_BNTS if output_attentions else None
+            o_BTNH, probs_BNTS = backend.decoder(q_BTNH, k_BSKH, v_BSKH, mask), None
+        return constrain(o_BTNH, Q_AXES), probs_BNTS if output_attentions else None
 
 
-class MLP(nnx.Module):
-    """`Qwen2MLP`: down(silu(gate(x)) * up(x)). A long prefill runs in row blocks (`layers.in_row_blocks`); not
-    when a hook wants the whole `mlp.act`, or with a LoRA adapter (its dropout draws per call)."""
+class MLP(Block):
+    """`Qwen2MLP`: down_proj(silu(gate_proj(x)) * up_proj(x)). Hook point `{name}.act` (the product)."""
 
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "text.layers.0.mlp",
-                 layer: int = 0):
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int):
+        self.place(name, layer)
         D, F = cfg.hidden_size, cfg.intermediate_size
-        self.name, self.layer = name, layer
         kw = dict(use_bias=False, param_dtype=param_dtype, rngs=rngs)
         self.gate_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.up_proj = Linear(D, F, axes=("mlp", "embed"), **kw)
         self.down_proj = Linear(F, D, axes=("embed", "mlp"), **kw)
 
-    def _act(self, x_AD):
+    def __call__(self, x_AD):
         act_AF = jax.nn.silu(self.gate_proj(x_AD)) * self.up_proj(x_AD)
-        return constrain(act_AF, ("batch", "seq", "mlp")) if act_AF.ndim == 3 else act_AF  # 2-D: a row block
+        act_AF = self.hook("act", constrain(act_AF, MLP_AXES) if act_AF.ndim == 3 else act_AF)  # 2-D: a row block
+        return self.down_proj(act_AF)
 
-    def _rows(self, x_AD):
-        return self.down_proj(self._act(x_AD))
-
-    def __call__(self, x_BTD):
-        adapted = any(p.lora is not None for p in (self.gate_proj, self.up_proj, self.down_proj))
-        if not adapted and not wants(f"{self.name}.act"):
-            return in_row_blocks(self._rows, x_BTD)
-        return self.down_proj(point(f"{self.name}.act", self._act(x_BTD), self.layer))
+    def row_blockable(self) -> bool:
+        """Rows may run in blocks (`layers.rowwise`) unless a hook wants the whole `act`, or a LoRA adapter sits on
+        a projection (its dropout draws per call)."""
+        return not self.hooked("act") and all(p.lora is None for p in (self.gate_proj, self.up_proj, self.down_proj))
 
 
-class DecoderLayer(nnx.Module):
-    """Hook points `text.layers.{i}.resid_pre / attn_out / resid_mid / mlp_out / resid_post` (+ attention's, MLP's)."""
+class DecoderLayer(Block):
+    """`Qwen2VLDecoderLayer`: pre-norm attention, then pre-norm MLP, each added to the residual stream. Hook points
+    `text.layers.{i}.resid_pre / attn_out / resid_mid / mlp_out / resid_post` (+ the attention's and the MLP's)."""
 
-    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, attn_implementation: str | None = None,
-                 layer: int = 0):
-        self.name, self.layer = f"text.layers.{layer}", layer
+    def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, layer: int,
+                 attn_implementation: str | None = None):
+        self.place(f"text.layers.{layer}", layer)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
-                                   name=f"{self.name}.attn", layer=layer)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.attn", layer=layer,
+                                   attn_implementation=attn_implementation)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
 
     def __call__(self, x_BTD, cos_BTH, sin_BTH, mask: DecoderMask, kv=None, start=None, *, output_attentions=False):
-        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
-        x_BTD = at("resid_pre", x_BTD)
-        attn_out, kv, probs = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
-                                             output_attentions=output_attentions)
-        x_BTD = at("resid_mid", constrain(x_BTD + at("attn_out", attn_out), RESIDUAL_AXES))
-        x_BTD = at("resid_post", x_BTD + at("mlp_out", self.mlp(self.post_attention_layernorm(x_BTD))))
-        return constrain(x_BTD, RESIDUAL_AXES), kv, probs
+        """x = x + attn(rms(x));  x = x + mlp(rms(x)). Returns (x, this layer's keys / values, probabilities)."""
+        x_BTD = self.hook("resid_pre", x_BTD)
+        attn_BTD, kv, probs_BNTS = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
+                                                  output_attentions=output_attentions)
+        attn_BTD = self.hook("attn_out", attn_BTD)
+        x_BTD = self.hook("resid_mid", x_BTD + attn_BTD)
+        mlp_BTD = self.hook("mlp_out", rowwise(self.mlp, self.post_attention_layernorm(x_BTD)))
+        x_BTD = self.hook("resid_post", x_BTD + mlp_BTD)
+        return constrain(x_BTD, RESIDUAL_AXES), kv, probs_BNTS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TextOutput:
+    """What the decoder returns (transformers `BaseModelOutputWithPast` names)."""
+
+    last_hidden_state: jax.Array  # [B, T, D], after the final norm
+    cache: KVCache | None
+    hidden_states: tuple[jax.Array, ...] = ()  # embeddings, each layer's output, the final norm's (HF order)
+    attentions: tuple[jax.Array, ...] = ()  # per layer [B, N, T, S]
+
+
+@dataclasses.dataclass
+class _PerLayer:
+    """What the layer loop / scan collects: each layer's keys and values (a list, or stacked `[L, ...]`), inputs
+    (for `hidden_states`) and probabilities."""
+
+    keys: list | jax.Array | None
+    values: list | jax.Array | None
+    hidden_states: list
+    attentions: list
+
+
+def decoder_mask(attention_mask_BT, cache: KVCache | None, cache_empty: bool, T: int):
+    """The mask of this call's T queries: causal over absolute slots (query t sits at slot start + t and sees slots
+    <= its own), padding slots excluded. Returns (mask, this call's real tokens `[B, T]`, the queries' slots `[T]`)."""
+    valid_BT = attention_mask_BT.astype(bool)
+    if cache is None:
+        start = 0
+        key_valid_BS, S = valid_BT, T
+    else:
+        start = 0 if cache_empty else cache.length
+        key_valid_BS = jax.lax.dynamic_update_slice(cache.mask_BS, valid_BT, (0, start))
+        S = cache.max_length
+    query_slot_T = start + jnp.arange(T)
+    causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
+    mask = DecoderMask(allowed_BTS=causal_TS[None] & key_valid_BS[:, None, :], key_valid_BS=key_valid_BS,
+                       query_start=start)
+    return mask, valid_BT, query_slot_T
 
 
 class TextModel(nnx.Module):
@@ -149,92 +192,74 @@ class TextModel(nnx.Module):
         self.remat: str | None = None  # a `config.REMAT_POLICIES` name: rematerialise each layer (training)
 
     def __call__(self, x_BTD, position_ids_ZBT, attention_mask_BT, cache: KVCache | None = None, *,
-                 output_hidden_states=False, output_attentions=False, cache_empty=False):
-        """Run the decoder on embeddings. Returns (normed hidden [B,T,D], cache, hidden_states, attentions).
+                 output_hidden_states=False, output_attentions=False, cache_empty=False) -> TextOutput:
+        """h = norm(layer_L(... layer_1(x))), every layer rotating q / k by the M-RoPE angles of `position_ids`.
 
-        Without a cache, keys are this call's tokens. With a cache, this call's k/v are written at slots
+        Without a cache, keys are this call's tokens. With a cache, this call's k / v are written at slots
         [cache.length, cache.length + T) and the queries attend to every filled, unmasked slot up to their own.
         `cache_empty=True` promises the cache holds nothing yet (a prefill), so the queries' first slot is known
         while tracing (0), which lets an attention backend use a causal kernel.
         """
-        B, T, _ = x_BTD.shape
+        T = x_BTD.shape[1]
         cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
-        valid_BT = attention_mask_BT.astype(bool)
-        if cache is None:
-            start = 0
-            key_valid_BS, S = valid_BT, T
-        else:
-            start = 0 if cache_empty else cache.length
-            key_valid_BS = jax.lax.dynamic_update_slice(cache.mask_BS, valid_BT, (0, start))
-            S = cache.max_length
-        # Causal over absolute slots: query t sits at slot start + t and sees slots <= its own.
-        query_slot_T = start + jnp.arange(T)
-        causal_TS = jnp.arange(S)[None, :] <= query_slot_T[:, None]
-        mask = DecoderMask(allowed_BTS=causal_TS[None] & key_valid_BS[:, None, :], key_valid_BS=key_valid_BS,
-                           query_start=start)
+        mask, valid_BT, query_slot_T = decoder_mask(attention_mask_BT, cache, cache_empty, T)
         set_call("text", valid=valid_BT, position_ids=position_ids_ZBT, slots=query_slot_T)
         x_BTD = point("text.embed", constrain(x_BTD, RESIDUAL_AXES))
+        run_layers = self._scan if self.scan_layers else self._loop
+        x_BTD, per_layer = run_layers(x_BTD, cos_BTH, sin_BTH, mask, cache, output_hidden_states, output_attentions)
+        x_BTD = point("text.final_norm", self.norm(x_BTD))
+        if cache is not None:
+            cache = cache.appended(per_layer.keys, per_layer.values, mask.key_valid_BS, T)
+        hidden = (*per_layer.hidden_states, x_BTD) if output_hidden_states else ()  # HF: the last is after the norm
+        return TextOutput(x_BTD, cache, hidden, tuple(per_layer.attentions))
 
-        if self.scan_layers:
-            x_BTD, (new_keys, new_values), hidden_states, attentions = self._scan(
-                x_BTD, cos_BTH, sin_BTH, mask, cache, start, output_hidden_states, output_attentions)
-            return self._finish(x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
-                                output_hidden_states)
-        hidden_states, attentions, new_keys, new_values = [], [], [], []
+    def _remat(self, cache, output_attentions) -> str | None:
+        """The remat policy this call runs each layer under: training forwards only (no cache, no probabilities,
+        nothing recorded: values would leak out of the rematerialised function)."""
+        plain = cache is None and not output_attentions and not recording()
+        return self.remat if plain else None
+
+    def _loop(self, x_BTD, cos_BTH, sin_BTH, mask, cache, output_hidden_states, output_attentions):
+        """The layers one after the other (unrolled inside the jit)."""
+        remat = self._remat(cache, output_attentions)
+        out = _PerLayer([], [], [], [])
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                hidden_states.append(x_BTD)
-            if self.remat is not None and cache is None and not output_attentions and not recording():
-                # jax.checkpoint per layer: the backward pass recomputes what the policy did not keep.
-                x_BTD = _remat_layer(self.remat)(layer, x_BTD, cos_BTH, sin_BTH, mask)
+                out.hidden_states.append(x_BTD)
+            if remat is not None:
+                x_BTD = checkpointed(remat)(layer, x_BTD, cos_BTH, sin_BTH, mask)[0]
                 continue
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask, kv, start,
+            x_BTD, (k, v), probs = layer(x_BTD, cos_BTH, sin_BTH, mask, kv, mask.query_start,
                                          output_attentions=output_attentions)
-            new_keys.append(k)
-            new_values.append(v)
+            out.keys.append(k)
+            out.values.append(v)
             if output_attentions:
-                attentions.append(probs)
-        return self._finish(x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
-                            output_hidden_states)
+                out.attentions.append(probs)
+        return x_BTD, out
 
-    def _scan(self, x_BTD, cos_BTH, sin_BTH, mask, cache, start, output_hidden_states, output_attentions):
+    def _scan(self, x_BTD, cos_BTH, sin_BTH, mask, cache, output_hidden_states, output_attentions):
         """The layers as one `jax.lax.scan` over the stacked parameters (and the stacked cache): one compiled
         block. Per-layer outputs (keys / values, hidden states, probabilities) come back stacked `[L, ...]`."""
         if active():
             raise HookError("hook points name each layer, and a scan_layers=True model runs one block for all of "
                             "them: load with scan_layers=False to use hooks")
         graphdef, params = nnx.split(self.layers)
-        remat = self.remat is not None and cache is None and not output_attentions
+        remat = self._remat(cache, output_attentions)
 
         def body(x, xs):
             layer_params, kv = xs
             layer = nnx.merge(graphdef, layer_params)
-            if remat:
-                y = _remat_layer(self.remat)(layer, x, cos_BTH, sin_BTH, mask)
+            if remat is not None:
+                y = checkpointed(remat)(layer, x, cos_BTH, sin_BTH, mask)[0]
                 return y, (None, None, x if output_hidden_states else None)
-            y, (k, v), probs = layer(x, cos_BTH, sin_BTH, mask, kv, start, output_attentions=output_attentions)
+            y, (k, v), probs = layer(x, cos_BTH, sin_BTH, mask, kv, mask.query_start,
+                                     output_attentions=output_attentions)
             # without a cache, this call's k / v are not kept (stacking them would hold every layer's)
             return y, ((k, v) if kv is not None else None, probs, x if output_hidden_states else None)
 
         kv_L = None if cache is None else (cache.keys, cache.values)
         x_BTD, (kv_L, probs_L, hidden_L) = jax.lax.scan(body, x_BTD, (params, kv_L))
-        hidden = [] if hidden_L is None else list(hidden_L)
-        attentions = [] if probs_L is None else list(probs_L)
-        return x_BTD, (kv_L if kv_L is not None else (None, None)), hidden, attentions
-
-    def _finish(self, x_BTD, cache, new_keys, new_values, key_valid_BS, T, hidden_states, attentions,
-                output_hidden_states):
-        x_BTD = point("text.final_norm", self.norm(x_BTD))
-        if output_hidden_states:
-            hidden_states.append(x_BTD)  # like HF: the last entry is after the final norm
-        if cache is not None:
-            cache = dataclasses.replace(cache, keys=new_keys, values=new_values, mask_BS=key_valid_BS,
-                                        length=cache.length + T)
-        return x_BTD, cache, tuple(hidden_states), tuple(attentions)
-
-
-@functools.cache
-def _remat_layer(policy: str):
-    """A decoder layer's residual stream output under `nnx.remat` with the named policy (no cache, no probs)."""
-    return nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask)[0], policy=remat_policy(policy))
+        keys, values = kv_L if kv_L is not None else (None, None)
+        return x_BTD, _PerLayer(keys, values, [] if hidden_L is None else list(hidden_L),
+                                [] if probs_L is None else list(probs_L))

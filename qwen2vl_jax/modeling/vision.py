@@ -6,7 +6,7 @@ Reference: transformers 4.57 `models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2Vision
     pixel_values [P, C=1176]  --patch_embed-->  x [P, E=1280]  --32 blocks-->  [P, E]  --merger-->  [P/4, D]
 
 Everything that depends on `grid_thw` (rotary positions in 2x2 merge order, which rows form an attention segment)
-is computed on the host in NumPy (`VisionLayout`); the device side is pure jitted math on padded, static shapes:
+is computed on the host in NumPy (`vision_layout.py`); the device side is pure jitted math on padded, static shapes:
 patch rows are padded to a bucket (buckets.py) and the attention segments (one temporal slice of one image or
 video each) are described both as a `[Q, L]` segment-major gather and as (first row, length) bounds
 (`attention.VisionSegments`), so attention never crosses images or frames and a new image size only recompiles when
@@ -25,41 +25,41 @@ processor's row order.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from ..attention import VisionSegments, get_attention
-from ..attention import xla as attention_xla
+from ..attention import VisionRotary, VisionSegments, get_attention
+from . import programs
 from .config import Qwen2VLVisionConfig
-from .hook_points import HookError, active, install, point, recording, set_call, wants
-from .layers import LayerNorm, Linear, RMSNorm, in_row_blocks
-from .parameters import heads_axis, remat_policy, stack_modules
+from .hook_points import HookError, active, point, recording, set_call
+from .layers import LayerNorm, Linear, RMSNorm, rowwise
+from .module import Block, checkpointed
+from .parameters import heads_axis, stack_modules
 from .partitioning import Partitioning, constrain
 from .partitioning import active as use_partitioning
-from .rope import vision_cos_sin
-from .vision_layout import VisionLayout, WindowedSegments, prepare_pixels
+from .rope import apply_rotary, vision_cos_sin
+from .vision_layout import VisionLayout, WindowedSegments, prepare_pixels, trim_records
 
 ROWS_AXES = ("vis_rows", "act_embed")  # [P, E]: patch rows, replicated width (Megatron)
 HEADS_AXES = ("vis_rows", "vis_heads", "vis_head_dim")  # [P, N, H]
 
-# Trace counter: the body of a jitted function runs in Python once per compile, so tests can count compiles.
-TRACE_COUNTS: dict[str, int] = {"vision": 0}
 
+class VisionAttention(Block):
+    """Multi-head attention within segments (transformers `VisionAttention.forward`):
 
-# ------------------------------------------------------------------------------------------------- modules
-class VisionAttention(nnx.Module):
-    """Multi-head attention within segments; q and k get the 2-D rotary inside the backend (which may fuse it).
-    Hook points `{name}.q / .k / .v / .probs / .head_out` (`qwen2vl_jax.modeling.hook_points`)."""
+        q, k, v = split(W_qkv x + b_qkv)              (features [q | k | v], each head-major)
+        o = softmax(rot(q) rot(k)^T / sqrt(H)) v       within each segment (one frame of one image or video)
+        out = W_proj o + b_proj
 
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None, name: str = "vision.blocks.0.attn", layer: int = 0):
+    The 2-D rotary `rot` goes to the backend with q and k (`attention.VisionRotary`), which may fuse it. Hook points
+    `{name}.q / .k` (after the rotary) `/ .v / .probs / .head_out`."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int,
+                 attn_implementation: str | None = None):
+        self.place(name, layer)
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.attn_implementation = attn_implementation
-        self.name, self.layer = name, layer
         E, N, H = cfg.embed_dim, cfg.num_heads, cfg.head_dim
         heads = heads_axis("vis_heads", N, "vis_head_dim", H)
         # qkv rows are [3, N, H]: a contiguous split would cut q from k, so they stay whole (`sharding` docstring)
@@ -67,61 +67,69 @@ class VisionAttention(nnx.Module):
                           param_dtype=param_dtype, rngs=rngs)
         self.proj = Linear(E, E, use_bias=True, axes=("vis_embed", heads), param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
-        P = x_PE.shape[0]
-        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
-        # qkv output features are [q | k | v], each head-major (transformers `VisionAttention.forward`).
-        qkv_P3NH = self.qkv(x_PE).reshape(P, 3, self.num_heads, self.head_dim)
-        q_PNH, k_PNH, v_PNH = (constrain(qkv_P3NH[:, i], HEADS_AXES) for i in range(3))
-        if any(wants(f"{self.name}.{s}") for s in ("q", "k", "v", "probs")):  # the xla formulation, in the open
-            q_PNH, k_PNH = attention_xla.rotate_qk(q_PNH, k_PNH, cos_PH, sin_PH)
-            q_PNH, k_PNH, v_PNH = at("q", q_PNH), at("k", k_PNH), at("v", v_PNH)
-            if wants(f"{self.name}.probs"):
-                probs_QNLL = at("probs", attention_xla.segment_probs(q_PNH, k_PNH, segments))
-                o_PNH = attention_xla.segment_probs_times_values(probs_QNLL, v_PNH, segments)
-            else:
-                o_PNH = attention_xla.segment_attention(q_PNH, k_PNH, v_PNH, segments)
+    def __call__(self, x_PE, rotary: VisionRotary, segments: VisionSegments):
+        q_PNH, k_PNH, v_PNH = self.split_heads(self.qkv(x_PE))
+        if self.hooked("q", "k", "v", "probs"):  # hooks read q and k as attended: rotate them here
+            q_PNH, k_PNH, rotary = rotary(q_PNH), rotary(k_PNH), None
+        q_PNH, k_PNH, v_PNH = self.hook("q", q_PNH), self.hook("k", k_PNH), self.hook("v", v_PNH)
+        o_PNH = self.attend(q_PNH, k_PNH, v_PNH, rotary, segments)
+        return self.proj(self.hook("head_out", o_PNH).reshape(x_PE.shape[0], -1))
+
+    def split_heads(self, qkv_PF):
+        """q, k, v `[P, N, H]` from the fused projection's `[P, 3 * N * H]` ([q | k | v], each head-major)."""
+        qkv_P3NH = qkv_PF.reshape(qkv_PF.shape[0], 3, self.num_heads, self.head_dim)
+        return tuple(constrain(qkv_P3NH[:, i], HEADS_AXES) for i in range(3))
+
+    def attend(self, q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):
+        """The backend's attention within segments (`rotary`: still to apply to q and k, or None); its
+        probabilities capability when `.probs` is hooked or recorded."""
+        backend = get_attention(self.attn_implementation)
+        if self.hooked("probs"):
+            o_PNH, _ = backend.vision_probs(q_PNH, k_PNH, v_PNH, rotary, segments, lambda p: self.hook("probs", p))
         else:
-            o_PNH = get_attention(self.attn_implementation).vision(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments)
-        return self.proj(at("head_out", constrain(o_PNH, HEADS_AXES)).reshape(P, -1))
+            o_PNH = backend.vision(q_PNH, k_PNH, v_PNH, rotary, segments)
+        return constrain(o_PNH, HEADS_AXES)
 
 
-class VisionMLP(nnx.Module):
-    """Qwen2-VL: fc2(QuickGELU(fc1(x))) (transformers `VisionMlp`); Qwen2.5-VL: down_proj(silu(gate_proj(x)) *
-    up_proj(x)), every projection with a bias (`Qwen2_5_VLMLP(config, bias=True)`). Hook point `{name}.act`: the
-    product fed to the last projection."""
+class VisionMLP(Block):
+    """Qwen2-VL's `VisionMlp`: fc2(QuickGELU(fc1(x))). Hook point `{name}.act` (fed to fc2)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str = "vision.blocks.0.mlp",
-                 layer: int = 0):
-        E, F = cfg.embed_dim, cfg.mlp_dim
-        self.name, self.layer = name, layer
-        self.gated = cfg.gated_mlp
-        up, down = dict(axes=("vis_mlp", "vis_embed")), dict(axes=("vis_embed", "vis_mlp"))
-        if self.gated:
-            self.gate_proj = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
-            self.up_proj = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
-            self.down_proj = Linear(F, E, use_bias=True, **down, param_dtype=param_dtype, rngs=rngs)
-        else:
-            self.fc1 = Linear(E, F, use_bias=True, **up, param_dtype=param_dtype, rngs=rngs)
-            self.fc2 = Linear(F, E, use_bias=True, **down, param_dtype=param_dtype, rngs=rngs)
-
-    def _linears(self):
-        return (self.gate_proj, self.up_proj, self.down_proj) if self.gated else (self.fc1, self.fc2)
-
-    def _act(self, x_PE):
-        if self.gated:
-            return jax.nn.silu(self.gate_proj(x_PE)) * self.up_proj(x_PE)
-        h = self.fc1(x_PE)
-        return h * jax.nn.sigmoid(1.702 * h)  # QuickGELU (transformers `activations.QuickGELUActivation`)
-
-    def _out(self, act_PF):
-        return self.down_proj(act_PF) if self.gated else self.fc2(act_PF)
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int):
+        self.place(name, layer)
+        kw = dict(use_bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(cfg.embed_dim, cfg.mlp_dim, axes=("vis_mlp", "vis_embed"), **kw)
+        self.fc2 = Linear(cfg.mlp_dim, cfg.embed_dim, axes=("vis_embed", "vis_mlp"), **kw)
 
     def __call__(self, x_PE):
-        # a large image (65k patches: fp32 [P, 5120] products of 1.3 GB) runs in row blocks (`in_row_blocks`)
-        if all(lin.lora is None for lin in self._linears()) and not wants(f"{self.name}.act"):
-            return in_row_blocks(lambda x: self._out(self._act(x)), x_PE)
-        return self._out(point(f"{self.name}.act", self._act(x_PE), self.layer))
+        h_PF = self.fc1(x_PE)
+        act_PF = self.hook("act", h_PF * jax.nn.sigmoid(1.702 * h_PF))  # QuickGELU (transformers `activations`)
+        return self.fc2(act_PF)
+
+    def row_blockable(self) -> bool:
+        """Rows may run in blocks (`layers.rowwise`; a 65k-patch image's fp32 `[P, 5120]` products are 1.3 GB)
+        unless a hook wants the whole `act` or a LoRA adapter sits on a projection."""
+        return not self.hooked("act") and self.fc1.lora is None and self.fc2.lora is None
+
+
+class VisionGatedMLP(Block):
+    """Qwen2.5-VL's `Qwen2_5_VLMLP(config, bias=True)`: down_proj(silu(gate_proj(x)) * up_proj(x)), every
+    projection with a bias. Hook point `{name}.act` (fed to down_proj)."""
+
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int):
+        self.place(name, layer)
+        E, F = cfg.embed_dim, cfg.mlp_dim
+        kw = dict(use_bias=True, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(E, F, axes=("vis_mlp", "vis_embed"), **kw)
+        self.up_proj = Linear(E, F, axes=("vis_mlp", "vis_embed"), **kw)
+        self.down_proj = Linear(F, E, axes=("vis_embed", "vis_mlp"), **kw)
+
+    def __call__(self, x_PE):
+        act_PF = self.hook("act", jax.nn.silu(self.gate_proj(x_PE)) * self.up_proj(x_PE))
+        return self.down_proj(act_PF)
+
+    def row_blockable(self) -> bool:
+        """As `VisionMLP.row_blockable`."""
+        return not self.hooked("act") and all(p.lora is None for p in (self.gate_proj, self.up_proj, self.down_proj))
 
 
 def _norm(cfg: Qwen2VLVisionConfig, param_dtype):
@@ -131,25 +139,28 @@ def _norm(cfg: Qwen2VLVisionConfig, param_dtype):
     return LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps, axis_name="vis_embed", param_dtype=param_dtype)
 
 
-class VisionBlock(nnx.Module):
-    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x)). Hook points `vision.blocks.{i}.resid_pre /
-    attn_out / resid_mid / mlp_out / resid_post` (+ the attention's and the MLP's)."""
+class VisionBlock(Block):
+    """Pre-norm ViT block (transformers `Qwen2VLVisionBlock` / `Qwen2_5_VLVisionBlock`). Hook points
+    `vision.blocks.{i}.resid_pre / attn_out / resid_mid / mlp_out / resid_post` (+ the attention's and the MLP's)."""
 
-    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs,
-                 attn_implementation: str | None = None, layer: int = 0):
-        self.name, self.layer = f"vision.blocks.{layer}", layer
+    def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, layer: int,
+                 attn_implementation: str | None = None):
+        self.place(f"vision.blocks.{layer}", layer)
         self.norm1 = _norm(cfg, param_dtype)
         self.norm2 = _norm(cfg, param_dtype)
-        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, attn_implementation=attn_implementation,
-                                    name=f"{self.name}.attn", layer=layer)
-        self.mlp = VisionMLP(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
+        self.attn = VisionAttention(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.attn", layer=layer,
+                                    attn_implementation=attn_implementation)
+        mlp = VisionGatedMLP if cfg.gated_mlp else VisionMLP
+        self.mlp = mlp(cfg, param_dtype=param_dtype, rngs=rngs, name=f"{self.name}.mlp", layer=layer)
 
-    def __call__(self, x_PE, cos_PH, sin_PH, segments: VisionSegments):
-        at = lambda suffix, value: point(f"{self.name}.{suffix}", value, self.layer)
-        x_PE = at("resid_pre", x_PE)
-        attn_out = self.attn(self.norm1(x_PE), cos_PH, sin_PH, segments)
-        x_PE = at("resid_mid", constrain(x_PE + at("attn_out", attn_out), ROWS_AXES))
-        return constrain(at("resid_post", x_PE + at("mlp_out", self.mlp(self.norm2(x_PE)))), ROWS_AXES)
+    def __call__(self, x_PE, rotary: VisionRotary, segments: VisionSegments):
+        """x = x + attn(norm1(x));  x = x + mlp(norm2(x))."""
+        x_PE = self.hook("resid_pre", x_PE)
+        attn_PE = self.hook("attn_out", self.attn(self.norm1(x_PE), rotary, segments))
+        x_PE = self.hook("resid_mid", x_PE + attn_PE)
+        mlp_PE = self.hook("mlp_out", rowwise(self.mlp, self.norm2(x_PE)))
+        x_PE = self.hook("resid_post", x_PE + mlp_PE)
+        return constrain(x_PE, ROWS_AXES)
 
 
 class PatchEmbed(nnx.Module):
@@ -201,12 +212,27 @@ class VisionTransformer(nnx.Module):
     def dtype(self):
         return self.patch_embed.proj.weight.dtype
 
+    # ------------------------------------------------------------------------------------------------ the math
     def forward(self, pixels_PC, pos_hw_P2, segments: VisionSegments | WindowedSegments, *,
                 output_hidden_states=False):
-        """The pure math on padded inputs (rows in the layout's order): merged features `[P_pad/4, D]` in prompt
-        order (+ per-block hidden states, rows in the layout's order)."""
+        """features = merger(block_depth(... block_1(patch_embed(pixels)))), each block's attention rotating q / k
+        by the 2-D rotary of the patch positions, within frames (or, in Qwen2.5-VL's window blocks, windows).
+
+        Pure math on padded inputs (rows in the layout's order): merged features `[P_pad/4, D]` in prompt order, and
+        with `output_hidden_states` each block's output (rows in the layout's order)."""
         with use_partitioning(self.partitioning):
-            return self._forward(pixels_PC, pos_hw_P2, segments, output_hidden_states)
+            full, windows, restore_M = self._block_segments(segments)
+            rotary = VisionRotary(*vision_cos_sin(pos_hw_P2, self.config), apply_rotary)
+            if active():  # what hooks are told: the real patch rows (padding rows belong to no segment)
+                valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[full.rows_QL].max(full.valid_QL)
+                set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
+            x_PE = point("vision.patch_embed", constrain(self.patch_embed(pixels_PC.astype(self.dtype)), ROWS_AXES))
+            run_blocks = self._scan if self.scan_layers else self._loop
+            x_PE, hidden = run_blocks(x_PE, rotary, full, windows, output_hidden_states)
+            merged_MD = self.merger(x_PE)
+            if restore_M is not None:  # window order -> prompt order (transformers: [argsort(window_index)])
+                merged_MD = merged_MD[restore_M]
+            return point("vision.merger.out", merged_MD), hidden
 
     def _block_segments(self, segments) -> tuple[VisionSegments, VisionSegments | None, jax.Array | None]:
         """(full-frame segments, window segments or None, restore_M or None), checked against the config."""
@@ -219,32 +245,22 @@ class VisionTransformer(nnx.Module):
                              "`segments()` (WindowedSegments) from `vision_layout(..., window_tokens=...)`")
         return segments, None, None
 
-    def _forward(self, pixels_PC, pos_hw_P2, segments, output_hidden_states):
-        full, windows, restore_M = self._block_segments(segments)
-        cos_PH, sin_PH = vision_cos_sin(pos_hw_P2, self.config)
-        if active():  # what hooks are told: the real patch rows (padding rows belong to no segment)
-            valid_P = jnp.zeros(pixels_PC.shape[0], bool).at[full.rows_QL].max(full.valid_QL)
-            set_call("vision", valid=valid_P, position_ids=pos_hw_P2)
-        x_PE = point("vision.patch_embed", constrain(self.patch_embed(pixels_PC.astype(self.dtype)), ROWS_AXES))
-        if self.scan_layers:
-            x_PE, hidden = self._scan(x_PE, cos_PH, sin_PH, full, windows, output_hidden_states)
-        else:
-            hidden = []
-            for i, block in enumerate(self.blocks):
-                segs = windows if self.config.attends_in_windows(i) else full  # transformers: cu_seqlens_now
-                if self.remat is not None and not recording():  # jax.checkpoint per block (training)
-                    x_PE = _remat_block(self.remat)(block, x_PE, cos_PH, sin_PH, segs)
-                else:
-                    x_PE = block(x_PE, cos_PH, sin_PH, segs)
-                if output_hidden_states:
-                    hidden.append(x_PE)
-            hidden = tuple(hidden)
-        merged_MD = self.merger(x_PE)
-        if restore_M is not None:  # window order -> prompt order (transformers: hidden_states[argsort(window_index)])
-            merged_MD = merged_MD[restore_M]
-        return point("vision.merger.out", merged_MD), hidden
+    def _run_block(self, block, x_PE, rotary, segments):
+        if self.remat is not None and not recording():  # jax.checkpoint per block (training)
+            return checkpointed(self.remat)(block, x_PE, rotary, segments)
+        return block(x_PE, rotary, segments)
 
-    def _scan(self, x_PE, cos_PH, sin_PH, full, windows, output_hidden_states):
+    def _loop(self, x_PE, rotary, full, windows, output_hidden_states):
+        """The blocks one after the other (unrolled inside the jit)."""
+        hidden = []
+        for i, block in enumerate(self.blocks):
+            segments = windows if self.config.attends_in_windows(i) else full  # transformers: cu_seqlens_now
+            x_PE = self._run_block(block, x_PE, rotary, segments)
+            if output_hidden_states:
+                hidden.append(x_PE)
+        return x_PE, tuple(hidden)
+
+    def _scan(self, x_PE, rotary, full, windows, output_hidden_states):
         """The blocks as one `jax.lax.scan` over the stacked parameters; hidden states come back stacked. With
         window attention each step picks its grouping with `lax.cond` on the block's `fullatt_block_indexes` flag."""
         if active():
@@ -253,25 +269,22 @@ class VisionTransformer(nnx.Module):
         graphdef, params = nnx.split(self.blocks)
         in_windows_L = jnp.asarray([self.config.attends_in_windows(i) for i in range(self.config.depth)])
 
-        def run(block, x, segs):
-            if self.remat is not None:
-                return _remat_block(self.remat)(block, x, cos_PH, sin_PH, segs)
-            return block(x, cos_PH, sin_PH, segs)
-
         def body(x, step):
             block_params, in_windows = step
             block = nnx.merge(graphdef, block_params)
             if windows is None:
-                y = run(block, x, full)
+                y = self._run_block(block, x, rotary, full)
             else:
-                y = jax.lax.cond(in_windows, lambda: run(block, x, windows), lambda: run(block, x, full))
+                y = jax.lax.cond(in_windows, lambda: self._run_block(block, x, rotary, windows),
+                                 lambda: self._run_block(block, x, rotary, full))
             return y, (y if output_hidden_states else None)
 
         x_PE, hidden_L = jax.lax.scan(body, x_PE, (params, in_windows_L))
         return x_PE, (tuple(hidden_L) if output_hidden_states else ())
 
-    def prepare(self, pixel_values, grid_thw) -> tuple[np.ndarray, VisionLayout]:
-        """`vision_layout.prepare_pixels` for this tower's config: validated rows padded to their bucket."""
+    # ------------------------------------------------------------------------------ host entry points
+    def prepare(self, pixel_values, grid_thw):
+        """`vision_layout.prepare_pixels` for this tower's config: (validated rows padded to their bucket, layout)."""
         return prepare_pixels(self.config, pixel_values, grid_thw)
 
     def encode_padded(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
@@ -282,15 +295,16 @@ class VisionTransformer(nnx.Module):
         return merged, hidden, layout
 
     def run_padded(self, pixels, layout: VisionLayout, *, output_hidden_states: bool = False):
-        """Run the jitted tower on already padded rows (from `prepare`): (features, hidden states)."""
-        merged, hidden, _ = _vision_jit(self, pixels, layout.pos_hw_P2, layout.segments(),
-                                        output_hidden_states=output_hidden_states)
+        """Run the compiled tower (`programs.vision`) on already padded rows (from `prepare`): (features, hidden
+        states)."""
+        merged, hidden, _ = programs.vision(self, pixels, layout.pos_hw_P2, layout.segments(),
+                                            output_hidden_states=output_hidden_states)
         return merged, hidden
 
     def run_hooked(self, pixels, layout: VisionLayout, hooks):
         """`run_padded` with a `hook_points.HookSet` active: (padded features, {name: value}) with the recorded
-        values cut to the real rows (`trim_records`)."""
-        merged, _, records = _vision_jit(self, pixels, layout.pos_hw_P2, layout.segments(), hooks)
+        values cut to the real rows (`vision_layout.trim_records`)."""
+        merged, _, records = programs.vision(self, pixels, layout.pos_hw_P2, layout.segments(), hooks)
         return merged, trim_records(records, layout, self.config)
 
     def __call__(self, pixel_values, grid_thw, *, output_hidden_states: bool = False):
@@ -305,37 +319,3 @@ class VisionTransformer(nnx.Module):
         if output_hidden_states:
             return merged, tuple(layout.to_prompt_order(h[: layout.num_patches]) for h in hidden)
         return merged
-
-
-@functools.cache
-def _remat_block(policy: str):
-    return nnx.remat(lambda block, x, cos, sin, segments: block(x, cos, sin, segments), policy=remat_policy(policy))
-
-
-def trim_records(records: dict, layout: VisionLayout, config: Qwen2VLVisionConfig | None = None) -> dict:
-    """Recorded vision values without the bucket padding: patch rows `[:P]` (in the layout's row order: window
-    order for Qwen2.5-VL), merged rows `[:M]`, and attention probabilities as one `[N, L, L]` array per segment
-    (its real rows and keys, in row order; per window in Qwen2.5-VL's window blocks)."""
-    out = {}
-    for name, value in records.items():
-        if name.endswith(".attn.probs"):
-            bounds = layout.bounds_Q2
-            if layout.windows is not None and config is not None and config.attends_in_windows(
-                    int(name.split(".")[2])):
-                bounds = layout.windows.bounds_Q2
-            out[name] = tuple(value[q, :, :n, :n] for q, n in enumerate(bounds[:, 1]) if n > 0)
-        elif name == "vision.merger.out":
-            out[name] = value[: layout.num_merged]
-        else:
-            out[name] = value[: layout.num_patches]
-    return out
-
-
-def _vision_apply(visual: VisionTransformer, pixels, pos, segments, hooks=None, *, output_hidden_states=False):
-    TRACE_COUNTS["vision"] += 1  # runs once per compile
-    with install(hooks) as run:
-        merged, hidden = visual.forward(pixels, pos, segments, output_hidden_states=output_hidden_states)
-    return merged, hidden, run.records
-
-
-_vision_jit = jax.jit(_vision_apply, static_argnames=("output_hidden_states",))

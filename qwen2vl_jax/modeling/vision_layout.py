@@ -19,7 +19,8 @@ from ..attention import xla as attention_xla
 from .buckets import bucket, pow2_bucket
 from .config import Qwen2VLVisionConfig
 
-__all__ = ["VisionLayout", "WindowedSegments", "check_grid", "merge_order_positions", "window_index", "vision_layout"]
+__all__ = ["VisionLayout", "WindowedSegments", "check_grid", "merge_order_positions", "prepare_pixels", "trim_records",
+           "vision_layout", "window_index"]
 
 
 @jax.tree_util.register_dataclass
@@ -188,3 +189,22 @@ def prepare_pixels(cfg: Qwen2VLVisionConfig, pixel_values, grid_thw) -> tuple[np
     padded = np.zeros((layout.padded_patches, cfg.patch_dim), pixels.dtype)
     padded[: layout.num_patches] = pixels if layout.window_rows_P is None else pixels[layout.window_rows_P]
     return padded, layout
+
+
+def trim_records(records: dict, layout: VisionLayout, config: Qwen2VLVisionConfig | None = None) -> dict:
+    """Recorded vision values without the bucket padding: patch rows `[:P]` (in the layout's row order: window
+    order for Qwen2.5-VL), merged rows `[:M]`, and attention probabilities as one `[N, L, L]` array per segment
+    (its real rows and keys, in row order; per window in Qwen2.5-VL's window blocks)."""
+    out = {}
+    for name, value in records.items():
+        if name.endswith(".attn.probs"):
+            bounds = layout.bounds_Q2
+            if layout.windows is not None and config is not None and config.attends_in_windows(
+                    int(name.split(".")[2])):
+                bounds = layout.windows.bounds_Q2
+            out[name] = tuple(value[q, :, :n, :n] for q, n in enumerate(bounds[:, 1]) if n > 0)
+        elif name == "vision.merger.out":
+            out[name] = value[: layout.num_merged]
+        else:
+            out[name] = value[: layout.num_patches]
+    return out

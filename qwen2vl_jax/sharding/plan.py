@@ -8,7 +8,7 @@ in bytes, computed from the real shapes and `sharding`'s rules. No devices are n
 * parameters: every parameter's shard shape (`partition_spec` of its logical axes) times its itemsize; what a
   `from_pretrained(..., mesh=mesh)` model holds on each device, byte for byte (tests/test_plan.py).
 * KV cache: per layer keys and values `[B, S, K, H]` in the model dtype with `S = context` slots, placed by
-  `sharding.kv_cache_spec` (stacked `[L, B, S, K, H]` with `scan_layers`: the same bytes).
+  `partitioning.kv_cache_spec` (stacked `[L, B, S, K, H]` with `scan_layers`: the same bytes).
 * activations (`ACTIVATIONS`): the main tensors of a prefill of `batch x context` tokens with the `xla` attention
   backend. The plan names the **largest single tensor** per device, not the peak: XLA keeps several alive at
   once, and the single-device peak is `qwen2vl_jax.generation.memory`'s estimate. The total is therefore a lower bound.
@@ -29,7 +29,8 @@ from ..modeling.config import PRESETS, Qwen2VLConfig
 from ..modeling.layers import in_row_blocks
 from ..modeling.parameters import model_params, stacked_prefix
 from ..modeling.text import Q_AXES, RESIDUAL_AXES
-from . import mesh as sharding
+from ..modeling import partitioning
+from .mesh import param_axes, parse_mesh
 
 DTYPES = ("bfloat16", "float32")
 GiB = 2**30
@@ -64,10 +65,10 @@ class Tensor:
 
 
 def place(name: str, axes: tuple, shape: tuple[int, ...], dtype, mesh: MeshShape,
-          rules: Mapping = sharding.LOGICAL_RULES) -> Tensor:
+          rules: Mapping = partitioning.LOGICAL_RULES) -> Tensor:
     """`Tensor` for an array of `shape` with logical `axes`, by the same rule lookup the model uses."""
-    spec = sharding.partition_spec(axes, shape, mesh, rules)
-    per_device = math.prod(sharding.shard_shape(shape, spec, mesh)) * jnp.dtype(dtype).itemsize
+    spec = partitioning.partition_spec(axes, shape, mesh, rules)
+    per_device = math.prod(partitioning.shard_shape(shape, spec, mesh)) * jnp.dtype(dtype).itemsize
     return Tensor(name, shape, axes, jnp.dtype(dtype).name, tuple(spec), per_device)
 
 
@@ -81,11 +82,11 @@ class ParamPlan:
     stacked: bool  # the layers are stacked `[L, ...]` (scan_layers)
 
 
-def param_plan(model, mesh: MeshShape, rules: Mapping = sharding.LOGICAL_RULES) -> ParamPlan:
+def param_plan(model, mesh: MeshShape, rules: Mapping = partitioning.LOGICAL_RULES) -> ParamPlan:
     count = total = per_device = replicated = 0
     stacked = False
     for path, p in model_params(model).items():
-        t = place(path, sharding.param_axes(p), tuple(p.shape), p.dtype, mesh, rules)
+        t = place(path, param_axes(p), tuple(p.shape), p.dtype, mesh, rules)
         count += math.prod(t.shape)
         total += math.prod(t.shape) * jnp.dtype(p.dtype).itemsize
         per_device += t.per_device
@@ -104,12 +105,12 @@ def abstract(config: Qwen2VLConfig, dtype: str, scan_layers: bool = False):
 
 # ------------------------------------------------------------------------------------------------ KV cache
 def kv_plan(config: Qwen2VLConfig, mesh: MeshShape, batch: int, context: int, dtype: str, *,
-            stacked: bool = False, rules: Mapping = sharding.LOGICAL_RULES) -> Tensor:
+            stacked: bool = False, rules: Mapping = partitioning.LOGICAL_RULES) -> Tensor:
     """Keys + values of every layer, `context` slots per row (what `KVCache.init` makes under the mesh)."""
     t = config.text_config
     L, shape = t.num_hidden_layers, (batch, context, t.num_key_value_heads, t.head_dim)
     full = (L, *shape) if stacked else shape
-    one = place("kv_cache", sharding.KV_CACHE_AXES if not stacked else ("layers", *sharding.KV_CACHE_AXES),
+    one = place("kv_cache", partitioning.KV_CACHE_AXES if not stacked else ("layers", *partitioning.KV_CACHE_AXES),
                 full, dtype, mesh, rules)
     copies = 2 if stacked else 2 * L  # keys and values (per layer unless stacked)
     return dataclasses.replace(one, per_device=copies * one.per_device)
@@ -168,7 +169,7 @@ ACTIVATIONS: tuple[tuple[str, Callable[[Dims], tuple[tuple[int, ...], tuple]], s
 
 
 def activation_plan(config: Qwen2VLConfig, mesh: MeshShape, batch: int, context: int, dtype: str,
-                    rules: Mapping = sharding.LOGICAL_RULES) -> list[Tensor]:
+                    rules: Mapping = partitioning.LOGICAL_RULES) -> list[Tensor]:
     t = config.text_config
     d = Dims(batch, context, context, t.hidden_size, t.num_attention_heads, t.head_dim, t.intermediate_size,
              t.vocab_size)
@@ -230,8 +231,8 @@ class Plan:
 
 def plan(config: Qwen2VLConfig, mesh: Mapping[str, int], *, batch: int, context: int, dtype: str = "bfloat16",
          scan_layers: bool = False, name: str = "model", model=None,
-         rules: Mapping = sharding.LOGICAL_RULES) -> Plan:
-    """The per-device plan of `config` on a mesh of these axis sizes (`sharding.parse_mesh`'s dict). `model`: an
+         rules: Mapping = partitioning.LOGICAL_RULES) -> Plan:
+    """The per-device plan of `config` on a mesh of these axis sizes (`parse_mesh`'s dict). `model`: an
     abstract model already built for this config and dtype (the table reuses one per preset).
 
     `context` is at most the model's `max_position_embeddings` (generation refuses more), and every activation
@@ -307,7 +308,7 @@ def plan_table() -> str:
     return "\n".join(rows)
 
 
-def rules_table(rules: Mapping = sharding.LOGICAL_RULES) -> str:
+def rules_table(rules: Mapping = partitioning.LOGICAL_RULES) -> str:
     """`LOGICAL_RULES` as a markdown table (docs/SCALING.md)."""
     rows = ["| logical axis | mesh axes |", "|---|---|"]
     for name, rule in rules.items():
