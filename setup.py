@@ -10,9 +10,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*", "conversion", "conversion.*"]),
+    # the library only: conversion/ is a verification kit run from a source checkout (conversion/README.md)
+    packages=find_packages(include=["qwen2vl_jax", "qwen2vl_jax.*"]),
     # the optional CPU kernels' sources, compiled on first use; the explorer's page (HTML, JS, CSS)
     package_data={"qwen2vl_jax": ["kernels/csrc/*.cc", "kernels/csrc/*.h", "server/static/*"]},
+    # the released checkpoints `qwen2vl-jax info` names (qwen2vl_jax/cli/releases.py looks in the source checkout's
+    # weights/ first, then here: <prefix>/share/qwen2vl_jax/)
+    data_files=[("share/qwen2vl_jax", ["weights/manifest.json"])],
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

@@ -67,43 +67,37 @@ print("RESULT " + json.dumps(out))
 """
 
 
-# The compiled programs themselves: optimised HLO of the vision tower and the forward, names and source locations
-# stripped, must be the same text in both trees (then any timing difference is noise).
+# The compiled programs themselves: optimised HLO of every program the forward compiles (the vision tower and the
+# forward), dumped by XLA while the child runs `model(**inputs)` through the public API (so any tree works),
+# compared with names, metadata and source locations stripped (`compare_programs.normalized_hlo`): the same text in
+# both trees means any timing difference is noise.
 CHILD_HLO = r"""
-import re, sys
+import sys
 from PIL import Image
 import skimage.data
 from qwen2vl_jax import Qwen2VLForConditionalGeneration, Qwen2VLProcessor
-from qwen2vl_jax.modeling import model as model_lib, vision as vision_lib
 path, dtype, max_pixels = sys.argv[1], sys.argv[2], int(sys.argv[3])
 m = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
 pr = Qwen2VLProcessor.from_pretrained(path)
 msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 inp = pr(text=[pr.apply_chat_template(msgs)], images=[Image.fromarray(skimage.data.astronaut())],
          max_pixels=max_pixels)
-prep = m.prepare_inputs(inp["input_ids"], inp["attention_mask"], inp["pixel_values"], inp["image_grid_thw"])
-L = prep.vision_layout
-texts = [vision_lib._vision_jit.lower(m.visual, prep.vision_pixels, L.pos_hw_P2, L.segments(),
-                                      output_hidden_states=False).compile().as_text()]
-vis = m.visual.run_padded(prep.vision_pixels, L)[0]
-texts.append(model_lib._forward_jit.lower(m, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT, vis,
-                                          prep.vision_index_BT, None).compile().as_text())
-for text in texts:
-    for line in text.splitlines():
-        if re.match(r"^\d+ ", line) or line.strip() in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
-            continue
-        line = re.sub(r", metadata=\{[^}]*\}", "", re.sub(r", stack_frame_id=\d+", "", line))
-        print(re.sub(r"%[\w.\-]+", "%x", line))
+m(**inp).logits.block_until_ready()
 """
 
 
 def _hlo(tree: Path, path: Path, dtype: str, max_pixels: int) -> str:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
-    done = subprocess.run([sys.executable, "-c", CHILD_HLO, str(path), dtype, str(max_pixels)], capture_output=True,
-                          text=True, env=env, cwd=tempfile.gettempdir(), timeout=1800)
-    if done.returncode:
-        raise RuntimeError(f"HLO child in {tree} failed:\n{done.stderr[-3000:]}")
-    return done.stdout
+    from benchmarks.compare_programs import normalized_hlo
+
+    with tempfile.TemporaryDirectory() as dump:
+        env = {**os.environ, "PYTHONPATH": str(tree), "QWEN2VL_JAX_COMPILE_CACHE": "0",
+               "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$"}
+        done = subprocess.run([sys.executable, "-c", CHILD_HLO, str(path), dtype, str(max_pixels)],
+                              capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), timeout=1800)
+        if done.returncode:
+            raise RuntimeError(f"HLO child in {tree} failed:\n{done.stderr[-3000:]}")
+        return "\n".join(normalized_hlo(f.read_text())
+                         for f in sorted(Path(dump).glob("*.cpu_after_optimizations.txt")))
 
 
 def _child(tree: Path, path: Path, dtype: str, repeats: int, hooked: bool, max_pixels: int) -> dict:

@@ -5,10 +5,10 @@
     python benchmarks/bench_scan.py --runtime [--rounds 3] [--repeats 3]
 
 `--compile`: lowering and compile time of the jitted programs for the Qwen2-VL-7B and -72B shapes with abstract
-weights (`checkpoint.abstract_model(Qwen2VL, config, bfloat16)`: nothing is allocated), scanned vs unrolled:
-the text forward (`model._forward_jit.lower(...)` for a 128-token text prompt, no cache) and the vision tower
-(`vision._vision_jit.lower(...)` for one 448x448 image: 1024 patches, grid [1, 32, 32]). Times are
-`_jit.lower(...)` (trace + StableHLO) and `lowered.compile()` (XLA:CPU), plus the size of the compiled program's
+weights (`checkpoints.load.abstract_model(Qwen2VL, config, bfloat16)`: nothing is allocated), scanned vs unrolled:
+the text forward (`programs.forward.lower(...)` for a 128-token text prompt, no cache) and the vision tower
+(`programs.vision.lower(...)` for one 448x448 image: 1024 patches, grid [1, 32, 32]). Times are
+`.lower(...)` (trace + StableHLO) and `lowered.compile()` (XLA:CPU), plus the size of the compiled program's
 text (`len(compiled.as_text())`), which shows the unrolling. Run with `attn_implementation="xla"` and
 QWEN2VL_JAX_CPU_KERNELS=0 (the portable backend, so the figures are about the layer loop, not the native kernels).
 
@@ -51,9 +51,9 @@ import json, sys, time
 import numpy as np, jax, jax.numpy as jnp
 jax.config.update("jax_enable_compilation_cache", False)
 from qwen2vl_jax.modeling import config as config_lib
-from qwen2vl_jax.checkpoints.load import abstract_model
-from qwen2vl_jax.modeling.model import Qwen2VL, _forward_jit
-from qwen2vl_jax.modeling.vision import _vision_jit
+from qwen2vl_jax.modeling.parameters import abstract_model
+from qwen2vl_jax.modeling import programs
+from qwen2vl_jax.modeling.model import Qwen2VL
 preset, scan, tower = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 cfg = getattr(config_lib, f"qwen2_vl_{preset}")().replace(attn_implementation="xla", scan_layers=scan)
 t = time.perf_counter()
@@ -63,12 +63,12 @@ if tower == "text":
     ids = (np.arange(128, dtype=np.int64) * 7919 % 150000 + 100)[None]
     prep = model.prepare_inputs(ids)
     t0 = time.perf_counter()
-    lowered = _forward_jit.lower(model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT,
+    lowered = programs.forward.lower(model, prep.input_ids_BT, prep.attention_mask_BT, prep.position_ids_ZBT,
                                  None, None, None, None)
 else:
     pixels, layout = model.visual.prepare(np.zeros((1024, 1176), np.float32), np.array([[1, 32, 32]]))
     t0 = time.perf_counter()
-    lowered = _vision_jit.lower(model.visual, pixels, layout.pos_hw_P2, layout.segments())
+    lowered = programs.vision.lower(model.visual, pixels, layout.pos_hw_P2, layout.segments())
 t1 = time.perf_counter()
 compiled = lowered.compile()
 t2 = time.perf_counter()

@@ -19,17 +19,20 @@ Dimension key for shape-suffixed names (`hidden_BTD`, `position_ids_ZBT`, ...):
     O / I  a Linear's out / in features (weights are stored [O, I], PyTorch's layout)
     A  activation rows of a Linear (every leading axis flattened)   R  generated-token slots (a bucket)
 
-Packages (docs/ARCHITECTURE.md has the tour; imports point one way, down this list):
+Packages (docs/ARCHITECTURE.md has the tour). Imports point one way: a package imports only from rows below its
+own (tests/test_structure.py `LAYERS` holds the rule):
 
-    cli/  server/                 the command line; the OpenAI-compatible server and the attention explorer
-    pretrained · lora             the HF-style facade (from_pretrained / save_pretrained / generate); LoRA adapters
-    training/  hooks/             the loss, steps and fine-tuning loop; run_with_cache / run_with_hooks, interventions
+    cli/                          the command line (`python -m qwen2vl_jax`)
+    training/  server/            the loss, steps and fine-tuning loop; the OpenAI-compatible server and the explorer
+    pretrained · lora · hooks/ · testing/
+                                  the HF-style facade; LoRA adapters; run_with_cache / run_with_hooks, interventions;
+                                  the tiny demo checkpoint
+    checkpoints/                  safetensors, the HF key map, loading (onto a mesh too), converting
     generation/  sharding/        decoding, sampling, request memory; the mesh, parameter placement, memory plans
-    checkpoints/                  the Hub, safetensors, the HF key map, loading, converting
     modeling/                     the math: config, layers, rope, vision, text, model, hook points, partitioning
-    attention/  kernels/          the attention backends (the seam); the native CPU kernels
-    processing/                   images, videos, tokenizer, chat template, the processor (NumPy only, no JAX)
-    testing/ · runtime            the tiny demo checkpoint; process-wide XLA settings
+    attention/  processing/       the attention backends (the seam); images, videos, tokenizer, chat template,
+                                  processor (NumPy only, no JAX)
+    kernels/ · hub · runtime      the native CPU kernels; where files come from (local or the Hub); XLA settings
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 `generate`) for users who think in Hugging Face names.
 
 The math lives in `model.Qwen2VL`, which imports nothing from loading, conversion or generation; this subclass
-sits above all three, so imports point one way (model <- checkpoint / convert / generation <- pretrained <- cli).
+sits above all three, so imports point one way (modeling <- checkpoints / generation <- pretrained <- cli).
 Code that builds on the model (generation, training, hooks) takes any `Qwen2VL`.
 """
 

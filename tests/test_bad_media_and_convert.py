@@ -16,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conversion import hf_to_flax as hf_to_flax_cmd
+from qwen2vl_jax import cli
 from qwen2vl_jax.checkpoints import convert, safetensors_io
 from qwen2vl_jax.checkpoints.load import OURS_MARKER
 from qwen2vl_jax.processing import image_io
 from qwen2vl_jax.processing.image_io import fetch_image, load_image
 from qwen2vl_jax.processing.video import fetch_video
+
+
+def convert_cmd(argv: list[str]) -> int:
+    """`qwen2vl-jax convert hf-to-flax ARGV` (exit code)."""
+    return cli.main(["convert", "hf-to-flax", *argv])
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -172,21 +177,21 @@ def test_force_replaces_only_a_checkpoint_or_an_empty_directory(tiny_checkpoint,
     unrelated = tmp_path / "documents"
     unrelated.mkdir()
     (unrelated / "thesis.txt").write_text("years of work")
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(unrelated), "--force", "--quiet"]) == 2
+    assert convert_cmd([str(tiny_checkpoint), str(unrelated), "--force", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "not a checkpoint directory" in err and err.count("\n") == 1
     assert (unrelated / "thesis.txt").read_text() == "years of work"
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("keep me")
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(a_file), "--force", "--quiet"]) == 2
+    assert convert_cmd([str(tiny_checkpoint), str(a_file), "--force", "--quiet"]) == 2
     assert "not a directory" in capsys.readouterr().err and a_file.read_text() == "keep me"
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(empty), "--force", "--quiet"]) == 0
+    assert convert_cmd([str(tiny_checkpoint), str(empty), "--force", "--quiet"]) == 0
     assert (empty / OURS_MARKER).is_file()
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(empty), "--force", "--quiet"]) == 0  # a checkpoint
+    assert convert_cmd([str(tiny_checkpoint), str(empty), "--force", "--quiet"]) == 0  # a checkpoint
 
 
 def test_force_refuses_the_current_directory_and_a_parent_of_the_source(tiny_checkpoint, tmp_path, monkeypatch,
@@ -194,7 +199,7 @@ def test_force_refuses_the_current_directory_and_a_parent_of_the_source(tiny_che
     work = tmp_path / "work"
     convert.hf_to_flax(tiny_checkpoint, work, progress=False)  # a checkpoint, so only the "." rule can refuse it
     monkeypatch.chdir(work)
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), ".", "--force", "--quiet"]) == 2
+    assert convert_cmd([str(tiny_checkpoint), ".", "--force", "--quiet"]) == 2
     assert "current directory" in capsys.readouterr().err
     assert Path.cwd() == work and (work / OURS_MARKER).is_file()
     with pytest.raises(ValueError, match="current directory"):
@@ -203,7 +208,7 @@ def test_force_refuses_the_current_directory_and_a_parent_of_the_source(tiny_che
 
     parent = tmp_path / "models"
     src = shutil.copytree(tiny_checkpoint, parent / "src")
-    assert hf_to_flax_cmd.main([str(src), str(parent), "--force", "--quiet"]) == 2
+    assert convert_cmd([str(src), str(parent), "--force", "--quiet"]) == 2
     assert "would replace the source" in capsys.readouterr().err
     assert (src / "config.json").is_file()
 
@@ -271,7 +276,7 @@ def test_unwritable_destination_is_a_one_line_error(tiny_checkpoint, tmp_path, m
     with pytest.raises(ValueError, match=f"cannot write the checkpoint to {locked / 'out'}") as info:
         convert.hf_to_flax(tiny_checkpoint, locked / "out", progress=False)
     assert isinstance(info.value, PermissionError)
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(locked / "sub" / "out"), "--quiet"]) == 2
+    assert convert_cmd([str(tiny_checkpoint), str(locked / "sub" / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot write the checkpoint to") and "permission denied" in err
     assert err.count("\n") == 1

@@ -220,7 +220,7 @@ def test_ctrl_c_that_a_gc_callback_swallows_still_stops_generate(tiny_checkpoint
     one) when the signal lands during a collection; CPython reports the KeyboardInterrupt raised there as
     "Exception ignored" and drops it, so nothing stopped the decode loop. Here the child sends itself the SIGINT
     from a GC callback during decoding, every time; the CLI's handler also sets a flag that generate polls
-    between segments (`cli_common.sigint_flag`), so the process still exits with 130 at once."""
+    between segments (`cli.common.sigint_flag`), so the process still exits with 130 at once."""
     proc = _long_generate(GC_CHILD, tiny_checkpoint)
     try:
         _, err = proc.communicate(timeout=120)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import helpers
-from conversion import flax_to_hf as flax_to_hf_cmd
-from conversion import hf_to_flax as hf_to_flax_cmd
+from qwen2vl_jax import cli
 from qwen2vl_jax.checkpoints import convert, safetensors_io
 from qwen2vl_jax.checkpoints.keymap import CheckpointError, canonical_hf_name, safetensors_files
 from qwen2vl_jax.checkpoints.load import OURS_MARKER, SIDE_FILES
@@ -157,37 +156,46 @@ def test_converted_directory_loads_identically(checkpoint_factory, tmp_path, inp
 # ------------------------------------------------------------------------------------------------- commands
 def test_command_refuses_to_overwrite_unless_forced(tiny_checkpoint, tmp_path, capsys):
     dst = tmp_path / "out"
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(dst), "--quiet"]) == 0
+    assert cli.main(["convert", "hf-to-flax", str(tiny_checkpoint), str(dst), "--quiet"]) == 0
     out = capsys.readouterr()
     assert "wrote 58 tensors" in out.out and str(dst) in out.out and out.err == ""
     stamp = (dst / OURS_MARKER).stat().st_mtime_ns
 
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(dst), "--quiet"]) == 2
+    assert cli.main(["convert", "hf-to-flax", str(tiny_checkpoint), str(dst), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (dst / OURS_MARKER).stat().st_mtime_ns == stamp  # untouched
 
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), str(dst), "--force", "--dtype", "bfloat16"]) == 0
+    assert cli.main(["convert", "hf-to-flax", str(tiny_checkpoint), str(dst), "--force", "--dtype", "bfloat16"]) == 0
     out = capsys.readouterr()
     assert "writing out" in out.err  # the progress bar, on stderr
     assert json.loads((dst / OURS_MARKER).read_text())["dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the replaced copy was removed
 
     hf = tmp_path / "hf"
-    assert flax_to_hf_cmd.main([str(dst), str(hf), "--quiet", "--max-shard-size", "20MB"]) == 0
+    assert cli.main(["convert", "flax-to-hf", str(dst), str(hf), "--quiet", "--max-shard-size", "20MB"]) == 0
     assert len(list(hf.glob("model-*-of-*.safetensors"))) > 1
     # a checkpoint never replaces its own source, even with --force
-    assert flax_to_hf_cmd.main([str(dst), str(dst), "--force", "--quiet"]) == 2
+    assert cli.main(["convert", "flax-to-hf", str(dst), str(dst), "--force", "--quiet"]) == 2
     assert "would replace the source" in capsys.readouterr().err
     assert (dst / OURS_MARKER).is_file()
 
 
 def test_default_destination_is_under_weights(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert hf_to_flax_cmd.main([str(tiny_checkpoint), "--quiet"]) == 0
+    assert cli.main(["convert", "hf-to-flax", str(tiny_checkpoint), "--quiet"]) == 0
     dst = tmp_path / "weights" / f"{tiny_checkpoint.name}-flax"
     assert (dst / OURS_MARKER).is_file() and (dst / "config.json").is_file()
     hub_default = convert.default_destination("Qwen/Qwen2-VL-2B-Instruct")
     assert hub_default == convert.WEIGHTS_ROOT / "Qwen2-VL-2B-Instruct-flax"
+
+
+def crashed(argv, crash):
+    """Run the command while a write fails with `crash`: a bug keeps its traceback; Ctrl-C is `interrupted`, 130."""
+    if isinstance(crash, KeyboardInterrupt):
+        assert cli.main(argv) == 130
+    else:
+        with pytest.raises(type(crash)):
+            cli.main(argv)
 
 
 @pytest.mark.parametrize("crash", [RuntimeError("disk full"), KeyboardInterrupt()])
@@ -204,19 +212,17 @@ def test_a_crash_mid_write_leaves_nothing_behind(checkpoint_factory, tmp_path, m
 
     monkeypatch.setattr(safetensors_io, "write_file", failing_write)
     dst = tmp_path / "out"
-    with pytest.raises(type(crash)):
-        hf_to_flax_cmd.main([str(src), str(dst), "--quiet", "--max-shard-size", "10MB"])
+    crashed(["convert", "hf-to-flax", str(src), str(dst), "--quiet", "--max-shard-size", "10MB"], crash)
     assert len(calls) == 2 and os.path.exists(calls[0]) is False  # it had written a shard, now removed
     assert list(tmp_path.iterdir()) == []  # neither the destination nor a temporary folder
 
     # over an existing destination with --force: the old checkpoint survives the crash untouched
     monkeypatch.setattr(safetensors_io, "write_file", real_write)
-    assert hf_to_flax_cmd.main([str(src), str(dst), "--quiet"]) == 0
+    assert cli.main(["convert", "hf-to-flax", str(src), str(dst), "--quiet"]) == 0
     before = tensors_of(dst)
     calls.clear()
     monkeypatch.setattr(safetensors_io, "write_file", failing_write)
-    with pytest.raises(type(crash)):
-        hf_to_flax_cmd.main([str(src), str(dst), "--quiet", "--force", "--max-shard-size", "10MB"])
+    crashed(["convert", "hf-to-flax", str(src), str(dst), "--quiet", "--force", "--max-shard-size", "10MB"], crash)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert_identical(before, tensors_of(dst))
 
@@ -226,7 +232,7 @@ def test_an_invalid_source_is_reported_and_writes_nothing(tiny_checkpoint, tmp_p
     tensors = load_file(bad / "model.safetensors")
     del tensors["model.norm.weight"]
     safetensors_io.save_file(tensors, bad / "model.safetensors")
-    assert hf_to_flax_cmd.main([str(bad), str(tmp_path / "out"), "--quiet"]) == 2
+    assert cli.main(["convert", "hf-to-flax", str(bad), str(tmp_path / "out"), "--quiet"]) == 2
     assert "missing: model.norm.weight [64]" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
     with pytest.raises(CheckpointError):

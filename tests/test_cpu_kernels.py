@@ -211,7 +211,8 @@ def test_segment_attention_rejects_bad_shapes():
     layout = vision.vision_layout(np.array([[1, 2, 4]]))
     x = jnp.ones((layout.padded_patches, 2, 12), jnp.float32)
     cs = jnp.ones((layout.padded_patches, 12), jnp.float32)
-    lowered = jax.jit(cpu_attention.vision_attention).lower(x, x, x, VisionRotary(cs, cs, apply_rotary), layout.segments())
+    rotary = VisionRotary(cs, cs, apply_rotary)
+    lowered = jax.jit(cpu_attention.vision_attention).lower(x, x, x, rotary, layout.segments())
     assert build.ATTENTION_TARGET not in lowered.as_text()
 
 

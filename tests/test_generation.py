@@ -1,5 +1,6 @@
 """Generation vs transformers 4.57 `generate` (fp32, tiny random models, the real tokenizer)."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ import helpers
 from qwen2vl_jax.generation import decoding as gen
 from qwen2vl_jax.generation.decoding import TextStreamer
 from qwen2vl_jax.generation.sampling import GenerationConfig
-from qwen2vl_jax.modeling import vision as vision_lib
+from qwen2vl_jax.modeling import programs
 from qwen2vl_jax.modeling.buckets import bucket
 from qwen2vl_jax.modeling.vision_layout import vision_layout
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
@@ -51,21 +52,27 @@ CASES = ["text", "one_photo", "three_images", "video", "image_and_video", "left_
 def test_prefill_compiles_per_prompt_bucket_not_per_max_new_tokens(pair):
     """(prompt bucket x max_new_tokens) pairs: the prefill compiles once per prompt bucket (it used to compile per
     pair, ~3 s and ~6.6 MB each on this model), the decode loop once per cache bucket however many segments it
-    runs in."""
+    runs in. The jit caches are emptied first, so every bucket is new and must add exactly one program (a count
+    that never moved would fail)."""
     ours, _ = pair
-    before = dict(gen.TRACE_COUNTS)
+    jax.clear_caches()
+    assert set(gen.compiles().values()) == {0}
     rng = np.random.default_rng(3)
-    prompts, caches = set(), set()
+    prompts, caches, pairs = set(), set(), set()
     for T in (30, 200):
         ids = rng.integers(1000, 100000, size=(1, T))
         for n in (5, 100):  # two new-token budgets that were two power-of-two buckets
             out = ours.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, return_dict=True)
             assert out.new_tokens == n
-            prompts.add(bucket(T, gen.PROMPT_GRANULE))
-            caches.add(bucket(bucket(T, gen.PROMPT_GRANULE) + n, gen.PROMPT_GRANULE))
-    counts = {k: gen.TRACE_COUNTS[k] - before[k] for k in before}
-    assert counts["prefill"] <= len(prompts) == 2
-    assert counts["decode_loop"] <= len(caches)
+            prompt, cache = bucket(T, gen.PROMPT_GRANULE), bucket(bucket(T, gen.PROMPT_GRANULE) + n, gen.PROMPT_GRANULE)
+            prompts.add(prompt)
+            caches.add(cache)
+            pairs.add((prompt, cache))
+            if (T, n) == (30, 5):  # the first call: one program each, no streaming step
+                assert gen.compiles() == {"prefill": 1, "start": 1, "decode_loop": 1, "decode_step": 0}
+    counts = gen.compiles()
+    assert counts["prefill"] == len(prompts) == 2
+    assert counts["decode_loop"] == len(caches) and counts["start"] == len(pairs)
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.05])
@@ -123,7 +130,7 @@ def test_compiles_only_per_bucket(pair, photos):
     """10 prompt lengths x 5 image sizes: at most one compile per bucket touched, none for max_new_tokens."""
     ours, _ = pair
     proc_sizes = [(224, 280), (196, 308), (252, 252), (280, 196), (224, 336)]  # 5 image sizes (h, w), pixels
-    before = dict(gen.TRACE_COUNTS), vision_lib.TRACE_COUNTS["vision"]
+    before = gen.compiles(), programs.compiles()["vision"]
     prompt_buckets, vision_buckets = set(), set()
     rng = np.random.default_rng(0)
     for i in range(10):
@@ -138,9 +145,9 @@ def test_compiles_only_per_bucket(pair, photos):
         prompt_buckets.add(bucket(ids.shape[1], gen.PROMPT_GRANULE))
         layout = vision_layout(grid, 2)
         vision_buckets.add((layout.padded_patches, layout.seg_rows_QL.shape))
-    prefill = gen.TRACE_COUNTS["prefill"] - before[0]["prefill"]
-    loops = gen.TRACE_COUNTS["decode_loop"] - before[0]["decode_loop"]
-    vis = vision_lib.TRACE_COUNTS["vision"] - before[1]
+    prefill = gen.compiles()["prefill"] - before[0]["prefill"]
+    loops = gen.compiles()["decode_loop"] - before[0]["decode_loop"]
+    vis = programs.compiles()["vision"] - before[1]
     helpers.record("generate/compiles", prompts=10, image_sizes=5, prompt_buckets=len(prompt_buckets),
                    vision_buckets=len(vision_buckets), prefill_compiles=prefill, decode_compiles=loops,
                    vision_compiles=vis)

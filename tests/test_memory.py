@@ -1,4 +1,4 @@
-"""The memory estimate (`qwen2vl_jax.generation.memory`): its layout constants match the code that runs the request, the KV
+"""The memory estimate (`generation/memory.py`): its layout constants match the code that runs the request, the KV
 cache and weight bytes are exact, it grows with every input, its refusals are one line, sizes parse, and it bounds
 the measured peak RSS of a real (tiny) request."""
 
@@ -37,7 +37,8 @@ def test_layout_constants_match_their_sources():
 
 
 def test_importing_memory_starts_no_jax():
-    code = "import sys, qwen2vl_jax.generation.memory; print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))"
+    code = ("import sys, qwen2vl_jax.generation.memory; "
+            "print(any(m == 'jax' or m.startswith('jax.') for m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
 

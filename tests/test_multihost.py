@@ -23,8 +23,9 @@ import pytest
 
 import helpers
 from qwen2vl_jax.checkpoints import keymap as params_lib
-from qwen2vl_jax.checkpoints.load import abstract_model, open_checkpoint
+from qwen2vl_jax.checkpoints.load import open_checkpoint
 from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from qwen2vl_jax.modeling.parameters import abstract_model
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 TESTS = Path(__file__).parent
@@ -100,7 +101,8 @@ def test_sharded_load_matches_one_device_and_reads_each_shard_once(tiny_checkpoi
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from qwen2vl_jax import sharding
         from qwen2vl_jax.checkpoints import keymap as params_lib
-        from qwen2vl_jax.checkpoints.load import abstract_model, open_checkpoint
+        from qwen2vl_jax.checkpoints.load import open_checkpoint
+        from qwen2vl_jax.modeling.parameters import abstract_model
         from qwen2vl_jax.modeling.parameters import checkpoint_params
         from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration as M
         from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsFile

@@ -15,9 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from qwen2vl_jax import cli
-from qwen2vl_jax.checkpoints.load import abstract_model
 from qwen2vl_jax.modeling.config import qwen2_vl_72b
 from qwen2vl_jax.modeling.model import Qwen2VL
+from qwen2vl_jax.modeling.parameters import abstract_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_72B = ["plan", "--model", "72b", "--mesh", "data=1,fsdp=1,model=8", "--batch", "8", "--context", "32768",

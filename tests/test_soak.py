@@ -9,7 +9,7 @@ import pytest
 
 import helpers
 from qwen2vl_jax.generation import decoding as gen
-from qwen2vl_jax.modeling import vision as vision_lib
+from qwen2vl_jax.modeling import programs
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ N_REQUESTS = 300
 
 
 def _compiles() -> int:
-    return sum(gen.TRACE_COUNTS.values()) + sum(vision_lib.TRACE_COUNTS.values())
+    return sum(gen.compiles().values()) + programs.compiles()["vision"]
 
 
 def _rss() -> int:

@@ -447,7 +447,7 @@ def mesh_child(job_file: str) -> None:
             batch = training.shard_batch(batch, mesh)
         model0 = jax.tree.map(jnp.copy, nnx.state(model))
         optimizer0 = jax.tree.map(jnp.copy, nnx.state(optimizer))
-        traces = training.TRACE_COUNTS["train_step"]
+        compiles = training.compiles()["train_step"]
         run = {"params": {}}
         for lr in job["lrs"]:  # restart from the same state; the learning rate lives in the state (one compile)
             nnx.update(model, jax.tree.map(jnp.copy, model0))
@@ -466,7 +466,7 @@ def mesh_child(job_file: str) -> None:
                                 "embed": [str(s) for s in model.language_model.embed_tokens.weight[...].sharding.spec]
                                 if mesh else [], "devices": len(up.sharding.device_set),
                                 "batch_rows": str(batch.input_ids_BT.sharding.spec[0]) if mesh else ""}
-        run["compiles"] = training.TRACE_COUNTS["train_step"] - traces
+        run["compiles"] = training.compiles()["train_step"] - compiles
         runs[name] = run
     ref = runs["single"]
     out = {}

@@ -48,7 +48,8 @@ from collections.abc import Callable
 from .. import kernels
 from .masks import DecoderMask, VisionRotary, VisionSegments
 
-__all__ = ["DecoderMask", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError", "register_attention",
+__all__ = ["DecoderMask", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError",
+           "register_attention",
            "get_attention", "available_backends", "default_backend", "resolve"]
 
 
@@ -75,7 +76,8 @@ def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_
                        decoder_probs_fn: Callable | None = None, vision_probs_fn: Callable | None = None,
                        requires: Callable[[], str] | None = None, overwrite: bool = False) -> AttentionBackend:
     """Register a backend under `name` (then `attn_implementation=name` selects it). A kind given as None uses the
-    `xla` formulation (the probabilities capabilities too). `requires()` may return a reason the backend cannot run here ("" when it can).
+    `xla` formulation (the probabilities capabilities too). `requires()` may return a reason the backend cannot run
+    here ("" when it can).
 
     Compiled programs are cached by the backend's name: after replacing a backend (`overwrite=True`), models that
     already ran with that name keep the old functions until they are rebuilt or switched to another name and back

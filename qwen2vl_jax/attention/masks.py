@@ -38,7 +38,7 @@ class DecoderMask:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class VisionSegments:
-    """Which rows of a vision call attend to each other (built on the host by `vision.vision_layout`).
+    """Which rows of a vision call attend to each other (built on the host by `modeling.vision_layout`).
 
     Rows (patches, padded to a bucket) are grouped in segments, one per temporal slice of each image or video. Two
     views of the same grouping, for the two ways backends attend:

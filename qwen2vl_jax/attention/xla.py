@@ -15,7 +15,7 @@ from .masks import DecoderMask, VisionRotary, VisionSegments
 
 # Vision queries attend in chunks of this many rows: the [heads, chunk, keys] scores then stay in cache for the
 # softmax passes (1.5x faster attention than one [heads, L, L] buffer for a 1024-patch image), and memory stays
-# bounded. `vision.vision_layout` pads long segments to a multiple of it.
+# bounded. `modeling.vision_layout` pads long segments to a multiple of it.
 QUERY_CHUNK = 256
 
 

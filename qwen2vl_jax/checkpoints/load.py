@@ -1,7 +1,7 @@
 """Where checkpoints come from and how a model is built from one (`from_pretrained`).
 
 Sources: a local Hugging Face checkpoint directory (Hub or >= 4.52 key layout, one file or sharded), a directory
-written by our converter (`qwen2vl_jax.checkpoints.convert`: parameter paths as tensor names, marked by `qwen2vl_jax.json`),
+written by our converter (`checkpoints/convert.py`: parameter paths as tensor names, marked by `qwen2vl_jax.json`),
 or a Hub model id (resolved with huggingface_hub, only the files needed; `local_files_only` / HF_HUB_OFFLINE
 honoured, so an offline machine fails at once with a message instead of hanging on the network).
 
@@ -24,6 +24,7 @@ from flax import nnx
 from ..attention import resolve as resolve_attention
 from ..hub import resolve_source
 from ..modeling.config import Qwen2VLConfig
+from ..modeling.parameters import abstract_model
 from . import keymap as params_lib
 from .safetensors_io import SafetensorsFile
 
@@ -139,23 +140,6 @@ def open_checkpoint(source, *, local_files_only: bool | None = None, revision: s
     return Checkpoint(directory, fmt, config, files, layout, marker, ignore)
 
 
-class _FixedKey:
-    """Stands in for `nnx.Rngs` while building the abstract model: every initializer gets the same key.
-
-    Why: under `nnx.eval_shape`, each `nnx.Rngs` draw updates its counter variable inside the trace, and flax
-    asks the traced value for its `.sharding`, which makes JAX build an error message that walks the whole
-    trace so far (quadratic): 4.9 s of a 2B load here, 0.7 s with a fixed key. Values are never computed.
-    """
-
-    def params(self):
-        return jax.random.key(0)
-
-
-def abstract_model(cls, config: Qwen2VLConfig, param_dtype=jnp.float32):
-    """The model with shapes and dtypes but no values (`nnx.eval_shape`): nothing is allocated."""
-    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=_FixedKey()))
-
-
 def _unfilled(model) -> list[str]:
     return [params_lib.param_path(p) for p, v in nnx.iter_graph(model)
             if isinstance(v, nnx.Variable) and isinstance(v.get_value(), jax.ShapeDtypeStruct)]
@@ -171,7 +155,7 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
     one tensor in flight. `dtype`: None / "float32", "bfloat16", or "auto" (the checkpoint's dtype). `place`:
     optional `(path, array) -> jax.Array` to place each tensor. `mesh` (a `jax.sharding.Mesh`, e.g.
     `sharding.make_mesh(data=2, model=4)`): each parameter is assembled from the slices its devices hold, read from
-    the files by the processes that hold them (`params.load_sharded`; multi-host jobs read only their slices), per
+    the files by the processes that hold them (`keymap.load_sharded`; multi-host jobs read only their slices), per
     `sharding.LOGICAL_RULES` (or `sharding_rules`), and the model constrains its activations and KV cache by the
     same rules. `scan_layers`: stack each tower's layers (`config.scan_layers`). `attn_implementation`: the
     attention backend (`qwen2vl_jax.attention`).

@@ -12,6 +12,9 @@ import sys
 
 from .common import (
     UserError,
+    add_generation_args,
+    add_mesh_args,
+    add_model_args,
     check_memory,
     choose_dtype,
     encode,
@@ -25,6 +28,17 @@ from .common import (
     summary_line,
     user_error_message,
 )
+
+COMPILES = True  # runs the model: takes --no-compile-cache
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("chat", help="interactive multi-turn chat (/image PATH, /video PATH, /reset, /exit)")
+    add_model_args(p)
+    add_mesh_args(p)
+    add_generation_args(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def _error(message: str) -> None:
@@ -51,7 +65,7 @@ def fit_history(history: list[dict], encode, budget: int) -> tuple[list[dict], o
         dropped += 1
 
 
-def run_chat(args) -> int:
+def run(args) -> int:
     from ..modeling.config import Qwen2VLConfig
 
     directory = resolve_model(args)

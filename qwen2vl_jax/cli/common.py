@@ -1,6 +1,10 @@
 """What the `qwen2vl-jax` commands share: the one error path (`USER_ERROR_TYPES`, `user_error_message`), flag
-types with one-line errors, resolving and loading a checkpoint and its processor, encoding a conversation, the
-memory check before loading, and running one generation with its summary line."""
+types with one-line errors, the flag groups several commands take (`add_model_args`, `add_mesh_args`,
+`add_generation_args`), resolving and loading a checkpoint and its processor, encoding a conversation, the memory
+check before loading, and running one generation with its summary line.
+
+Building the parser imports nothing here but the standard library: everything heavier is imported inside the
+functions that run a command."""
 
 from __future__ import annotations
 
@@ -110,6 +114,52 @@ def byte_size(text: str) -> int:
         return parse_bytes(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------------------- shared flag groups
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to run it (generate, chat, info, serve)."""
+    p.add_argument("--model", required=True, help="Hub model id, HF checkpoint directory or converted directory")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights and activations (auto: float32 when it fits in memory, else bfloat16)")
+    p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
+    p.add_argument("--exact-fp32", action="store_true",
+                   help="CPU float32: accumulate matmuls like PyTorch (4x smaller rounding error, ~2x slower prefill)")
+    p.add_argument("--attn-implementation", metavar="NAME",
+                   help="attention backend: xla, cpu (native CPU kernels), jax (jax.nn.dot_product_attention), "
+                        "pallas (TPU flash attention); default: cpu where the kernels build, else xla")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    """A device mesh and stacked layers (generate, chat)."""
+    p.add_argument("--mesh", metavar="AXES", help="run on a device mesh, e.g. data=2,model=4 (axes data / fsdp / "
+                                                  "model; their product <= the devices; per-device memory: "
+                                                  "`qwen2vl-jax plan`)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the layers and run them with lax.scan (one compiled block: faster compiles on pods)")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """Decoding, sampling, media preprocessing and the memory bound (generate, chat)."""
+    p.add_argument("--system", help="system prompt (default: the chat template's)")
+    p.add_argument("--max-new-tokens", type=positive(int), default=256)
+    p.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the checkpoint's generation_config)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens, 0 = all (default: the checkpoint's)")
+    p.add_argument("--repetition-penalty", type=float, help="default: the checkpoint's generation_config (1.05)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding")
+    p.add_argument("--seed", type=seed, default=0, help="sampling seed, 0..2**63-1 (default 0)")
+    p.add_argument("--min-pixels", type=positive(int), help="lower bound on pixels per image / frame (processor)")
+    p.add_argument("--max-pixels", type=positive(int),
+                   help="upper bound on pixels per image / frame (processor; default 12845056 = 16384 vision tokens)")
+    p.add_argument("--max-frames", type=positive(int), help="at most this many frames per video (default 768)")
+    p.add_argument("--fps", type=positive(float),
+                   help="frames sampled per second of video (default 2.0); for Qwen2.5-VL this also sets the time "
+                        "spacing of its video positions (the rate actually sampled)")
+    p.add_argument("--max-memory", type=byte_size, metavar="SIZE",
+                   help="refuse requests estimated to need more than SIZE (e.g. 12GB; default: the available memory)")
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter in PEFT's format (e.g. finetune's out/adapter)")
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -1,5 +1,5 @@
-"""`qwen2vl-jax finetune`: the command's flags and entry point (the loop itself is `finetune.py`, imported only
-when the command runs, so building the parser imports no JAX)."""
+"""`qwen2vl-jax finetune`: the command's flags and entry point (the loop itself is `training/finetune.py`, imported
+only when the command runs, so building the parser imports no JAX)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import sys
 from ..modeling.config import REMAT_POLICIES
 from .common import non_negative_float, seed
 
+COMPILES = True  # runs the model: takes --no-compile-cache
 
-def add_finetune_parser(sub) -> argparse.ArgumentParser:
-    """`qwen2vl-jax finetune ...`: registered by `cli.build_parser`."""
-    p = sub.add_parser("finetune", help="fine-tune on a JSONL of conversations (LoRA or full)",
-                       description="Fine-tune Qwen2-VL on a JSONL of conversations (docs/TRAINING.md).")
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """`qwen2vl-jax finetune ...`: registered by `cli.app.build_parser`."""
+    p = subparsers.add_parser("finetune", help="fine-tune on a JSONL of conversations (LoRA or full)",
+                              description="Fine-tune Qwen2-VL on a JSONL of conversations (docs/TRAINING.md).")
     p.add_argument("--model", required=True, help="Hub model id or checkpoint directory")
     p.add_argument("--data", required=True, help="training JSONL (one conversation per line)")
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics, adapter / model)")
@@ -51,11 +53,11 @@ def add_finetune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=run)
     return p
 
 
-def cmd_finetune(args) -> int:
+def run(args) -> int:
     """The `finetune` command (its FinetuneError / DataError / LoRAError are user errors for `cli.main`)."""
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"

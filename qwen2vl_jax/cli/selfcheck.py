@@ -15,11 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
-from ..testing.demo import write_tokenizer
+from .common import positive
+
+COMPILES = True  # runs the model: takes --no-compile-cache
 
 # Pass/fail bounds (the test suite holds the tiny and real-width-slice models to 1e-5; allow other CPUs a margin).
 VISION_TOL = 5e-5
 LOGITS_TOL = 5e-5
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("selfcheck", help="offline parity check against PyTorch on random weights")
+    p.add_argument("--preset", choices=["2b", "7b", "72b"], default="2b")
+    p.add_argument("--layers", type=positive(int), default=2, help="decoder layers to keep (the preset's widths stay)")
+    p.add_argument("--vision-depth", type=positive(int), default=2, help="vision blocks to keep")
+    p.add_argument("--new-tokens", type=positive(int), default=16, help="greedy tokens to compare")
+    p.add_argument("--workdir", help="where to write the random checkpoint (default: a temp dir)")
+    p.add_argument("--timing", action="store_true",
+                   help="also time forward and decode, ours vs PyTorch, in the benchmark's modes (a fresh process)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run)
+    return p
 
 
 def _photo():
@@ -56,8 +72,9 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def run_selfcheck(args) -> int:
+def run(args) -> int:
     from ..runtime import use_exact_cpu_fp32_matmuls
+    from ..testing.demo import write_tokenizer  # JAX: imported when the command runs, not when the parser is built
 
     use_exact_cpu_fp32_matmuls()
     try:

@@ -1,1 +1,2 @@
-"""Generation: decoding over the static KV cache (`decoding.py`), sampling (`sampling.py`) and what a request needs in memory (`memory.py`)."""
+"""Generation: decoding over the static KV cache (`decoding.py`), sampling (`sampling.py`) and what a request
+needs in memory (`memory.py`)."""

@@ -7,15 +7,15 @@
                                      in segments of ~0.5 s so the host can stop it (Ctrl-C)
     host:    trim, return [B, prompt + new] ids like transformers' `generate`
 
-Settings and logits processors (transformers 4.57's order) live in sampling.py; `GenerationConfig` is re-exported
-here. Finished rows emit `pad_token_id`, like HF.
+Settings and logits processors (transformers 4.57's order) live in sampling.py (`GenerationConfig`).
+Finished rows emit `pad_token_id`, like HF.
 
 Compiles: the prompt length and the cache length (prompt bucket + `max_new_tokens`) are bucketed (buckets.py). The
 prefill's program depends on the prompt bucket only (it fills a prompt-sized cache that a small model-free
 program grows), the decode loop's on the cache bucket only; the actual `max_new_tokens` and every sampling knob are
-traced values, so changing them never recompiles. `TRACE_COUNTS` counts compiles per jitted function for tests
-and logs. Streaming runs the same jitted step once per token from a Python loop, so streamed and non-streamed
-outputs are identical.
+traced values, so changing them never recompiles. `compiles()` counts the compiled programs of each jitted
+function (for tests and logs). Streaming runs the same jitted step once per token from a Python loop, so streamed and
+non-streamed outputs are identical.
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ from ..modeling.inputs import PreparedInputs, as_attention_mask
 from ..modeling.kv_cache import KVCache
 from ..modeling.model import Qwen2VL
 from .sampling import GenerationConfig, Knobs, pick_token, process_logits
-
-TRACE_COUNTS: dict[str, int] = {"prefill": 0, "start": 0, "decode_loop": 0, "decode_step": 0}
 
 PROMPT_GRANULE = 64  # prompt lengths are padded (on the left) to buckets of this granule, x1.25 growth
 MIN_NEW_TOKENS_BUCKET = 32  # recorded logits / hook values: a power of two >= this many rows
@@ -98,7 +96,8 @@ def _step_logits(model: Qwen2VL, state: DecodeState, hooks: HookSet | None = Non
     pos_B = cache.length + cache.rope_deltas_B
     pos_ZB1 = jnp.broadcast_to(pos_B[None, :, None], (3, B, 1))
     with install(hooks, step=state.step, offset=state.offset) as run:
-        logits, cache, _, _ = model.forward(state.last_B[:, None], jnp.ones((B, 1), jnp.int32), pos_ZB1, cache=cache)
+        out = model.forward(state.last_B[:, None], jnp.ones((B, 1), jnp.int32), pos_ZB1, cache=cache)
+        logits, cache = out.logits, out.cache
     records = state.records
     if records:
         records = {n: jax.lax.dynamic_update_slice(buf, run.records[n][None].astype(buf.dtype),
@@ -110,18 +109,15 @@ def _step_logits(model: Qwen2VL, state: DecodeState, hooks: HookSet | None = Non
 def _prefill(model, ids, mask, pos, vision, vision_index, cache, hooks=None, offset=0):
     """The prompt's forward into a prompt-sized cache: its compile depends on the prompt bucket only, never on
     `max_new_tokens` (`_start` grows the cache)."""
-    TRACE_COUNTS["prefill"] += 1
     with install(hooks, offset=offset) as run:
-        logits, cache, _, _ = model.forward(ids, mask, pos, vision, vision_index, cache, logits_to_keep=1,
-                                            cache_empty=True)
-    return logits[:, -1], cache, run.records
+        out = model.forward(ids, mask, pos, vision, vision_index, cache, logits_to_keep=1, cache_empty=True)
+    return out.logits[:, -1], out.cache, run.records
 
 
 def _start(logits_BV, cache: KVCache, seen, rng, knobs, offset, *, do_sample, keep_logits, cache_length, n_bucket,
            record_shapes=(), partitioning=None):
     """Grow the prefilled cache to `cache_length` slots, set up the decode state and pick the first token. No model
     inside: this small program is the only one compiled per (prompt bucket, cache bucket) pair."""
-    TRACE_COUNTS["start"] += 1
     with partitioning_lib.active(partitioning):  # the grown cache keeps the model's KV cache sharding
         cache = cache.grown(cache_length - cache.max_length)
     B, V = seen.shape
@@ -138,8 +134,6 @@ def _start(logits_BV, cache: KVCache, seen, rng, knobs, offset, *, do_sample, ke
 def _decode_loop(model, state: DecodeState, knobs: Knobs, stop_at, hooks=None, *, do_sample):
     """Decode on the device until `stop_at` tokens (traced), `max_new_tokens` or every row's EOS. The host runs it
     in segments of about `SEGMENT_SECONDS`, so Ctrl-C is seen between segments."""
-    TRACE_COUNTS["decode_loop"] += 1
-
     def keep_going(s: DecodeState):
         return (s.step < jnp.minimum(stop_at, knobs.max_new_tokens)) & ~jnp.all(s.finished_B)
 
@@ -151,7 +145,6 @@ def _decode_loop(model, state: DecodeState, knobs: Knobs, stop_at, hooks=None, *
 
 
 def _decode_step(model, state: DecodeState, knobs: Knobs, hooks=None, *, do_sample):
-    TRACE_COUNTS["decode_step"] += 1
     logits, state = _step_logits(model, state, hooks)
     return _select(state, logits, knobs, do_sample=do_sample)
 
@@ -187,6 +180,14 @@ _start_jit = jax.jit(_start, static_argnames=("do_sample", "keep_logits", "cache
                                              "partitioning"))
 _decode_loop_jit = jax.jit(_decode_loop, static_argnames=("do_sample",), donate_argnames=("state",))
 _decode_step_jit = jax.jit(_decode_step, static_argnames=("do_sample",), donate_argnames=("state",))
+
+
+def compiles() -> dict[str, int]:
+    """Programs per jitted function: the entries of its jit cache, one per argument signature met (shapes, dtypes,
+    shardings, static arguments), so each new prompt / cache bucket or static setting adds one. `jax.clear_caches()`
+    empties them."""
+    return {"prefill": _prefill_jit._cache_size(), "start": _start_jit._cache_size(),
+            "decode_loop": _decode_loop_jit._cache_size(), "decode_step": _decode_step_jit._cache_size()}
 
 
 # ----------------------------------------------------------------------------------------------- the driver

@@ -12,7 +12,7 @@ Host-side arithmetic only (no JAX): it follows how this package lays a request o
   `S = buckets.bucket(T_pad + n, 64)` slots where `T_pad = buckets.bucket(T, 64)` (generation's `PROMPT_GRANULE`).
   `generate` prefills into a prompt-sized cache (`T_pad` slots) and `_start` copies it into the decode cache: both
   are alive for that moment, so the prompt-sized copy counts as a transient of the prefill.
-* vision: the patch rows padded like `vision.vision_layout` (a `buckets.bucket` of the patches; the largest
+* vision: the patch rows padded like `modeling.vision_layout` (a `buckets.bucket` of the patches; the largest
   segment to a bucket rounded up to the `xla` backend's 256-row query chunk), the transient buffers of one block
   (qkv, the attention's working set, the MLP's `[P, 4E]`), the pixels on the host and device. The attention
   working set depends on the backend: `xla` attends in 256-query chunks over the whole segment (`[N, 256, L]`
@@ -42,7 +42,7 @@ import numpy as np
 from ..modeling.buckets import bucket
 from ..modeling.config import Qwen2VLConfig
 
-# Layout constants of the modules that run the request. They live in JAX modules (generation.py imports this one,
+# Layout constants of the modules that run the request. They live in JAX modules (decoding.py imports this one,
 # so importing it back would be a cycle, and the estimate must not start JAX); tests/test_memory.py checks each
 # copy against its source.
 PROMPT_GRANULE = 64  # generation.PROMPT_GRANULE

@@ -9,7 +9,7 @@ photo, its M-RoPE position, and a generated token's attention over an image draw
 
 The mapping. The image processor resizes the whole image (H0, W0) to (H1, W1) = `smart_resize(H0, W0)` (both
 multiples of patch_size * merge_size = 28; the aspect ratio is kept only approximately: transformers 4.57
-models/qwen2_vl/image_processing_qwen2_vl.py `smart_resize`, here `image_processing.smart_resize`), then cuts
+models/qwen2_vl/image_processing_qwen2_vl.py `smart_resize`, here `processing.image.smart_resize`), then cuts
 14 x 14 patches: `grid_thw = (t, H1 / 14, W1 / 14)`. The merger joins 2 x 2 patch blocks, so merged token (i, j)
 covers resized rows [28 i, 28 i + 28) and columns [28 j, 28 j + 28), and the `<|image_pad|>` tokens appear in
 input_ids t-major, then merged row, then merged column (the patchify / merger order). In original pixels that box
@@ -18,9 +18,9 @@ resized pixel u to (u + 0.5) * W0 / W1, so an original pixel x belongs to the to
 (x + 0.5) * W1 / W0. A video's frames are resized the same way and temporal patch t covers frames 2t, 2t + 1 of
 the sampled clip (the last frame repeated to an even count).
 
-M-RoPE positions come from `rope_index.get_rope_index` (transformers 4.57 models/qwen2_vl/modeling_qwen2_vl.py
+M-RoPE positions come from `modeling.rope.get_rope_index` (transformers 4.57 models/qwen2_vl/modeling_qwen2_vl.py
 `Qwen2VLModel.get_rope_index`): a vision block gets `start + (t, row, col)` on the merged grid (Qwen2.5-VL: the
-video t scaled by `second_per_grid_ts` and `tokens_per_second`, `rope_index` module docstring).
+video t scaled by `second_per_grid_ts` and `tokens_per_second`, `modeling/rope.py`'s docstring).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _size_of(item: Any, kind: str, n: int) -> tuple[int, int]:
 
         return _size_of(load_image(item, exif_transpose=True), kind, n)
     array = np.asarray(item)
-    # Channel axis located as image_processing._as_hwc does: first if it has 1 or 3 entries, else last.
+    # Channel axis located as processing.image._as_hwc does: first if it has 1 or 3 entries, else last.
     if array.ndim == 2 or (array.ndim == 3 and array.shape[0] not in (1, 3)):
         return int(array.shape[0]), int(array.shape[1])
     if array.ndim == 3:

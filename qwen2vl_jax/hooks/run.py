@@ -13,7 +13,7 @@
 
 `inputs` are the processor's outputs (`input_ids`, `attention_mask`, `pixel_values`, `image_grid_thw`,
 `pixel_values_videos`, `video_grid_thw`, and Qwen2.5-VL's `second_per_grid_ts`). Hook names and their shapes:
-`qwen2vl_jax.modeling.hook_points` (the model side) and `list_hook_points(model)`. A hook is `fn(value, ctx) -> value` with
+`modeling.hook_points` (the model side) and `list_hook_points(model)`. A hook is `fn(value, ctx) -> value` with
 `ctx` a `HookContext` (name, layer, `step` = tokens generated so far, `valid` rows, `position_ids`, `slots`); it
 must return the value's shape (the dtype is cast back). Keys may be glob patterns (`text.layers.*.attn.head_out`);
 several hooks on one point run in order (give a list).

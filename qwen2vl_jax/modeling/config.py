@@ -1,4 +1,5 @@
-"""Model configuration: frozen dataclasses and `from_hf` / `to_hf_dict` for config.json (presets: `presets.py`).
+"""Model configuration: frozen dataclasses and `from_hf` / `to_hf_dict` for config.json, and the presets of the
+released sizes.
 
 One set of classes describes both families (`model_type` "qwen2_vl" or "qwen2_5_vl"): they share the decoder,
 the patch embed, the 2-D vision rotary, the 2x2 merger and M-RoPE. Qwen2.5-VL changes the vision blocks (RMSNorm,

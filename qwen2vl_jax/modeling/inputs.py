@@ -114,6 +114,7 @@ def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, pixel_
         pixels.append(np.asarray(pv))
         grids.append(grid)
     if pixels:
-        prep.vision_pixels, prep.vision_layout = prepare_pixels(cfg.vision_config, np.concatenate(pixels), np.concatenate(grids))
+        prep.vision_pixels, prep.vision_layout = prepare_pixels(cfg.vision_config, np.concatenate(pixels),
+                                                                np.concatenate(grids))
         prep.vision_index_BT = index.astype(np.int32)
     return prep

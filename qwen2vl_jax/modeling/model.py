@@ -125,7 +125,7 @@ class Qwen2VL(nnx.Module):
     # --------------------------------------------------------------------------------------- host inputs
     def get_rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None, *,
                        second_per_grid_ts=None):
-        """M-RoPE positions `[3, B, S]` and rope deltas `[B, 1]` (`rope_index.get_rope_index`); Qwen2.5-VL spaces
+        """M-RoPE positions `[3, B, S]` and rope deltas `[B, 1]` (`rope.get_rope_index`); Qwen2.5-VL spaces
         video positions by `second_per_grid_ts` (the processor's), Qwen2-VL ignores it."""
         return get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask, self.config,
                               second_per_grid_ts=second_per_grid_ts)

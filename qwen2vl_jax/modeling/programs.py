@@ -1,7 +1,9 @@
 """The compiled programs: the model's math under `jax.jit`, with a hook set installed while tracing.
 
-Two programs serve every caller (the HF-style `Qwen2VL.__call__`, generation's prefill through `forward`, the
-interpretability runs): `vision` (the vision tower on padded rows) and `forward` (embeddings + decoder + logits).
+Two programs serve the HF-style calls (`Qwen2VL.__call__`, `VisionTransformer.run_padded`) and the
+interpretability runs: `vision` (the vision tower on padded rows; generation runs it too) and `forward`
+(embeddings + decoder + logits). Generation compiles its own prefill and decode programs around `Qwen2VL.forward`
+(`generation/decoding.py`).
 A hook set is a traced argument whose names are static (`hook_points.HookSet`), so without hooks the program is the
 plain math's, and a new steering vector reuses the compiled program. `compiles()` counts compiled programs from the
 jit caches themselves (a test that expects one compile per shape bucket reads it).

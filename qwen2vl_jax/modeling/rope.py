@@ -23,10 +23,8 @@ rotary, and the M-RoPE position ids (`get_rope_index`). Read top to bottom, with
 
        a[p] = cat(row_p * inv_freq, col_p * inv_freq),            a[..., j + H/2] = a[..., j]
 
-4. The position ids themselves (`get_rope_index`, host NumPy), as below.
-
-M-RoPE position ids (host NumPy): `get_rope_index`, with the transformers 4.57 semantics
-(`models/qwen2_vl/modeling_qwen2_vl.py` `Qwen2VLModel.get_rope_index`).
+4. The position ids themselves (`get_rope_index`, host NumPy, with the semantics of transformers 4.57
+   `Qwen2VLModel.get_rope_index`), computed before anything is traced:
 
 Text tokens advance all three axes (t, h, w) together. A vision block of `t x h x w` merged tokens (h, w already
 divided by spatial_merge_size) gets `start + (t_idx, h_idx, w_idx)`, and the text after it restarts at

@@ -1,7 +1,7 @@
 """Still images in: `load_image` (paths, bytes, base64, PIL, arrays) and `to_pil_rgb`; `check_media_path`.
 
-Shared by the HF-style image processor (image_processing.py, with EXIF orientation applied like transformers 4.57
-image_utils.py `load_image`) and the qwen-vl-utils port (qvu_image.py `fetch_image`, video.py frame lists, without
+Shared by the HF-style image processor (image.py, with EXIF orientation applied like transformers 4.57
+image_utils.py `load_image`) and the qwen-vl-utils port (`fetch_image` below, video.py frame lists, without
 EXIF orientation, like qwen-vl-utils). Nothing is fetched over the network. Pillow and NumPy only.
 
 `check_media_path` is the one place that turns a user's media path (image or video) into a local file path or a

@@ -2,17 +2,17 @@
 grids (and, for Qwen2.5-VL videos, `second_per_grid_ts`).
 
 `Qwen2VLProcessor` mirrors transformers 4.57 models/qwen2_vl/processing_qwen2_vl.py `Qwen2VLProcessor`: it runs
-the image processor (image_processing.py) on images and videos, expands every `<|image_pad|>` / `<|video_pad|>` to
+the image processor (image.py) on images and videos, expands every `<|image_pad|>` / `<|video_pad|>` to
 `prod(grid_thw) // merge_size**2` copies, tokenizes (tokenizer.py) and returns NumPy arrays under the HF keys;
-`apply_chat_template` renders with chat_template.py. Video paths are decoded by video.py.
+`apply_chat_template` renders with tokenizer.py's chat template. Video paths are decoded by video.py.
 
 `Qwen2_5_VLProcessor` mirrors transformers 4.57 models/qwen2_5_vl/processing_qwen2_5_vl.py: the same pieces, plus
 `fps` (the rate each video's frames were sampled at) and `second_per_grid_ts = temporal_patch_size / fps` per
 video, which Qwen2.5-VL's `get_rope_index` uses to space video positions in time. `Qwen2VLProcessor.from_pretrained`
 returns one for a Qwen2.5-VL checkpoint (`processor_class_for`).
 
-The public names of the modules it is built from are re-exported here, so `from qwen2vl_jax.processing.processor import
-Qwen2VLImageProcessor` keeps working. Pure preprocessing: no JAX, no torch, no transformers, no model code.
+Each name lives in one module (the image processor in `image.py`, the tokenizer in `tokenizer.py`); this one
+defines the processors. Pure preprocessing: no JAX, no torch, no transformers, no model code.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class Qwen2_5_VLProcessor(Qwen2VLProcessor):
 
 
 def _top_level_videos(videos: Any) -> list:
-    """The videos of a `videos` argument as a list, one item per video (nothing decoded), by image_processing.py
+    """The videos of a `videos` argument as a list, one item per video (nothing decoded), by image.py
     `as_video_list`'s rule: a path or an array [T, H, W, C] is one video, so is a list whose first item is a frame
     (a PIL image or an array [H, W, C]); any other list holds videos."""
     if isinstance(videos, (str, os.PathLike)) or (isinstance(videos, np.ndarray) and videos.ndim == 4):

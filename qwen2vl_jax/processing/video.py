@@ -2,7 +2,7 @@
 
 Qwen2-VL's README prepares inputs for the HF processor with `qwen_vl_utils.process_vision_info`, whose frame
 sampling and sizing differ from the HF video processor's. This module ports the video side of qwen-vl-utils 0.0.8
-`vision_process.py` with NumPy + Pillow + PyAV only (the image side is qvu_image.py, the message walker
+`vision_process.py` with NumPy + Pillow + PyAV only (the image side is image_io.py, the message walker
 vision_info.py):
 
 * `smart_nframes`   — how many frames: fps 2.0, FRAME_FACTOR 2, min 4 / max 768 frames, or an explicit `nframes`;
@@ -66,7 +66,7 @@ __all__ = [
     "fetch_video",
 ]
 
-# QVU8 vision_process.py constants (the video ones; the image ones are in qvu_image.py).
+# QVU8 vision_process.py constants (the video ones; the image ones are in image_io.py).
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
 VIDEO_TOTAL_PIXELS = 24576 * 28 * 28

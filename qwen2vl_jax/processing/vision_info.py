@@ -1,6 +1,6 @@
 """qwen-vl-utils 0.0.8 ("QVU8") `process_vision_info`: chat messages -> (images, videos) ready for the processor.
 
-Walks the messages' content items in order (`extract_vision_info`) and loads each: images with qvu_image.py
+Walks the messages' content items in order (`extract_vision_info`) and loads each: images with image_io.py
 `fetch_image`, videos with video.py `fetch_video`, honouring the per-item options as qwen-vl-utils does.
 """
 

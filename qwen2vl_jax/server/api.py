@@ -1,4 +1,4 @@
-"""The OpenAI wire format of `qwen2vl-jax serve` (server.py): request schemas, error bodies, response objects and
+"""The OpenAI wire format of `qwen2vl-jax serve` (app.py): request schemas, error bodies, response objects and
 stop strings. No model, no HTTP server: plain data in, plain data out.
 
 Mirrors OpenAI's Chat Completions API (`POST /v1/chat/completions`):

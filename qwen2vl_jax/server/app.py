@@ -3,7 +3,7 @@
     POST /v1/chat/completions   OpenAI's Chat Completions (text + images; `stream` as server-sent events)
     GET  /v1/models             the one served model          GET /health   liveness and queue length
 
-How requests run: the HTTP handlers parse and validate (server_api.py), decode images and tokenize (in a thread
+How requests run: the HTTP handlers parse and validate (api.py), decode images and tokenize (in a thread
 pool), then put a `Job` in a bounded queue (`max_queue`; full -> 503). One worker thread owns the model: it takes
 the oldest job plus every waiting job that may share its batch (same settings, deterministic decoding, not
 streamed; up to `max_batch`) and runs them as one left-padded batch through `generation.generate`, holding
@@ -13,8 +13,8 @@ streamed request runs alone and sends each text piece as it is decoded; a client
 the next token.
 
 Safety (a server trusts no client): images are data URLs, or local files only inside `--allowed-local-media-path`
-(server_media.py), their headers checked against a pixel budget before anything is decoded; `Host`, API key and
-content type are checked before a handler runs (server_guard.py); bodies, stop strings and `max_tokens`
+(media.py), their headers checked against a pixel budget before anything is decoded; `Host`, API key and
+content type are checked before a handler runs (guard.py); bodies, stop strings and `max_tokens`
 (`--max-tokens`) are bounded; each request's memory is estimated (memory.estimate_request) for the batch it joins
 and refused with the estimate when it cannot fit. A client that goes away (or, streaming, stops reading for
 `STALL_SECONDS` while its answer waits to be sent) stops its generation within one decode segment, and the worker
@@ -64,7 +64,7 @@ from .api import (
 from .guard import Guard, read_body
 from .media import MediaError, MediaPolicy, open_image, shrink_for_processor
 
-__all__ = ["Engine", "RequestError", "build_engine", "create_app", "served_name"]
+__all__ = ["Engine", "build_engine", "create_app", "served_name"]
 
 DEFAULT_MAX_TOKENS = 512  # a request without max_tokens: this many at most (and never past the context)
 MAX_TOKENS_CAP = 4096  # --max-tokens: the most any request may ask for
@@ -449,7 +449,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, bind_host: str = "
     """The FastAPI app over `engine`: the OpenAI routes, OpenAI-style error bodies for every error (validation
     errors are 400s, as OpenAI answers them, not FastAPI's 422), and the explorer when its module is present.
 
-    `server_guard.Guard` checks every request but /health first (`Host` against `bind_host` and `allowed_hosts`,
+    `guard.Guard` checks every request but /health first (`Host` against `bind_host` and `allowed_hosts`,
     `Authorization: Bearer api_key` when a key is set, JSON content type on POST). `docs`: serve /docs and
     /openapi.json (off by default: they describe the server to anyone who asks)."""
     app = FastAPI(title="qwen2vl_jax", description="OpenAI-compatible API over a Qwen2-VL / Qwen2.5-VL model",

@@ -19,7 +19,7 @@ that chose the n generated tokens as one more chunk, recording only that chunk's
 of a whole forward (5,063 prompt tokens on the 2B: 1.4 GB per layer). Its memory is estimated first and a run that
 cannot fit is refused. Later clicks cost a slice and one small unembedding.
 
-Requests get the API's scrutiny (server.py): the body limit while it streams in, JSON without lone surrogates or
+Requests get the API's scrutiny (app.py): the body limit while it streams in, JSON without lone surrogates or
 runaway nesting, images through `engine.load_image` (data URLs; local files only inside the allowed directory;
 headers checked before decoding), the memory estimate; a client that goes away stops its generation.
 

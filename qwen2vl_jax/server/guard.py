@@ -6,20 +6,20 @@ Every request but `GET /health` passes, in order:
 1. **Host**: the `Host` header must name the address the server is bound to (for a loopback bind: `127.0.0.1`,
    `localhost`, `[::1]`) or one given with `--allowed-host`. A web page cannot then reach the server through a DNS
    name it controls (DNS rebinding). A wildcard bind (`0.0.0.0`, `::`) accepts any host unless `--allowed-host`
-   lists some; such a server needs an API key anyway (cli.py refuses to start it without one).
+   lists some; such a server needs an API key anyway (cli/serve.py refuses to start it without one).
 2. **API key** (`--api-key` / `QWEN2VL_JAX_API_KEY`): `Authorization: Bearer KEY`, compared in constant time
    (`hmac.compare_digest`); 401 with an OpenAI error body otherwise.
 3. **Content type**: a POST must say `Content-Type: application/json` (a browser sends `text/plain`, form and
    multipart bodies to any origin without asking first; a JSON body it can only send after a CORS preflight,
    which this server never grants). 415 otherwise.
 
-Refusals are OpenAI error bodies (`server_api.error_body`), answered without reading the request body.
+Refusals are OpenAI error bodies (`api.error_body`), answered without reading the request body.
 
 `bounded_send_protocol()` is the HTTP protocol uvicorn runs (`uvicorn_config`): the same as uvicorn's, with each
 connection's kernel send buffer and asyncio write buffer kept small (`SEND_BUFFER_BYTES`). Linux lets a loopback
 socket buffer ~4 MB unsent: a streamed answer (~250 bytes a token) would then never block on a client that stopped
 reading, and the server could not tell it from one that reads. With small buffers, such a client blocks the
-stream's writes within a few hundred tokens, and the worker drops it (server.py, `STALL_SECONDS`).
+stream's writes within a few hundred tokens, and the worker drops it (app.py, `STALL_SECONDS`).
 """
 
 from __future__ import annotations

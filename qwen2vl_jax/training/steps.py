@@ -36,8 +36,6 @@ from ..modeling.model import Qwen2VL
 from ..modeling.parameters import LoRAParam, param_path
 
 IGNORE_INDEX = -100
-# Trace counter: each body below runs in Python once per compile, so tests and the CLI can count compiles.
-TRACE_COUNTS: dict[str, int] = {"train_step": 0, "grad_step": 0, "apply_gradients": 0, "eval_step": 0}
 
 
 # ------------------------------------------------------------------------------------------------- batches
@@ -110,9 +108,8 @@ def batch_logits(model: Qwen2VL, batch: Batch) -> jax.Array:
     vision_MD = None
     if batch.pixels_PC is not None:
         vision_MD, _ = model.visual.forward(batch.pixels_PC, batch.pos_hw_P2, batch.segments)
-    logits_BTV, *_ = model.forward(batch.input_ids_BT, batch.attention_mask_BT, batch.position_ids_ZBT, vision_MD,
-                                   batch.vision_index_BT)
-    return logits_BTV
+    return model.forward(batch.input_ids_BT, batch.attention_mask_BT, batch.position_ids_ZBT, vision_MD,
+                         batch.vision_index_BT).logits
 
 
 def loss_sums(model: Qwen2VL, batch: Batch):
@@ -255,7 +252,6 @@ def train_step(model: Qwen2VL, optimizer: nnx.Optimizer, batch: Batch) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3, 4, 5))
 def _train_step(graphdef, opt_def, wrt, trainable, rest, opt_state, frozen, batch):
-    TRACE_COUNTS["train_step"] += 1  # runs once per compile
     model = nnx.merge(graphdef, trainable, frozen, rest)
     optimizer = nnx.merge(opt_def, opt_state)
     grad_fn = nnx.value_and_grad(batch_loss, argnums=nnx.DiffState(0, wrt), has_aux=True)
@@ -275,7 +271,6 @@ def grad_step(model: Qwen2VL, batch: Batch, wrt) -> tuple[nnx.State, dict]:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _grad_step(graphdef, wrt, trainable, rest, frozen, batch):
-    TRACE_COUNTS["grad_step"] += 1
     model = nnx.merge(graphdef, trainable, frozen, rest)
     grads, sums = nnx.grad(loss_sums, argnums=nnx.DiffState(0, wrt), has_aux=True)(model, batch)
     return grads, sums, _split(model, wrt)[3]
@@ -292,7 +287,6 @@ def apply_gradients(model: Qwen2VL, optimizer: nnx.Optimizer, grads: nnx.State, 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
 def _apply_gradients(graphdef, opt_def, trainable, opt_state, frozen, rest, grads, tokens):
-    TRACE_COUNTS["apply_gradients"] += 1
     model = nnx.merge(graphdef, trainable, frozen, rest)
     optimizer = nnx.merge(opt_def, opt_state)
     scale = 1.0 / jnp.maximum(tokens, 1).astype(jnp.float32)
@@ -326,8 +320,14 @@ def eval_step(model: Qwen2VL, batch: Batch) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _eval_step(graphdef, state, batch):
-    TRACE_COUNTS["eval_step"] += 1
     return loss_sums(nnx.merge(graphdef, state), batch)[1]
+
+
+def compiles() -> dict[str, int]:
+    """Programs per jitted step: the entries of its jit cache, one per argument signature met (batch shapes,
+    shardings, the model's structure), so a run compiles once per batch bucket. `jax.clear_caches()` empties them."""
+    return {"train_step": _train_step._cache_size(), "grad_step": _grad_step._cache_size(),
+            "apply_gradients": _apply_gradients._cache_size(), "eval_step": _eval_step._cache_size()}
 
 
 # ----------------------------------------------------------------------------------------------- meshes
