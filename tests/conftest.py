@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The CLI turns on the persistent XLA compilation cache; in-process CLI tests must not fill ~/.cache or change JAX's
-# config for the rest of the session (tests/test_compile_cache.py sets its own directory).
+# config for the rest of the session (tests/cli/test_compile_cache.py sets its own directory).
 os.environ.setdefault("QWEN2VL_JAX_COMPILE_CACHE", "0")
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,4 +1,4 @@
-"""One process of a multi-process (multi-host on localhost) load + forward, for tests/test_multihost.py.
+"""One process of a multi-process (multi-host on localhost) load + forward, for tests/sharding/test_multihost.py.
 
     python multihost_worker.py CHECKPOINT OUT_DIR PROCESS_ID NUM_PROCESSES PORT LOCAL_DEVICES MODEL_AXIS
 

@@ -4,7 +4,7 @@ Test helper, not library code: checkpoints carry their own tokenizer.json; tests
 The conversion is the standard tiktoken -> HF byte-level BPE one: map token bytes through GPT-2's
 `bytes_to_unicode`; every multi-byte token's merge is the pair that BPE over its own bytes, using only lower
 ranks, ends with. The result reproduces the official vocab.json / merges.txt byte for byte (sha256 checked in
-tests/test_assets.py).
+tests/processing/test_assets.py).
 """
 
 from __future__ import annotations

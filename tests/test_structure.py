@@ -361,7 +361,8 @@ def test_code_comments_cite_nothing_outside_the_repository():
 # The parity path an accelerator runs, end to end, with the native kernels off: the `xla` attention and XLA's own
 # dots for every product (the bf16 decode gemv included). A representative subset of the parity suite (the logits,
 # vision, generation and bf16 files) in a child process, since the kernels are chosen once per process.
-XLA_PATH_TESTS = ["tests/test_model.py", "tests/test_vision.py", "tests/test_generation.py", "tests/test_bf16.py"]
+XLA_PATH_TESTS = ["tests/modeling/test_model.py", "tests/modeling/test_vision.py",
+                  "tests/generation/test_generation.py", "tests/modeling/test_bf16.py"]
 
 
 def test_parity_suite_passes_without_the_native_kernels():

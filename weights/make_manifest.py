@@ -7,7 +7,7 @@ family, size, exact parameter counts and the config fields that identify them.
 Every number comes from the presets in `qwen2vl_jax.modeling.config` (`PRESETS`, whose values are the released
 config.json files): the fields through `qwen2vl_jax.cli.releases.identifying_fields` (what `qwen2vl-jax info`
 compares a checkpoint's config.json with), the parameters counted on the abstract `Qwen2VL` of each preset
-(`nnx.eval_shape`: shapes only, nothing allocated, no weights downloaded). tests/test_weights_manifest.py
+(`nnx.eval_shape`: shapes only, nothing allocated, no weights downloaded). tests/checkpoints/test_weights_manifest.py
 regenerates the file and compares.
 """
 

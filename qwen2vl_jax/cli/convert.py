@@ -22,7 +22,7 @@ from collections.abc import Callable
 COMPILES = False
 
 # checkpoints.convert.DEFAULT_FLAX_SHARD_SIZE / DEFAULT_HF_SHARD_SIZE (not imported: building the parser imports no
-# JAX; tests/test_cli_structure.py checks they agree)
+# JAX; tests/cli/test_cli_structure.py checks they agree)
 DEFAULT_FLAX_SHARD_SIZE = "2GB"
 DEFAULT_HF_SHARD_SIZE = "5GB"
 

@@ -43,9 +43,9 @@ from ..modeling.buckets import bucket
 from ..modeling.config import Qwen2VLConfig
 
 # Layout constants of the modules that run the request. They live in JAX modules (decoding.py imports this one,
-# so importing it back would be a cycle, and the estimate must not start JAX); tests/test_memory.py checks each
-# copy against its source.
-PROMPT_GRANULE = 64  # generation.PROMPT_GRANULE
+# so importing it back would be a cycle, and the estimate must not start JAX); tests/generation/test_memory.py
+# checks each copy against its source.
+PROMPT_GRANULE = 64  # decoding.PROMPT_GRANULE
 VISION_QUERY_CHUNK = 256  # attention.xla.QUERY_CHUNK
 CHUNK_ABOVE_BYTES = 256 * 2**20  # attention.xla.CHUNK_ABOVE_BYTES
 QUERY_BLOCK = 512  # attention.xla.QUERY_BLOCK

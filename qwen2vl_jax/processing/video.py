@@ -16,8 +16,8 @@ antialias=True)`. There is no torchvision here, so frames are resized with Pillo
 antialiased: its support widens with the downscale factor, the filter torchvision's antialias path imitates). The
 target *size* is exactly QVU8's; pixel values differ slightly: on Big Buck Bunny's 10 sampled frames (1280x720 ->
 1008x560) Pillow vs torch's bicubic-antialias interpolate (what torchvision's tensor resize runs) differ by at most
-2 uint8 levels, 16% of values by 1 level, mean 0.16 (tests/test_video.py). QVU8 also returns float tensors; the
-values are integers (torchvision rounds uint8 output), so frames are returned here as uint8.
+2 uint8 levels, 16% of values by 1 level, mean 0.16 (tests/processing/test_video.py). QVU8 also returns float tensors;
+the values are integers (torchvision rounds uint8 output), so frames are returned here as uint8.
 
 Bad files: a one-frame video is that frame twice (QVU8's `smart_nframes` raises "nframes should be in the interval
 [2, 1]"; transformers 4.57 video_processing_qwen2_vl.py `Qwen2VLVideoProcessor._preprocess` repeats the last frame

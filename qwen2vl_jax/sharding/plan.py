@@ -6,7 +6,7 @@ in bytes, computed from the real shapes and `sharding`'s rules. No devices are n
     p.params.per_device, p.kv_cache.per_device, p.largest.name, p.total_per_device
 
 * parameters: every parameter's shard shape (`partition_spec` of its logical axes) times its itemsize; what a
-  `from_pretrained(..., mesh=mesh)` model holds on each device, byte for byte (tests/test_plan.py).
+  `from_pretrained(..., mesh=mesh)` model holds on each device, byte for byte (tests/sharding/test_plan.py).
 * KV cache: per layer keys and values `[B, S, K, H]` in the model dtype with `S = context` slots, placed by
   `partitioning.kv_cache_spec` (stacked `[L, B, S, K, H]` with `scan_layers`: the same bytes).
 * activations (`ACTIVATIONS`): the main tensors of a prefill of `batch x context` tokens with the `xla` attention

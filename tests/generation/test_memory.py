@@ -19,7 +19,7 @@ from qwen2vl_jax.modeling import config as config_lib
 from qwen2vl_jax.modeling import config as presets
 from qwen2vl_jax.testing import demo
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = config_lib.Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
 TWO_B = presets.qwen2_vl_2b()
 

@@ -131,7 +131,7 @@ def test_image_request_equals_generate(served, photos):
 
 
 def test_image_from_a_file_url_and_the_string_form(served, photos, tmp_path):
-    """Local files are read only inside the allowed directory (tests/test_server_security.py has the refusals)."""
+    """Local files are read only inside the allowed directory (tests/server/test_server_security.py: the refusals)."""
     from qwen2vl_jax.server.media import MediaPolicy
 
     path = tmp_path / "rocket.png"

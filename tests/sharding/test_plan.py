@@ -19,7 +19,7 @@ from qwen2vl_jax.modeling.config import qwen2_vl_72b
 from qwen2vl_jax.modeling.model import Qwen2VL
 from qwen2vl_jax.modeling.parameters import abstract_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLAN_72B = ["plan", "--model", "72b", "--mesh", "data=1,fsdp=1,model=8", "--batch", "8", "--context", "32768",
             "--dtype", "bfloat16", "--json"]
 

@@ -18,7 +18,7 @@ from qwen2vl_jax.modeling.config import PRESETS
 from qwen2vl_jax.modeling.model import Qwen2VL
 from qwen2vl_jax.modeling.parameters import abstract_model, checkpoint_shapes
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 RELEASE_IDS = ["Qwen/Qwen2-VL-2B-Instruct", "Qwen/Qwen2-VL-7B-Instruct", "Qwen/Qwen2-VL-72B-Instruct",
                "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-32B-Instruct",
                "Qwen/Qwen2.5-VL-72B-Instruct"]

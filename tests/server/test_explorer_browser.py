@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from jax.tree_util import Partial
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORCED = (1, 2)  # merged-grid (row, col) every attention row is forced onto
 PHOTO_SIZE = (224, 168)  # (W, H) -> a 6 x 8 merged grid: not square, so a transposed map would show
 QUESTION = "What is in this photo?"

@@ -19,7 +19,7 @@ import pytest
 from qwen2vl_jax import cli
 from qwen2vl_jax.training.finetune import FinetuneConfig, finetune, read_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CAPTION = "A red rocket stands on the launch pad under a clear blue sky."
 QUESTION = "Describe the image."
 MAX_PIXELS = 16 * 28 * 28  # at most 16 vision tokens per image: a fast run

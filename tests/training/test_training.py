@@ -29,7 +29,7 @@ from qwen2vl_jax.checkpoints.keymap import hf_to_ours, to_ours_layout
 from qwen2vl_jax.modeling.parameters import LoRAParam, model_params, param_path
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: helpers and workers
 ROOT = TESTS.parent
 LOSS_TOL = 1e-6
 GRAD_TOL = 1e-5
@@ -200,7 +200,8 @@ def test_gradients_match_transformers_on_the_2b_slice(reference):
 # ---------------------------------------------------------------------- without the native CPU kernels
 def _child_env(**extra) -> dict:
     env = {**os.environ, "QWEN2VL_JAX_CPU_KERNELS": "0", **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), str(Path(__file__).resolve().parent),
+                                         env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 

@@ -28,7 +28,7 @@ from qwen2vl_jax.checkpoints.safetensors_io import SafetensorsError, Safetensors
 from qwen2vl_jax.modeling.parameters import abstract_model
 from qwen2vl_jax.pretrained import Qwen2VLForConditionalGeneration
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: helpers and workers
 ROOT = TESTS.parent
 
 

@@ -17,7 +17,7 @@ import helpers
 from qwen2vl_jax import cli
 from qwen2vl_jax.checkpoints import safetensors_io
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / "conversion"
 
 
