@@ -41,6 +41,20 @@ class Block(nnx.Module):
         return any(wants(f"{self.name}.{s}") for s in suffixes)
 
 
+class MLPBlock(Block):
+    """A row-wise block (an MLP, whose hook point is `{name}.act`): a caller may run it in row blocks
+    (`layers.rowwise`) unless something needs the whole call at once."""
+
+    def projections(self) -> tuple:
+        """Its Linears."""
+        raise NotImplementedError
+
+    def row_blockable(self) -> bool:
+        """Rows may run in blocks unless a hook wants the whole `act`, or a LoRA adapter sits on a projection (its
+        dropout draws per call)."""
+        return not self.hooked("act") and all(p.lora is None for p in self.projections())
+
+
 def remat_policy(name: str):
     """The `jax.checkpoint` policy named by one of `config.REMAT_POLICIES`."""
     if name not in REMAT_POLICIES:

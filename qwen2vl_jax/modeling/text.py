@@ -26,7 +26,7 @@ from .config import Qwen2VLTextConfig
 from .hook_points import HookError, active, point, recording, set_call
 from .kv_cache import KVCache
 from .layers import Embed, Linear, RMSNorm, rowwise
-from .module import Block, checkpointed
+from .module import Block, MLPBlock, checkpointed
 from .parameters import heads_axis, stack_modules
 from .partitioning import constrain
 from .rope import apply_rotary, mrope_cos_sin
@@ -89,7 +89,7 @@ class Attention(Block):
         return constrain(o_BTNH, Q_AXES), probs_BNTS if output_attentions else None
 
 
-class MLP(Block):
+class MLP(MLPBlock):
     """`Qwen2MLP`: down_proj(silu(gate_proj(x)) * up_proj(x)). Hook point `{name}.act` (the product)."""
 
     def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int):
@@ -105,10 +105,8 @@ class MLP(Block):
         act_AF = self.hook("act", constrain(act_AF, MLP_AXES) if act_AF.ndim == 3 else act_AF)  # 2-D: a row block
         return self.down_proj(act_AF)
 
-    def row_blockable(self) -> bool:
-        """Rows may run in blocks (`layers.rowwise`) unless a hook wants the whole `act`, or a LoRA adapter sits on
-        a projection (its dropout draws per call)."""
-        return not self.hooked("act") and all(p.lora is None for p in (self.gate_proj, self.up_proj, self.down_proj))
+    def projections(self) -> tuple:
+        return self.gate_proj, self.up_proj, self.down_proj
 
 
 class DecoderLayer(Block):

@@ -34,7 +34,7 @@ from . import programs
 from .config import Qwen2VLVisionConfig
 from .hook_points import HookError, active, point, recording, set_call
 from .layers import LayerNorm, Linear, RMSNorm, rowwise
-from .module import Block, checkpointed
+from .module import Block, MLPBlock, checkpointed
 from .parameters import heads_axis, stack_modules
 from .partitioning import Partitioning, constrain
 from .partitioning import active as use_partitioning
@@ -91,7 +91,7 @@ class VisionAttention(Block):
         return constrain(o_PNH, HEADS_AXES)
 
 
-class VisionMLP(Block):
+class VisionMLP(MLPBlock):
     """Qwen2-VL's `VisionMlp`: fc2(QuickGELU(fc1(x))). Hook point `{name}.act` (fed to fc2)."""
 
     def __init__(self, cfg: Qwen2VLVisionConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int):
@@ -105,13 +105,11 @@ class VisionMLP(Block):
         act_PF = self.hook("act", h_PF * jax.nn.sigmoid(1.702 * h_PF))  # QuickGELU (transformers `activations`)
         return self.fc2(act_PF)
 
-    def row_blockable(self) -> bool:
-        """Rows may run in blocks (`layers.rowwise`; a 65k-patch image's fp32 `[P, 5120]` products are 1.3 GB)
-        unless a hook wants the whole `act` or a LoRA adapter sits on a projection."""
-        return not self.hooked("act") and self.fc1.lora is None and self.fc2.lora is None
+    def projections(self) -> tuple:  # a 65k-patch image's fp32 [P, 5120] products are 1.3 GB: row blocks
+        return self.fc1, self.fc2
 
 
-class VisionGatedMLP(Block):
+class VisionGatedMLP(MLPBlock):
     """Qwen2.5-VL's `Qwen2_5_VLMLP(config, bias=True)`: down_proj(silu(gate_proj(x)) * up_proj(x)), every
     projection with a bias. Hook point `{name}.act` (fed to down_proj)."""
 
@@ -127,9 +125,8 @@ class VisionGatedMLP(Block):
         act_PF = self.hook("act", jax.nn.silu(self.gate_proj(x_PE)) * self.up_proj(x_PE))
         return self.down_proj(act_PF)
 
-    def row_blockable(self) -> bool:
-        """As `VisionMLP.row_blockable`."""
-        return not self.hooked("act") and all(p.lora is None for p in (self.gate_proj, self.up_proj, self.down_proj))
+    def projections(self) -> tuple:
+        return self.gate_proj, self.up_proj, self.down_proj
 
 
 def _norm(cfg: Qwen2VLVisionConfig, param_dtype):

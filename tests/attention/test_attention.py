@@ -123,6 +123,36 @@ def test_backend_real_width_2b_slice_logits(slice_2b_checkpoint, slice_hf, hf_to
 
 
 # ------------------------------------------------------------------------------------------------ registry
+def test_probabilities_come_through_the_backends_capability(tiny_checkpoint, hf_tokenizer, photos):
+    """`output_attentions` and a hooked `attn.probs` ask the backend's probabilities capability (not the xla module
+    directly): a backend that registers its own gets called, per layer, and its probabilities are returned; the
+    `edit` it is handed is the `.probs` hook (applied before the value product)."""
+    from qwen2vl_jax import hooks
+
+    calls = {"decoder_probs": 0, "vision_probs": 0}
+
+    def decoder_probs(q, k, v, mask, edit):
+        calls["decoder_probs"] += 1
+        return xla_attention.decoder_attention_probs(q, k, v, mask, lambda p: edit(p * 0.5))
+
+    def vision_probs(q, k, v, rotary, segments, edit):
+        calls["vision_probs"] += 1
+        return xla_attention.vision_attention_probs(q, k, v, rotary, segments, edit)
+
+    attention.register_attention("test_probs", decoder_fn=xla_attention.decoder_attention,
+                                 decoder_probs_fn=decoder_probs, vision_probs_fn=vision_probs, overwrite=True)
+    inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="test_probs")
+    out = model(**inputs, output_attentions=True)
+    assert calls["decoder_probs"] == model.config.text_config.num_hidden_layers
+    np.testing.assert_allclose(np.asarray(out.attentions[0]).sum(-1)[0, 0, -1], 0.5, rtol=1e-5)  # the halving
+    _, cache = hooks.run_with_cache(model, ["vision.blocks.0.attn.probs"], **inputs)
+    assert calls["vision_probs"] >= 1 and cache["vision.blocks.0.attn.probs"][0].shape[0] == 2  # [N, L, L]
+    plain = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="xla")
+    np.testing.assert_allclose(np.asarray(plain(**inputs, output_attentions=True).attentions[0]).sum(-1)[0, 0, -1],
+                               1.0, rtol=1e-5)
+
+
 def test_a_registered_backend_runs_in_every_layer(tiny_checkpoint, hf_tokenizer, photos):
     """A user's functions replace the attention (both kinds); the model's numbers are theirs."""
     calls = {"decoder": 0, "vision": 0}

@@ -205,3 +205,21 @@ def test_preset_parameter_counts_without_allocation(preset, expected):
     abstract = nnx.eval_shape(lambda: Qwen2VLForConditionalGeneration(preset(), rngs=nnx.Rngs(0)))
     assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))) == expected
     assert abstract.num_params()["total"] == expected
+
+
+def test_a_block_without_its_name_is_an_error():
+    """Every named module takes its hook-point name and layer (no default that would record under layer 0)."""
+    import jax.numpy as jnp
+
+    from qwen2vl_jax.modeling import text, vision
+    from qwen2vl_jax.modeling.config import Qwen2VLConfig
+    from qwen2vl_jax.testing import demo
+
+    cfg = Qwen2VLConfig.from_hf(demo.TINY_HF_CONFIG)
+    with pytest.raises(TypeError, match="name"):
+        text.Attention(cfg.text_config, param_dtype=jnp.float32, rngs=nnx.Rngs(0), layer=0)
+    for bad in ("", "text.layers.0.", None):
+        with pytest.raises(ValueError, match="hook-point name"):
+            vision.VisionMLP(cfg.vision_config, param_dtype=jnp.float32, rngs=nnx.Rngs(0), name=bad, layer=0)
+    mlp = text.MLP(cfg.text_config, param_dtype=jnp.float32, rngs=nnx.Rngs(0), name="text.layers.1.mlp", layer=1)
+    assert (mlp.name, mlp.layer) == ("text.layers.1.mlp", 1)

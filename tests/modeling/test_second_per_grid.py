@@ -238,6 +238,7 @@ def test_cli_encode_frames_without_a_rate_use_fps_flag(ckpt25_dir, tokenizer_dir
 
 def test_cli_generate_hands_second_per_grid_ts_to_the_model(ckpt25_dir, video_file, monkeypatch, capsys):
     from qwen2vl_jax import cli
+    from qwen2vl_jax.cli import generate as generate_command
 
     seen = {}
 
@@ -245,7 +246,7 @@ def test_cli_generate_hands_second_per_grid_ts_to_the_model(ckpt25_dir, video_fi
         seen.update(inputs)
         return "ok", {"prompt_tokens": 1, "vision_tokens": 0, "new_tokens": 1, "prefill_s": 0.0, "decode_tok_s": None}
 
-    monkeypatch.setattr(cli, "run_generation", fake_run_generation)
+    monkeypatch.setattr(generate_command, "run_generation", fake_run_generation)
     code = cli.main(["generate", "--model", str(ckpt25_dir), "--video", str(video_file), "--fps", "1",
                      "--max-pixels", str(64 * 784), "--prompt", "What happens?", "--dtype", "float32", "--quiet",
                      "--no-stream"])
