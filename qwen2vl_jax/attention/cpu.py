@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from .. import kernels
 from .masks import DecoderMask, VisionRotary, VisionSegments
 from .xla import masked_attention
@@ -20,9 +22,16 @@ def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments:
     k that arrive rotated (hooks read them) take the `xla` formulation."""
     if rotary is None:
         return xla_vision_attention(q_PNH, k_PNH, v_PNH, None, segments)
-
-    def reference(q, k, v, cos_PH, sin_PH, segments):
-        return xla_vision_attention(q, k, v, VisionRotary(cos_PH, sin_PH, rotary.rotate), segments)
-
     return kernels.rotary_segment_attention(q_PNH, k_PNH, v_PNH, rotary.cos_PH, rotary.sin_PH, segments,
-                                            reference=reference)
+                                            reference=_vision_reference(rotary.rotate))
+
+
+@functools.cache
+def _vision_reference(rotate):
+    """The kernel's reference in the glue's signature `(q, k, v, cos, sin, segments)`: one function per rotation
+    (the same object every call, so what the glue and JAX cache by function stays cached across blocks)."""
+
+    def reference(q_PNH, k_PNH, v_PNH, cos_PH, sin_PH, segments):
+        return xla_vision_attention(q_PNH, k_PNH, v_PNH, VisionRotary(cos_PH, sin_PH, rotate), segments)
+
+    return reference

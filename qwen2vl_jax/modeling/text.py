@@ -38,6 +38,14 @@ KV_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, T, K, H]
 MLP_AXES = ("batch", "seq", "mlp")  # [B, T, F]
 
 
+def residual(x_BTD):
+    """The residual stream as the mesh lays it out (replicated over "model", batch over the data axes) wherever a
+    norm reads it. Under FSDP the o_proj / down_proj outputs arrive split along D (their weights are); left so, the
+    RMSNorm after them would sum its squares across shards in another order (8-device FSDP: 9.9e-7 from one device
+    instead of bit-identical). No mesh, no op."""
+    return constrain(x_BTD, RESIDUAL_AXES)
+
+
 class Attention(Block):
     """GQA self-attention with M-RoPE (transformers `Qwen2VLAttention.forward`), N query heads over K kv heads:
 
@@ -128,10 +136,10 @@ class DecoderLayer(Block):
         attn_BTD, kv, probs_BNTS = self.self_attn(self.input_layernorm(x_BTD), cos_BTH, sin_BTH, mask, kv, start,
                                                   output_attentions=output_attentions)
         attn_BTD = self.hook("attn_out", attn_BTD)
-        x_BTD = self.hook("resid_mid", x_BTD + attn_BTD)
+        x_BTD = self.hook("resid_mid", residual(x_BTD + attn_BTD))
         mlp_BTD = self.hook("mlp_out", rowwise(self.mlp, self.post_attention_layernorm(x_BTD)))
         x_BTD = self.hook("resid_post", x_BTD + mlp_BTD)
-        return constrain(x_BTD, RESIDUAL_AXES), kv, probs_BNTS
+        return residual(x_BTD), kv, probs_BNTS
 
 
 @jax.tree_util.register_dataclass

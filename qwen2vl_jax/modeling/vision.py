@@ -45,6 +45,12 @@ ROWS_AXES = ("vis_rows", "act_embed")  # [P, E]: patch rows, replicated width (M
 HEADS_AXES = ("vis_rows", "vis_heads", "vis_head_dim")  # [P, N, H]
 
 
+def residual(x_PE):
+    """The residual stream as the mesh lays it out (rows, replicated width) wherever a norm reads it (see
+    `text.residual`). No mesh, no op."""
+    return constrain(x_PE, ROWS_AXES)
+
+
 class VisionAttention(Block):
     """Multi-head attention within segments (transformers `VisionAttention.forward`):
 
@@ -154,10 +160,10 @@ class VisionBlock(Block):
         """x = x + attn(norm1(x));  x = x + mlp(norm2(x))."""
         x_PE = self.hook("resid_pre", x_PE)
         attn_PE = self.hook("attn_out", self.attn(self.norm1(x_PE), rotary, segments))
-        x_PE = self.hook("resid_mid", x_PE + attn_PE)
+        x_PE = self.hook("resid_mid", residual(x_PE + attn_PE))
         mlp_PE = self.hook("mlp_out", rowwise(self.mlp, self.norm2(x_PE)))
         x_PE = self.hook("resid_post", x_PE + mlp_PE)
-        return constrain(x_PE, ROWS_AXES)
+        return residual(x_PE)
 
 
 class PatchEmbed(nnx.Module):
