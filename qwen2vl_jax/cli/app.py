@@ -16,8 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+# the command modules by their own names (not `from . import`, which reads the package `__init__` that imports
+# this module)
+import qwen2vl_jax.cli.chat as chat
+import qwen2vl_jax.cli.convert as convert
+import qwen2vl_jax.cli.finetune as finetune
+import qwen2vl_jax.cli.generate as generate
+import qwen2vl_jax.cli.info as info
+import qwen2vl_jax.cli.plan as plan
+import qwen2vl_jax.cli.selfcheck as selfcheck
+import qwen2vl_jax.cli.serve as serve
+
 from ..runtime import COMPILE_CACHE_ENV  # stdlib only: importing it changes nothing
-from . import chat, convert, finetune, generate, info, plan, selfcheck, serve
 from .common import EXIT_USER_ERROR, Parser, user_error_message
 
 __all__ = ["main", "build_parser", "COMMANDS"]
