@@ -28,6 +28,7 @@ setup(
         "jinja2",
         "huggingface_hub",
         "tqdm",
+        "flatbuffers",  # jax.export serialization (qwen2vl-jax export artifacts)
         "av",
         "ml_dtypes",
         "psutil",

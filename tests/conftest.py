@@ -119,5 +119,6 @@ def pytest_sessionfinish(session, exitstatus):
         from qwen2vl_jax import attention, kernels
 
         out.write_text(json.dumps({"exact_cpu_fp32_matmuls": not os.environ.get("QWEN2VL_JAX_TEST_DEFAULT_CPU_DOTS"),
-                                   "cpu_kernels": kernels.available(), "attention_default": attention.default_backend(),
+                                   "cpu_kernels": kernels.available(),
+                                   "attention_default": attention.platform_backend(None),  # what `auto` runs here
                                    "records": helpers.PARITY_RECORDS}, indent=1))

@@ -38,6 +38,8 @@ LAYERS = [
     {"lora", "pretrained", "hooks", "testing"},
     # the loss, steps and fine-tuning loop; the OpenAI-compatible server and the explorer; the lazy package facade
     {"training", "server", "qwen2vl_jax"},
+    # programs lowered for TPU, CUDA and CPU with jax.export: artifacts and their manifests
+    {"export"},
     # the command line
     {"cli"},
     # `python -m qwen2vl_jax`

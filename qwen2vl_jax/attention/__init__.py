@@ -23,15 +23,19 @@ product. Built-in backends:
 * `xla`: the reference formulation in XLA ops, every platform. Vision: per-segment gather, query chunks of 256.
 * `cpu`: the native kernels (`qwen2vl_jax.kernels`): the fused decode-step kernel for one-token steps (else `xla`);
   vision: one fused rotary + flash-attention kernel.
-* `jax`: `jax.nn.dot_product_attention` (asks for cuDNN's fused kernel on GPUs in bf16 / fp16, XLA's ops
-  elsewhere); vision: segments as batch rows with their lengths.
+* `jax`: `jax.nn.dot_product_attention` (cuDNN's fused kernel in programs lowered for CUDA in bf16 / fp16, XLA's
+  ops elsewhere); vision: segments as batch rows with their lengths.
 * `pallas`: Pallas TPU flash attention (`jax.experimental.pallas.ops.tpu`) for calls whose queries start at slot 0
   (prefill, training forwards), `xla` for decode steps; vision: flash attention, one batch row per segment.
+  Mosaic-compiled in programs lowered for TPU, Pallas' interpret mode in programs lowered for the CPU (slow; for
+  checking numbers), the `jax` backend's attention on GPUs.
+* `auto` (the default, `attn_implementation=None`): each platform's own kernels, chosen when the program is
+  lowered: `pallas` on TPU, `jax` (cuDNN) on CUDA, `cpu` on the CPU, `xla` elsewhere (`auto.platform_backend`).
 
-`None` picks the platform's default (`default_backend()`): `cpu` where the native kernels are available (JAX on
-the CPU of an x86 host with AVX2 + FMA and a C++ compiler), else `xla`. Off TPU, `pallas` runs in Pallas'
-interpret mode (slow; for checking numbers). Eager probabilities (`output_attentions=True`, the interpretability
-captures) go through the backend's probabilities capability: the `xla` formulation's for the built-in backends.
+Kernel choice is made by the platform a program is lowered for (`jax.lax.platform_dependent`), never by the host
+that traces it, so a program exported on a CPU host for TPU (`qwen2vl_jax.export`) carries the Mosaic kernels.
+Eager probabilities (`output_attentions=True`, the interpretability captures) go through the backend's
+probabilities capability: the `xla` formulation's for the built-in backends.
 
 Your own backend:
 
@@ -50,7 +54,7 @@ from .masks import DecoderMask, VisionRotary, VisionSegments
 
 __all__ = ["DecoderMask", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError",
            "register_attention",
-           "get_attention", "available_backends", "default_backend", "resolve"]
+           "get_attention", "available_backends", "default_backend", "resolve", "platform_backend"]
 
 
 class AttentionBackendError(ValueError):
@@ -108,8 +112,9 @@ def available_backends() -> list[str]:
 
 
 def default_backend() -> str:
-    """`cpu` when the native kernels are available (JAX on an x86 CPU with AVX2 + FMA), else `xla`."""
-    return "cpu" if kernels.available() else "xla"
+    """`auto`: each platform's own kernels, chosen when a program is lowered (`auto.platform_backend(platform)`
+    names the built-in backend it runs there)."""
+    return "auto"
 
 
 def resolve(name: str | None) -> str:
@@ -127,15 +132,31 @@ def resolve(name: str | None) -> str:
     return name
 
 
+def platform_backend(name: str | None, platform: str | None = None) -> str:
+    """The backend whose program `name` (None: the default) lowers to on `platform` ("cpu", "cuda", "tpu",
+    "rocm"; None: this host's default device): `auto` names its choice there; any other name stands for itself."""
+    from .auto import platform_backend as auto_choice
+
+    name = resolve(name)
+    if name != "auto":
+        return name
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return auto_choice("cuda" if platform == "gpu" else platform)
+
+
 def get_attention(name: str | None) -> AttentionBackend:
     """The backend `resolve(name)` names."""
     return _REGISTRY[resolve(name)]
 
 
 def _register_builtins() -> None:
-    from . import cpu, jax_nn, pallas, xla
+    from . import auto, cpu, jax_nn, pallas, xla
 
     register_attention("xla", decoder_fn=xla.decoder_attention, vision_fn=xla.vision_attention)
+    register_attention("auto", decoder_fn=auto.decoder_attention, vision_fn=auto.vision_attention)
     register_attention("cpu", decoder_fn=cpu.decoder_attention, vision_fn=cpu.vision_attention,
                        requires=kernels.unavailable_reason)
     register_attention("jax", decoder_fn=jax_nn.decoder_attention, vision_fn=jax_nn.vision_attention)

@@ -320,7 +320,7 @@ def check_memory(args, directory: Path, dtype: str, inputs, *, may_switch: bool 
     machine has (memory.py), naming the knobs that shrink it. With `--dtype auto` and `may_switch` (nothing
     loaded yet), a float32 request that does not fit runs in bfloat16 when that fits. Returns the dtype to use."""
 
-    from ..attention import resolve
+    from ..attention import platform_backend
     from ..generation.memory import InsufficientMemory, check_fits, estimate_request, vision_sizes
     from ..modeling.config import Qwen2VLConfig
 
@@ -328,7 +328,7 @@ def check_memory(args, directory: Path, dtype: str, inputs, *, may_switch: bool 
         return dtype
 
     config = Qwen2VLConfig.from_hf(directory)
-    backend = resolve(args.attn_implementation)  # the backend that will run: its vision attention's memory differs
+    backend = platform_backend(args.attn_implementation)  # the backend that runs here: its vision memory differs
     patches, largest = vision_sizes(inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
 
     def estimate(dt):

@@ -33,7 +33,7 @@ def run(args) -> int:
         config = Qwen2VLConfig.from_hf(directory)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"cannot read the config of {directory}: {e}") from None
-    from ..attention import AttentionBackendError, available_backends, resolve
+    from ..attention import AttentionBackendError, available_backends, platform_backend, resolve
 
     try:
         attention = resolve(args.attn_implementation)  # the backend a generate would run
@@ -49,7 +49,7 @@ def run(args) -> int:
         "model": str(args.model), "directory": str(directory), "model_type": config.model_type,
         "checkpoint_dtype": dtype,
         "checkpoint_bytes": nbytes, "checkpoint_tensor_elements": numel,
-        "parameters": counts, "attention": attention,
+        "parameters": counts, "attention": attention, "attention_here": platform_backend(attention),
         "bytes_float32": counts["total"] * 4, "bytes_bfloat16": counts["total"] * 2,
         "text": {"layers": t.num_hidden_layers, "hidden": t.hidden_size, "heads": t.num_attention_heads,
                  "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim, "mlp": t.intermediate_size,

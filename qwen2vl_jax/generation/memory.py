@@ -147,7 +147,7 @@ def _mlp_rows(rows: int, width: int, per_row: int, a: int) -> int:
 
 
 def _backend(attn_implementation: str | None) -> tuple[str, ...]:
-    if attn_implementation is None:  # the platform default: `cpu` where the native kernels build, else `xla`
+    if attn_implementation in (None, "auto"):  # `auto` on a CPU: `cpu` where the kernels build, else `xla`
         return ("cpu", "xla")
     if attn_implementation in ("cpu", "xla", "jax", "pallas"):
         return (attn_implementation,)
@@ -251,7 +251,7 @@ def estimate_request(config: Qwen2VLConfig, *, batch: int, prompt_tokens: int, n
     all images and videos before the 2x2 merge (sum of t*h*w of the grids); `largest_segment_patches`: the
     largest attention segment, h*w of one temporal slice (0: all patches in one segment, the worst case).
     `attn_implementation`: the backend that will run (None: the worse of `cpu` and `xla`; pass the resolved name,
-    `attention.resolve(name)` / `attention.default_backend()`, for the tighter number).
+    `attention.platform_backend(name)`, for the tighter number).
     """
     for name, value in (("batch", batch), ("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
         if not isinstance(value, int) or value < 1:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..attention import sharding as attention_sharding
+
 MESH_AXES = ("data", "fsdp", "model")
 
 # logical axis -> mesh axis, a tuple of mesh axes (each used in turn where it divides), or None (replicated).
@@ -139,10 +141,12 @@ _ACTIVE: list[Partitioning | None] = [None]
 
 @contextlib.contextmanager
 def active(partitioning: Partitioning | None):
-    """While tracing a tower's forward: `constrain` applies `partitioning` (None: does nothing)."""
+    """While tracing a tower's forward: `constrain` applies `partitioning` (None: does nothing), and the attention
+    kernels XLA cannot partition run under `shard_map` over its mesh (`attention.sharding`)."""
     _ACTIVE.append(partitioning)
     try:
-        yield
+        with attention_sharding.active(partitioning):
+            yield
     finally:
         _ACTIVE.pop()
 

@@ -243,10 +243,10 @@ class Engine:
         return self.max_memory if self.max_memory else memory.available_bytes() + estimate.weights
 
     def _backend(self) -> str | None:
-        from ..attention import resolve
+        from ..attention import platform_backend
 
         try:
-            return resolve(self.model.config.attn_implementation)
+            return platform_backend(self.model.config.attn_implementation)
         except Exception:  # an estimate for the worse backend is still an upper bound
             return None
 

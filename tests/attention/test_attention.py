@@ -200,7 +200,8 @@ def test_probabilities_always_come_from_the_xla_formulation(tiny_checkpoint, hf_
 
 
 def test_unknown_or_unusable_backends_fail_by_name(tiny_checkpoint, monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown attn_implementation 'flash'; registered: \['cpu', 'jax', 'pallas',"):
+    with pytest.raises(ValueError, match=r"unknown attn_implementation 'flash'; registered: \['auto', 'cpu', 'jax', "
+                                         r"'pallas',"):
         Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="flash")
     with pytest.raises(ValueError, match="already registered"):
         attention.register_attention("xla", decoder_fn=xla_attention.decoder_attention)
@@ -209,20 +210,23 @@ def test_unknown_or_unusable_backends_fail_by_name(tiny_checkpoint, monkeypatch)
     with pytest.raises(TypeError, match="must be callable"):
         attention.register_attention("bad", decoder_fn="xla")
     monkeypatch.setattr(kernels.build, "_register", lambda: "turned off by QWEN2VL_JAX_CPU_KERNELS=0")
-    assert not kernels.available() and attention.default_backend() == "xla"
+    assert not kernels.available() and attention.default_backend() == "auto"
+    assert attention.platform_backend(None, "cpu") == "xla"  # what `auto` runs on a CPU without the kernels
     with pytest.raises(attention.AttentionBackendError, match="'cpu' cannot run here: turned off by QWEN2VL_JAX_CPU"):
         Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="cpu")
 
 
 @pytest.mark.skipif(not kernels.available(), reason="needs the native CPU kernels")
 def test_platform_default_and_the_kernels_in_the_compiled_model(tiny_checkpoint, hf_tokenizer, photos):
-    """None means `cpu` on this host; the `xla` backend's fp32 program has no native call at all (the program an
-    accelerator runs), the `cpu` backend's has the fused vision kernel."""
+    """None means `auto`, which runs `cpu` on this host; the `xla` backend's fp32 program has no native call at all
+    (the program an accelerator runs), the `cpu` and `auto` backends' have the fused vision kernel."""
     from qwen2vl_jax.modeling import programs
 
-    assert attention.resolve(None) == "cpu"
+    assert attention.resolve(None) == "auto" and attention.platform_backend(None) == "cpu"
+    assert {p: attention.platform_backend(None, p) for p in ("tpu", "cuda", "rocm", "gpu")} == {
+        "tpu": "pallas", "cuda": "jax", "rocm": "xla", "gpu": "jax"}
     inputs = helpers.parity_inputs(hf_tokenizer, photos, "one_photo")
-    for name, expected in (("xla", False), ("cpu", True)):
+    for name, expected in (("xla", False), ("cpu", True), (None, True)):
         model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=name)
         prep = model.prepare_inputs(**inputs)
         pixels, layout = prep.vision_pixels, prep.vision_layout
@@ -269,18 +273,19 @@ def _count_calls(jaxpr, primitive: str) -> int:
 
 def test_pallas_runs_the_flash_kernel_inside_the_model(models, hf_tokenizer, photos):
     """The model's prefill builds its mask inside the trace with a static start: the flash kernel is in the
-    program (vision and decoder), not the fallback."""
+    program (vision and decoder), not the fallback: twice per layer, the TPU branch (Mosaic) and the CPU branch
+    (interpret mode), one of which the lowering keeps."""
     from qwen2vl_jax.modeling import programs
 
     model = models("pallas")
     prep = model.prepare_inputs(**helpers.parity_inputs(hf_tokenizer, photos, "one_photo"))
     text_jaxpr = jax.make_jaxpr(programs._forward)(model, prep.input_ids_BT, prep.attention_mask_BT,
                                                           prep.position_ids_ZBT, None, None, None)
-    assert _count_calls(text_jaxpr.jaxpr, "pallas_call") == model.config.text_config.num_hidden_layers
+    assert _count_calls(text_jaxpr.jaxpr, "pallas_call") == 2 * model.config.text_config.num_hidden_layers
     layout = prep.vision_layout
     vision_jaxpr = jax.make_jaxpr(lambda v, x, p, s: programs._vision(v, x, p, s, output_hidden_states=False))(
         model.visual, prep.vision_pixels, layout.pos_hw_P2, layout.segments())
-    assert _count_calls(vision_jaxpr.jaxpr, "pallas_call") == model.config.vision_config.depth
+    assert _count_calls(vision_jaxpr.jaxpr, "pallas_call") == 2 * model.config.vision_config.depth
 
 
 def _decoder_case(B=2, T=5, K=2, G=2, H=16, seed=0):

@@ -115,7 +115,7 @@ def test_user_errors_exit_2_with_a_message(case, converted, tmp_path, capsys, mo
         expect = "temperature"
     elif case == "unknown_attention":
         argv += ["--attn-implementation", "flash2"]
-        expect = "unknown attn_implementation 'flash2'; registered: ['cpu', 'jax', 'pallas'"
+        expect = "unknown attn_implementation 'flash2'; registered: ['auto', 'cpu', 'jax', 'pallas'"
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err

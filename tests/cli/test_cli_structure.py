@@ -12,7 +12,7 @@ from qwen2vl_jax import cli
 from qwen2vl_jax.cli import app, common
 
 PACKAGE = Path(cli.__file__).resolve().parents[1]
-COMMAND_NAMES = ["generate", "chat", "convert", "info", "plan", "serve", "selfcheck", "finetune"]
+COMMAND_NAMES = ["generate", "chat", "convert", "info", "plan", "export", "serve", "selfcheck", "finetune"]
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

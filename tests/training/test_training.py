@@ -238,7 +238,8 @@ def xla_path_child(job_file: str) -> None:
         loss, _, grads = our_loss_and_grads(models[job["checkpoint"]], data, labels)
         cmp = compare_grads(grads, ref)
         results.append({"name": job["name"], "loss_rel": abs(loss - job["loss"]) / abs(job["loss"]), **cmp})
-    print(json.dumps({"kernels": kernels.available(), "attention": attention.default_backend(), "results": results}))
+    print(json.dumps({"kernels": kernels.available(), "attention": attention.platform_backend(None),
+                      "results": results}))
 
 
 def _xla_params():
