@@ -90,9 +90,10 @@ def _impl(*args, jaxprs, platforms):
 
 
 def _batch(args, dims, *, jaxprs, platforms):
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not batching.not_mapped)
-    args = [x if d is batching.not_mapped else jax.numpy.moveaxis(x, d, 0) for x, d in zip(args, dims)]
-    in_axes = [None if d is batching.not_mapped else 0 for d in dims]
+    mapped = [d is not None and d is not getattr(batching, "not_mapped", None) for d in dims]
+    size = next(x.shape[d] for x, d, m in zip(args, dims, mapped) if m)
+    args = [jax.numpy.moveaxis(x, d, 0) if m else x for x, d, m in zip(args, dims, mapped)]
+    in_axes = [0 if m else None for m in mapped]
     avals = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args]
     batched = tuple(jax.make_jaxpr(jax.vmap(jax_core.jaxpr_as_fun(j), in_axes=in_axes, axis_size=size))(*avals)
                     for j in jaxprs)
