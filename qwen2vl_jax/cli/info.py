@@ -75,5 +75,6 @@ def run(args) -> int:
     print(f"memory       {counts['total'] * 4 / 1e9:.2f} GB float32, {counts['total'] * 2 / 1e9:.2f} GB bfloat16")
     print("text         " + ", ".join(f"{k} {val}" for k, val in info["text"].items()))
     print("vision       " + ", ".join(f"{k} {val}" for k, val in info["vision"].items()))
-    print(f"attention    {attention} (--attn-implementation: {', '.join(available_backends())})")
+    here = "" if info["attention_here"] == attention else f", {info['attention_here']} on this host"
+    print(f"attention    {attention}{here} (--attn-implementation: {', '.join(available_backends())})")
     return 0

@@ -75,9 +75,12 @@ def test_info(converted, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["parameters"]["total"] == data["checkpoint_tensor_elements"]
     assert data["text"]["mrope_section"] == [2, 3, 3] and data["vision"]["merge"] == 2
-    assert data["attention"] == attention.default_backend()  # the backend a generate would run here
+    assert data["attention"] == attention.default_backend() == "auto"  # the backend a generate would run here
+    assert data["attention_here"] == attention.platform_backend(None)  # what `auto` runs on this host
     assert cli.main(["info", "--model", str(converted), "--attn-implementation", "jax"]) == 0
-    assert "attention    jax (--attn-implementation: cpu, jax, pallas" in capsys.readouterr().out
+    assert "attention    jax (--attn-implementation: auto, cpu, jax, pallas" in capsys.readouterr().out
+    assert cli.main(["info", "--model", str(converted)]) == 0
+    assert f"attention    auto, {attention.platform_backend(None)} on this host (" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unreadable_image", "unknown_model_offline", "missing_dir",
