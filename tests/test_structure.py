@@ -31,7 +31,7 @@ LAYERS = [
     # the model math: config, layers, rope, vision, text, model, hook points, partitioning (kernels and attention)
     {"modeling"},
     # the mesh, parameter placement and memory plans; decoding, sampling, request memory
-    {"sharding", "generation"},
+    {"sharding", "generation", "quantization"},
     # the HF key map, safetensors, loading (onto a mesh too), converting
     {"checkpoints"},
     # LoRA adapters; the HF-style facade; run_with_cache / hooks / interventions; the tiny demo checkpoint

@@ -36,6 +36,40 @@ def dense(x: jax.Array, w_OI: jax.Array, b_O: jax.Array | None = None) -> jax.Ar
     return y_AO.astype(x.dtype).reshape(*lead, w_OI.shape[0])
 
 
+def unpack_int4(packed_OK: jax.Array) -> jax.Array:
+    """Two signed 4-bit integers per byte (low nibble first) -> int8 values in [-8, 7], `[..., O, 2K]`."""
+    u = packed_OK.astype(jnp.int32)
+    low, high = u & 0xF, (u >> 4) & 0xF
+    signed = lambda n: jnp.where(n >= 8, n - 16, n)
+    return jnp.stack([signed(low), signed(high)], axis=-1).reshape(*packed_OK.shape[:-1], -1).astype(jnp.int8)
+
+
+def quantized_dense(x: jax.Array, q_OI: jax.Array, scale: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
+    """`x @ (q * scale)^T + b` for weight-only quantized weights, in x's dtype, without the dequantized weight:
+
+    * int8 per output channel: `q[O, I]` int8, `scale[O]`: `y = (x @ q^T) * scale`;
+    * int4 in groups of g input columns: `q[O, I/2]` packed uint8, `scale[O, I/g]`:
+      `y[o] = sum over groups G of (x[G] @ q[o, G]^T) * scale[o, G]`.
+
+    The integers enter the dot in x's dtype (exact: |q| <= 127 is exact in bf16), products accumulate in fp32 and
+    the scales multiply the fp32 partial sums (transformers has no such layer; the arithmetic is the definition of
+    `dequantize(q, scale)` moved past the dot)."""
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x_AI = x.reshape(-1, n_in)
+    if scale.ndim == 1:  # int8, one scale per output channel
+        y_AO = kernels.matmul(x_AI, q_OI.astype(x.dtype)) * scale.astype(jnp.float32)
+    else:  # int4 groups
+        q_OI = unpack_int4(q_OI)
+        O, G = scale.shape
+        x_GAK = jnp.swapaxes(x_AI.reshape(x_AI.shape[0], G, -1), 0, 1)
+        q_GOK = jnp.swapaxes(q_OI.reshape(O, G, -1).astype(x.dtype), 0, 1)
+        y_GAO = jax.lax.dot_general(x_GAK, q_GOK, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+        y_AO = jnp.einsum("gao,og->ao", y_GAO, scale.astype(jnp.float32))
+    if b_O is not None:
+        y_AO = y_AO + b_O.astype(jnp.float32)
+    return y_AO.astype(x.dtype).reshape(*lead, q_OI.shape[0])
+
+
 MLP_ROW_BLOCK = 2048  # long inputs run the MLPs in row blocks: their [rows, F] products are the largest tensors
 
 
@@ -73,9 +107,16 @@ class Linear(nnx.Module):
         self.bias = param(jnp.zeros((out_features,), param_dtype), (axes[0],)) if use_bias else None
         self.axes = axes
         self.lora = nnx.data(None)  # a low-rank adapter, set by `qwen2vl_jax.lora.apply_lora` (None: plain nn.Linear)
+        self.scale = nnx.data(None)  # weight-only quantization's scales (`qwen2vl_jax.quantization`; None: none)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense(x, gathered_weight(self.weight[...], self.axes), None if self.bias is None else self.bias[...])
+        bias = None if self.bias is None else self.bias[...]
+        if self.scale is None:
+            y = dense(x, gathered_weight(self.weight[...], self.axes), bias)
+        else:  # `weight` holds the integers
+            scale_axes = self.axes[:1] + (None,) * (self.scale.ndim - 1)
+            y = quantized_dense(x, gathered_weight(self.weight[...], self.axes),
+                                gathered_weight(self.scale[...], scale_axes), bias)
         if self.lora is not None:
             # peft `lora.Linear.forward`: base result + B(A(dropout(x))) * scaling computed in the adapter's dtype,
             # the sum cast back to the base result's dtype.
