@@ -25,19 +25,21 @@ class Qwen2VLForConditionalGeneration(Qwen2VL):
     def from_pretrained(cls, source: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None,
                         local_files_only: bool | None = None, revision: str | None = None, progress: bool = False,
                         cache_dir=None, place=None, mesh=None, sharding_rules=None,
-                        scan_layers: bool = False) -> Qwen2VLForConditionalGeneration:
+                        scan_layers: bool = False, quantization: str | None = None) -> Qwen2VLForConditionalGeneration:
         """Load an HF checkpoint directory (Hub or >= 4.52 key layout, single file or sharded), a directory
         written by our converter, or a Hub model id. `dtype`: None / "float32" (default, like transformers),
         "bfloat16", or "auto" (the checkpoint's own dtype). `attn_implementation`: the attention backend
-        (`qwen2vl_jax.attention`: "xla", "cpu", "jax", "pallas" or a registered name; None: the platform's
-        default). `mesh` (`sharding.make_mesh(data=, fsdp=, model=)`): each process reads the slices of every
-        parameter its devices hold, and activations / the KV cache are constrained by the same rules
+        (`qwen2vl_jax.attention`: "auto", "xla", "cpu", "jax", "pallas" or a registered name; None: "auto", each
+        platform's own kernels). `mesh` (`sharding.make_mesh(data=, fsdp=, model=)`): each process reads the
+        slices of every parameter its devices hold, and activations / the KV cache are constrained by the same rules
         (`qwen2vl_jax.sharding`); `place(path, array)`: any other placement. `scan_layers`: stack each tower's
-        layers and run them with `jax.lax.scan` (one compiled block; same checkpoints, same logits)."""
+        layers and run them with `jax.lax.scan` (one compiled block; same checkpoints, same logits).
+        `quantization`: "int8" / "int4" weight-only quantization of the text decoder's projections
+        (`qwen2vl_jax.quantization`), done as the weights stream in; None: the weights as stored."""
         return load_pretrained(cls, source, dtype=dtype, attn_implementation=attn_implementation,
                                local_files_only=local_files_only, revision=revision, progress=progress,
                                cache_dir=cache_dir, place=place, mesh=mesh, sharding_rules=sharding_rules,
-                               scan_layers=scan_layers)
+                               scan_layers=scan_layers, quantization=quantization)
 
     def save_pretrained(self, out_dir, **kwargs):
         """Write this model as an HF checkpoint (`format="hf"`, default) or in our format (`format="flax"`);

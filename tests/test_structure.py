@@ -31,7 +31,9 @@ LAYERS = [
     # the model math: config, layers, rope, vision, text, model, hook points, partitioning (kernels and attention)
     {"modeling"},
     # the mesh, parameter placement and memory plans; decoding, sampling, request memory
-    {"sharding", "generation", "quantization"},
+    # weight-only int8 / int4 Linears (the model transformation and the formats)
+    {"quantization"},
+    {"sharding", "generation"},
     # the HF key map, safetensors, loading (onto a mesh too), converting
     {"checkpoints"},
     # LoRA adapters; the HF-style facade; run_with_cache / hooks / interventions; the tiny demo checkpoint

@@ -148,7 +148,7 @@ def _unfilled(model) -> list[str]:
 def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None = None,
                     local_files_only: bool | None = None, revision: str | None = None, progress: bool = False,
                     cache_dir: str | os.PathLike | None = None, place=None, mesh=None, sharding_rules=None,
-                    scan_layers: bool = False):
+                    scan_layers: bool = False, quantization: str | None = None):
     """Build `cls` from a checkpoint (any source `open_checkpoint` accepts), streaming tensor by tensor.
 
     The model is created abstract (`nnx.eval_shape`), so the only weight memory is the loaded parameters plus
@@ -158,7 +158,9 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
     the files by the processes that hold them (`keymap.load_sharded`; multi-host jobs read only their slices), per
     `sharding.LOGICAL_RULES` (or `sharding_rules`), and the model constrains its activations and KV cache by the
     same rules. `scan_layers`: stack each tower's layers (`config.scan_layers`). `attn_implementation`: the
-    attention backend (`qwen2vl_jax.attention`).
+    attention backend (`qwen2vl_jax.attention`). `quantization` ("int8" / "int4", `qwen2vl_jax.quantization`):
+    the text decoder's projections are quantized as they stream in (the full-precision model never exists); with
+    a mesh or stacked layers they are quantized after loading.
     """
     if attn_implementation is not None:  # a bad name fails here, before anything is read
         resolve_attention(attn_implementation)
@@ -170,6 +172,16 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
         raise ValueError("pass either `place` or `mesh`, not both")
     if scan_layers and place is not None:
         raise ValueError("`place` loads tensor by tensor; a scan_layers=True model is loaded by slices (use `mesh`)")
+    finish = None
+    if quantization is not None and mesh is None and not scan_layers:
+        from ..quantization import quantizing_placer
+
+        place, finish = quantizing_placer(model, quantization, place or params_lib.place_on_default_device)
+    elif quantization is not None:
+        from ..quantization import MODES, QuantizationError
+
+        if quantization not in MODES:  # before anything is read
+            raise QuantizationError(f"unknown quantization {quantization!r}; choose one of {MODES}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -198,5 +210,11 @@ def load_pretrained(cls, source, *, dtype=None, attn_implementation: str | None 
     left = _unfilled(model)
     if left:  # a model attribute that is neither a parameter nor computed at init (should never happen)
         raise params_lib.CheckpointError(f"model state not filled by the checkpoint: {left}")
+    if finish is not None:
+        finish()
+    elif quantization is not None:
+        from ..quantization import quantize
+
+        quantize(model, quantization)
     model.source_dir = str(ckpt.directory)
     return model

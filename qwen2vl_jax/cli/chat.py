@@ -15,6 +15,7 @@ from .common import (
     add_generation_args,
     add_mesh_args,
     add_model_args,
+    add_quantize_arg,
     check_memory,
     choose_dtype,
     encode,
@@ -35,6 +36,7 @@ COMPILES = True  # runs the model: takes --no-compile-cache
 def add_parser(subparsers):
     p = subparsers.add_parser("chat", help="interactive multi-turn chat (/image PATH, /video PATH, /reset, /exit)")
     add_model_args(p)
+    add_quantize_arg(p)
     add_mesh_args(p)
     add_generation_args(p)
     p.set_defaults(func=run)

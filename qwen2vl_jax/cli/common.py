@@ -31,6 +31,7 @@ USER_ERROR_TYPES = {
     "qwen2vl_jax.checkpoints.keymap": ("CheckpointError",),
     "qwen2vl_jax.attention": ("AttentionBackendError",),
     "qwen2vl_jax.lora": ("LoRAError",),
+    "qwen2vl_jax.quantization": ("QuantizationError",),
     "qwen2vl_jax.training.data": ("DataError",),
     "qwen2vl_jax.training.finetune": ("FinetuneError",),
     "qwen2vl_jax.generation.memory": ("InsufficientMemory",),
@@ -126,9 +127,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exact-fp32", action="store_true",
                    help="CPU float32: accumulate matmuls like PyTorch (4x smaller rounding error, ~2x slower prefill)")
     p.add_argument("--attn-implementation", metavar="NAME",
-                   help="attention backend: xla, cpu (native CPU kernels), jax (jax.nn.dot_product_attention), "
-                        "pallas (TPU flash attention); default: cpu where the kernels build, else xla")
+                   help="attention backend: auto (each platform's own kernels: the default), xla, cpu (native CPU "
+                        "kernels), jax (jax.nn.dot_product_attention, cuDNN on CUDA), pallas (TPU flash attention)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines")
+
+
+def add_quantize_arg(p: argparse.ArgumentParser) -> None:
+    """Weight-only quantization of the text decoder's projections while loading (generate, chat, serve)."""
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="quantize the text decoder's projections as the weights load: int8 per channel, int4 in "
+                        "groups of 128 (activations stay in --dtype)")
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +240,8 @@ def load_model(args, directory: Path, dtype: str):
                                                             attn_implementation=args.attn_implementation,
                                                             progress=not getattr(args, "quiet", False),
                                                             mesh=mesh_from(args),
-                                                            scan_layers=getattr(args, "scan_layers", False))
+                                                            scan_layers=getattr(args, "scan_layers", False),
+                                                            quantization=getattr(args, "quantize", None))
     if getattr(args, "adapter", None):
         from ..lora import load_adapter
 

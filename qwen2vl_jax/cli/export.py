@@ -32,6 +32,8 @@ def add_parser(subparsers):
                         "'none' for a text-only prefill")
     p.add_argument("--lora-rank", type=positive(int), default=16, help="train: the LoRA adapters' rank")
     p.add_argument("--scan-layers", action="store_true", help="stacked layers under one jax.lax.scan")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="the text decoder's projections as int8 / int4 "
+                                                                "weights (qwen2vl_jax.quantization)")
     p.add_argument("--attn-implementation", help="attention backend (default: auto, each platform's own kernels)")
     p.add_argument("--out", required=True, help="the artifact folder")
     p.set_defaults(func=run)
@@ -68,7 +70,7 @@ def run(args) -> int:
 
     platforms = tuple(p.strip() for p in args.platform.split(",") if p.strip())
     shapes = Shapes(batch=args.batch, prompt_len=args.prompt_len, cache_len=args.cache_len,
-                    vision_grid=_grid(args.vision_grid), lora_rank=args.lora_rank)
+                    vision_grid=_grid(args.vision_grid), lora_rank=args.lora_rank, quantization=args.quantize)
     try:
         art = export_program(args.model, args.program, platforms=platforms, mesh=mesh, dtype=args.dtype,
                              shapes=shapes, attn_implementation=args.attn_implementation,

@@ -9,6 +9,7 @@ from .common import (
     add_generation_args,
     add_mesh_args,
     add_model_args,
+    add_quantize_arg,
     check_memory,
     choose_dtype,
     encode,
@@ -29,6 +30,7 @@ COMPILES = True  # runs the model: takes --no-compile-cache
 def add_parser(subparsers):
     p = subparsers.add_parser("generate", help="answer one prompt about images / a video")
     add_model_args(p)
+    add_quantize_arg(p)
     add_mesh_args(p)
     add_generation_args(p)
     p.add_argument("--prompt", required=True)

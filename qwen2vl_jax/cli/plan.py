@@ -20,6 +20,8 @@ def add_parser(subparsers):
                                                          "(default: the model's max_position_embeddings)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="weights and activations")
     p.add_argument("--scan-layers", action="store_true", help="plan stacked [L, ...] layers (the same totals)")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="the text decoder's projections as int8 / int4 weights with their scales")
     p.add_argument("--json", action="store_true", help="print one JSON object (exact bytes)")
     p.add_argument("--table", action="store_true",
                    help="print docs/SCALING.md's markdown table (2B / 7B / 72B on common TPU and GPU slices)")
@@ -53,7 +55,7 @@ def run(args) -> int:
     try:
         result = plan_lib.plan(config, mesh, batch=args.batch, context=args.context or
                                config.text_config.max_position_embeddings, dtype=args.dtype,
-                               scan_layers=args.scan_layers, name=args.model)
+                               scan_layers=args.scan_layers, name=args.model, quantization=args.quantize)
     except ValueError as e:  # batch / context out of range, a mesh the rules cannot use
         raise UserError(str(e)) from None
     print(json.dumps(result.as_dict()) if args.json else result.text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 from .common import (
     UserError,
     add_model_args,
+    add_quantize_arg,
     byte_size,
     choose_dtype,
     load_model,
@@ -24,6 +25,7 @@ def add_parser(subparsers):
 
     p = subparsers.add_parser("serve", help="an OpenAI-compatible HTTP API (/v1/chat/completions) over one model")
     add_model_args(p)
+    add_quantize_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port, default=8000, help="TCP port, 0..65535 (default 8000)")
     p.add_argument("--served-model-name", metavar="NAME",

@@ -185,7 +185,7 @@ def export_program(model: str | Qwen2VLConfig, program: str, *, platforms: Seque
     mesh_sizes = {"data": 1, "fsdp": 1, "model": 1, **(mesh or {})}
     plan = memory_plan(config, mesh_sizes, batch=shapes.batch,
                        context=shapes.cache_len if program == "decode" else shapes.prompt_len, dtype=dtype,
-                       scan_layers=config.scan_layers, name=label)
+                       scan_layers=config.scan_layers, name=label, quantization=shapes.quantization)
     none = [None] * len(exported.in_avals), [None] * len(exported.out_avals)
     in_shardings, out_shardings = none if device_mesh is None else (exported.in_shardings_jax(device_mesh),
                                                                     exported.out_shardings_jax(device_mesh))
@@ -195,6 +195,7 @@ def export_program(model: str | Qwen2VLConfig, program: str, *, platforms: Seque
         "format": FORMAT, "program": program, "model": label, "model_type": config.model_type,
         "platforms": list(exported.platforms), "dtype": str(np.dtype(dtype)), "mesh": mesh_sizes,
         "nr_devices": exported.nr_devices, "scan_layers": config.scan_layers,
+        "layers": config.text_config.num_hidden_layers, "quantization": shapes.quantization,
         "attn_implementation": attn_implementation,
         "attention_by_platform": {p: platform_backend(attn_implementation, p) for p in platforms},
         "shapes": dataclasses.asdict(shapes), "argument_groups": list(prog.group_names),

@@ -42,6 +42,7 @@ from ..modeling.parameters import abstract_model as abstract_of
 from ..modeling.parameters import model_params
 from ..modeling.partitioning import Partitioning, kv_cache_axes
 from ..modeling.vision_layout import vision_layout
+from ..quantization import quantize
 from ..sharding.mesh import param_shardings, set_partitioning
 from ..training.steps import Batch, _train_step, make_optimizer
 
@@ -57,6 +58,7 @@ class Shapes:
     cache_len: int = 2048  # decode: the KV cache's slots
     vision_grid: tuple[int, int, int] | None = (1, 32, 32)  # (t, h, w) in patches: one 448x448 image
     lora_rank: int = 16  # train
+    quantization: str | None = None  # "int8" / "int4": the text decoder's projections (`qwen2vl_jax.quantization`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,10 +165,13 @@ def _program(name: str, fn: Callable, groups: dict[str, object], result_names: t
 
 # --------------------------------------------------------------------------------------------- programs
 def abstract_model(config: Qwen2VLConfig, dtype, *, attn_implementation: str | None = None,
-                   lora_rank: int | None = None):
-    """The model (and, with `lora_rank`, its LoRA adapters) with shapes and dtypes only: nothing is allocated."""
+                   lora_rank: int | None = None, quantization: str | None = None):
+    """The model (quantized with `quantization`; with `lora_rank`, its LoRA adapters: QLoRA when both) with shapes
+    and dtypes only: nothing is allocated."""
 
     model = abstract_of(Qwen2VL, config, jnp.dtype(dtype))
+    if quantization:
+        model = nnx.eval_shape(lambda m: quantize(m, quantization), model)
     if lora_rank:
         model = nnx.eval_shape(lambda m: (apply_lora(m, lora_rank), m)[1], model)
     model.set_attn_implementation(attn_implementation)
@@ -177,7 +182,8 @@ def vision_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Pla
                    attn_implementation: str | None) -> Program:
     if shapes.vision_grid is None:
         raise ValueError("the vision program needs a vision grid (t, h, w)")
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation)
+    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
+                           quantization=shapes.quantization)
     _place_params(model, placement)
     graphdef, weights = nnx.split(model.visual)  # the vision tower's weights only
     v = config.vision_config
@@ -203,7 +209,8 @@ def _vision_rows(config: Qwen2VLConfig, shapes: Shapes) -> int:
 
 def prefill_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
                     attn_implementation: str | None) -> Program:
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation)
+    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
+                           quantization=shapes.quantization)
     _place_params(model, placement)
     graphdef, weights = nnx.split(model)
     B, T, M = shapes.batch, shapes.prompt_len, _vision_rows(config, shapes)
@@ -235,7 +242,8 @@ def prefill_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Pl
 
 def decode_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
                    attn_implementation: str | None) -> Program:
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation)
+    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
+                           quantization=shapes.quantization)
     _place_params(model, placement)
     graphdef, weights = nnx.split(model)
     B, S, V = shapes.batch, shapes.cache_len, config.text_config.vocab_size
@@ -266,7 +274,8 @@ def train_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Plac
 
     if config.scan_layers:
         raise ValueError("the train program applies LoRA, which needs scan_layers=False")
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation, lora_rank=shapes.lora_rank)
+    model = abstract_model(config, dtype, attn_implementation=attn_implementation, lora_rank=shapes.lora_rank,
+                           quantization=shapes.quantization)
     _place_params(model, placement, adapters=True)
     optimizer = nnx.eval_shape(lambda m: make_optimizer(m, optax.adamw(1e-4), "lora"), model)
     graphdef, trainable, frozen, rest = nnx.split(model, optimizer.wrt, nnx.Param, ...)

@@ -108,6 +108,7 @@ class Linear(nnx.Module):
         self.axes = axes
         self.lora = nnx.data(None)  # a low-rank adapter, set by `qwen2vl_jax.lora.apply_lora` (None: plain nn.Linear)
         self.scale = nnx.data(None)  # weight-only quantization's scales (`qwen2vl_jax.quantization`; None: none)
+        self.weight_axes = axes  # the stored weight's axes (int4 packs two input columns a byte)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         bias = None if self.bias is None else self.bias[...]
@@ -115,7 +116,7 @@ class Linear(nnx.Module):
             y = dense(x, gathered_weight(self.weight[...], self.axes), bias)
         else:  # `weight` holds the integers
             scale_axes = self.axes[:1] + (None,) * (self.scale.ndim - 1)
-            y = quantized_dense(x, gathered_weight(self.weight[...], self.axes),
+            y = quantized_dense(x, gathered_weight(self.weight[...], self.weight_axes),
                                 gathered_weight(self.scale[...], scale_axes), bias)
         if self.lora is not None:
             # peft `lora.Linear.forward`: base result + B(A(dropout(x))) * scaling computed in the adapter's dtype,

@@ -12,8 +12,8 @@ This is a first part of round three's quantization issue: quantize-on-load, quan
 the native int8 / int4 CPU kernels and qwix interop are not here yet.
 """
 
-from .apply import DEFAULT_TARGETS, quantize, quantized_linears
-from .formats import INT4_GROUP, MODES, dequantize, quantize_int4, quantize_int8, quantize_weight
+from .apply import DEFAULT_TARGETS, quantize, quantized_linears, quantizing_placer
+from .formats import INT4_GROUP, MODES, QuantizationError, dequantize, quantize_int4, quantize_int8, quantize_weight
 
-__all__ = ["DEFAULT_TARGETS", "INT4_GROUP", "MODES", "dequantize", "quantize", "quantize_int4", "quantize_int8",
-           "quantize_weight", "quantized_linears"]
+__all__ = ["DEFAULT_TARGETS", "INT4_GROUP", "MODES", "QuantizationError", "dequantize", "quantize", "quantize_int4",
+           "quantize_int8", "quantize_weight", "quantized_linears", "quantizing_placer"]

@@ -17,6 +17,10 @@ import jax.numpy as jnp
 from ..modeling.layers import unpack_int4
 
 MODES = ("int8", "int4")
+
+
+class QuantizationError(ValueError):
+    """A quantization that cannot be done: an unknown mode, a width int4's groups do not divide, nothing to do."""
 INT4_GROUP = 128  # input columns per int4 scale (what GPTQ / AWQ checkpoints and qwix's tile_size use)
 
 
@@ -37,7 +41,7 @@ def quantize_int4(w: jax.Array, group: int = INT4_GROUP) -> tuple[jax.Array, jax
     """`(q[..., O, I/2] uint8 (packed), scale[..., O, I/group] fp32)`; I must be a multiple of `group`."""
     *lead, O, I = w.shape
     if I % group or group % 2:
-        raise ValueError(f"int4 groups of {group} columns need the input width ({I}) to be a multiple of it")
+        raise QuantizationError(f"int4 groups of {group} columns need the input width ({I}) to be a multiple of it")
     w32, scale = _scaled(w.reshape(*lead, O, I // group, group), 7)
     q = jnp.clip(jnp.round(w32 / scale), -8, 7).astype(jnp.int32).reshape(*lead, O, I // 2, 2)
     packed = (q[..., 0] & 0xF) | ((q[..., 1] & 0xF) << 4)
@@ -49,7 +53,7 @@ def quantize_weight(w: jax.Array, mode: str, group: int = INT4_GROUP) -> tuple[j
         return quantize_int8(w)
     if mode == "int4":
         return quantize_int4(w, group)
-    raise ValueError(f"unknown quantization {mode!r}; choose one of {MODES}")
+    raise QuantizationError(f"unknown quantization {mode!r}; choose one of {MODES}")
 
 
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:

@@ -95,12 +95,17 @@ def param_plan(model, mesh: MeshShape, rules: Mapping = partitioning.LOGICAL_RUL
     return ParamPlan(count, total, per_device, replicated, stacked)
 
 
-def abstract(config: Qwen2VLConfig, dtype: str, scan_layers: bool = False):
-    """The model with shapes and dtypes only (nothing allocated)."""
+def abstract(config: Qwen2VLConfig, dtype: str, scan_layers: bool = False, quantization: str | None = None):
+    """The model with shapes and dtypes only (nothing allocated); `quantization`: its text decoder's projections
+    quantized ("int8" / "int4", `qwen2vl_jax.quantization`)."""
+    from flax import nnx
+
     from ..modeling.model import Qwen2VL
     from ..modeling.parameters import abstract_model
+    from ..quantization import quantize
 
-    return abstract_model(Qwen2VL, config.replace(scan_layers=scan_layers), jnp.dtype(dtype))
+    model = abstract_model(Qwen2VL, config.replace(scan_layers=scan_layers), jnp.dtype(dtype))
+    return model if quantization is None else nnx.eval_shape(lambda m: quantize(m, quantization), model)
 
 
 # ------------------------------------------------------------------------------------------------ KV cache
@@ -231,9 +236,10 @@ class Plan:
 
 def plan(config: Qwen2VLConfig, mesh: Mapping[str, int], *, batch: int, context: int, dtype: str = "bfloat16",
          scan_layers: bool = False, name: str = "model", model=None,
-         rules: Mapping = partitioning.LOGICAL_RULES) -> Plan:
+         rules: Mapping = partitioning.LOGICAL_RULES, quantization: str | None = None) -> Plan:
     """The per-device plan of `config` on a mesh of these axis sizes (`parse_mesh`'s dict). `model`: an
-    abstract model already built for this config and dtype (the table reuses one per preset).
+    abstract model already built for this config and dtype (the table reuses one per preset). `quantization`:
+    "int8" / "int4" weights for the text decoder's projections (their integers and scales are counted).
 
     `context` is at most the model's `max_position_embeddings` (generation refuses more), and every activation
     must be an array JAX can describe (at most 2**63 - 1 elements: `batch x context` rows of the widest one)."""
@@ -251,7 +257,7 @@ def plan(config: Qwen2VLConfig, mesh: Mapping[str, int], *, batch: int, context:
                          f"than 2**63 - 1 elements (at this context, batch {(2**63 - 1) // (context * width):,} at "
                          "most)")
     shape = MeshShape(dict(mesh))
-    model = abstract(config, dtype, scan_layers) if model is None else model
+    model = abstract(config, dtype, scan_layers, quantization) if model is None else model
     params = param_plan(model, shape, rules)
     return Plan(name, jnp.dtype(dtype).name, dict(mesh), batch, context, params,
                 kv_plan(config, shape, batch, context, dtype, stacked=params.stacked, rules=rules),

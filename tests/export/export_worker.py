@@ -25,6 +25,8 @@ def summarize(art) -> dict:
     # a weight's own shape, and one layer's slice of a stacked [L, ...] weight (scan_layers)
     big_bf16 = {tuple(s) for s in weights} | {tuple(s[1:]) for s in weights if len(s) == 3}
     f32_shapes = {tuple(int(d) for d in dims.split("x")) for dims, t in TENSOR.findall(text) if t == "f32"}
+    integers = [a["dtype"] for n, a in m["arguments"].items() if a["dtype"] in ("int8", "uint8") and n.startswith(
+        ("weights/", "trainable/", "frozen/")) and n.endswith(".weight.value")]
     sharded = [n for n, a in m["arguments"].items() if a["sharding"] is not None and a["sharding"].strip("(,)")]
     return {
         "platforms": m["platforms"], "nr_devices": m["nr_devices"], "custom_calls": m["custom_calls"],
@@ -33,7 +35,9 @@ def summarize(art) -> dict:
         "shard_maps": text.count("sdy.manual_computation"),
         # a bf16 weight (at least 2**20 elements) that appears in fp32 anywhere in the module: an upcast copy
         "f32_weight_copies": sorted(big_bf16 & f32_shapes), "bf16_weights": len(weights),
-        "sharded_arguments": len(sharded), "arguments": len(m["arguments"]), "results": len(m["results"]),
+        "integer_weights": len(integers), "integer_dtype": integers[0] if integers else None,
+        "layers": m["layers"], "sharded_arguments": len(sharded), "arguments": len(m["arguments"]),
+        "results": len(m["results"]),
         "module_bytes": m["module_bytes"], "memory_plan_bytes_per_device": m["memory_plan_bytes_per_device"],
         "export_seconds": m["export_seconds"],
     }

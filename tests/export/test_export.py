@@ -54,13 +54,20 @@ def _train_jobs(pairs):
             for m, k, p in pairs]
 
 
-ONE_DEVICE = _inference_jobs(["2b", "7b"], [None]) + _train_jobs([("2b", None, "tpu")])
+# int8 / int4 weights (qwen2vl_jax.quantization): a decode step on one device, the prefill and a decode step on meshes
+QUANTIZED = [{"model": "2b", "program": "decode", "platforms": BOTH, "shapes": {"quantization": "int8"}}]
+QUANTIZED_MESH = [{"model": "2b", "program": "prefill", "platforms": BOTH, "mesh": MESHES["fsdp8"],
+                   "shapes": {"quantization": "int4"}},
+                  {"model": "7b", "program": "decode", "platforms": BOTH, "mesh": MESHES["data2_model4"],
+                   "shapes": {"quantization": "int8"}}]
+ONE_DEVICE = _inference_jobs(["2b", "7b"], [None]) + _train_jobs([("2b", None, "tpu")]) + QUANTIZED
 MESH_JOBS = (_inference_jobs(["2b", "7b"], ["data2_model4", "fsdp8"])
              + _train_jobs([("2b", "data2_model4", "cuda"), ("7b", "fsdp8", "tpu")])
              + [{"model": "7b", "program": p, "platforms": ["tpu"], "mesh": {"model": 8}}
                 for p in ("vision", "prefill")]
              + [{"model": m, "program": "prefill", "platforms": BOTH, "mesh": {"fsdp": 2, "model": 4},
-                 "scan_layers": True, "shapes": {"prompt_len": 960}} for m in ("72b", "2.5-72b")])
+                 "scan_layers": True, "shapes": {"prompt_len": 960}} for m in ("72b", "2.5-72b")]
+             + QUANTIZED_MESH)
 SLOW_MESH_JOBS = _train_jobs([(m, k, p) for m in ("2b", "7b") for k in MESHES for p in BOTH
                               if (m, k, p) not in (("2b", "data2_model4", "cuda"), ("7b", "fsdp8", "tpu"))])
 SLOW_ONE_DEVICE = _train_jobs([("2b", None, "cuda"), ("7b", None, "tpu"), ("7b", None, "cuda")])
@@ -89,6 +96,11 @@ def _check(row: dict) -> None:
             assert any(c.endswith("Backward") for c in cudnn), name
     if row.get("mesh"):
         assert row["sharded_arguments"] > 0, name
+    quantization = row.get("shapes", {}).get("quantization")
+    integers = {"int8": "int8", "int4": "uint8"}.get(quantization)
+    assert (row["integer_weights"] > 0) is (integers is not None), name
+    if integers:  # 7 projections per layer hold integers, each with its fp32 scales
+        assert row["integer_weights"] == 7 * row["layers"] and row["integer_dtype"] == integers, name
 
 
 @pytest.fixture(scope="module")

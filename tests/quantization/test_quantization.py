@@ -153,3 +153,59 @@ def test_qlora_gradients_equal_the_dequantized_models(tiny_checkpoint, inputs, m
     worst = max(np.abs(got[k] - want[k]).max() for k in want) / scale
     assert scale > 0 and worst <= 1e-5, worst
     helpers.record(f"quantized/{mode}/qlora_grads", rel_err=float(worst))
+
+
+def _arrays(model) -> dict[str, np.ndarray]:
+    return {path: np.asarray(p[...]) for path, p in model_params(model).items()}
+
+
+@pytest.mark.parametrize("mode, fixture", [("int8", "tiny_checkpoint"), ("int4", "slice_2b_checkpoint")])
+def test_quantize_on_load_streams_to_the_same_arrays(mode, fixture, request):
+    """`from_pretrained(path, quantization=...)` quantizes each weight as it streams in: the same integers and
+    scales as quantizing the loaded full-precision model (the 2B-width slice for int4: groups of 128)."""
+    ckpt = request.getfixturevalue(fixture)
+    streamed = Qwen2VLForConditionalGeneration.from_pretrained(ckpt, quantization=mode)
+    after = quantize(Qwen2VLForConditionalGeneration.from_pretrained(ckpt), mode)
+    got, want = _arrays(streamed), _arrays(after)
+    assert set(got) == set(want) and any(path.endswith(".scale") for path in got)
+    for path in want:
+        assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path]), path
+    assert len(quantized_linears(streamed)) == 7 * streamed.config.text_config.num_hidden_layers
+
+
+def test_plan_counts_the_quantized_bytes(tiny_checkpoint, capsys):
+    """The plan's parameter bytes are the quantized model's arrays' bytes; on the real presets, the 72B in int8 on
+    `model=8` and the 7B in int4 on one device fit a 16 GiB chip (bf16 does not / barely)."""
+    from qwen2vl_jax import cli
+    from qwen2vl_jax.sharding.plan import plan
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8")
+    one = {"data": 1, "fsdp": 1, "model": 1}
+    planned = plan(model.config, one, batch=1, context=64, dtype="float32", quantization="int8").params
+    assert planned.per_device == sum(a.nbytes for a in _arrays(model).values())
+
+    def params_gib(*argv):
+        assert cli.main(["plan", *argv, "--batch", "1", "--context", "8192", "--json"]) == 0
+        return json_load(capsys.readouterr().out)["parameters"]["bytes_per_device"] / 2**30
+
+    bf16_72b, int8_72b = (params_gib("--model", "72b", "--mesh", "model=8", *q) for q in ([], ["--quantize", "int8"]))
+    assert bf16_72b > 16 > int8_72b and int8_72b < 0.6 * bf16_72b
+    bf16_7b, int4_7b = (params_gib("--model", "7b", *q) for q in ([], ["--quantize", "int4"]))
+    assert int4_7b < 0.5 * bf16_7b and int4_7b < 16
+
+
+def json_load(text: str) -> dict:
+    import json
+
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_cli_quantize_errors_are_one_line(tiny_checkpoint, capsys):
+    """`--quantize int4` on a model whose widths its groups of 128 do not divide: one line, exit 2, before any
+    generation."""
+    from qwen2vl_jax import cli
+
+    assert cli.main(["generate", "--model", str(tiny_checkpoint), "--prompt", "Hi", "--max-new-tokens", "2",
+                     "--quantize", "int4", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "int4 groups of 128 need an input width that is a multiple of it" in err and len(err.splitlines()) == 1
