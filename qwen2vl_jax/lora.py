@@ -186,6 +186,10 @@ def set_lora_training(model: nnx.Module, training: bool) -> None:
 def merge_lora(model: Qwen2VL) -> int:
     """Fold every adapter into its base weight (`W += scaling * B @ A`, in fp32, stored in W's dtype) and remove
     it; returns how many were merged. peft `LoraLayer.merge` / `merge_and_unload`."""
+    quantized = [p for p, lin in lora_modules(model).items() if lin.scale is not None]
+    if quantized:
+        raise LoRAError(f"cannot merge adapters into quantized weights ({quantized[0]} and {len(quantized) - 1} "
+                        "more hold integers): save the adapter with save_adapter, or merge on a full-precision model")
     merged = 0
     for lin in lora_modules(model).values():
         lo = lin.lora

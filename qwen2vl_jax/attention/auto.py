@@ -14,7 +14,11 @@ backend's program, op for op).
 
 from __future__ import annotations
 
-from . import cpu, jax_nn, pallas, xla
+import qwen2vl_jax.attention.cpu as cpu  # by full name: `from . import` would read the package __init__
+import qwen2vl_jax.attention.jax_nn as jax_nn
+import qwen2vl_jax.attention.pallas as pallas
+import qwen2vl_jax.attention.xla as xla
+
 from .masks import DecoderMask, VisionRotary, VisionSegments
 from .platforms import platform_dependent
 

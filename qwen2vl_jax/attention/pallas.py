@@ -30,7 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import jax_nn
+import qwen2vl_jax.attention.jax_nn as jax_nn  # by full name: `from . import` reads the package __init__
+
 from .masks import DecoderMask, VisionRotary, VisionSegments
 from .platforms import platform_dependent
 from .sharding import shard_mapped

@@ -384,6 +384,10 @@ def save_pretrained(model, destination, *, format: str = "hf", dtype=None, max_s
     if adapters:
         raise ValueError(f"the model carries {adapters // 2} unmerged LoRA adapters, which a base checkpoint cannot "
                          "hold: call qwen2vl_jax.lora.merge_lora(model) first (or lora.save_adapter for the adapters)")
+    scales = [path for path in params_lib.model_params(model) if path.endswith(".scale")]
+    if scales:
+        raise ValueError(f"the model holds quantized weights ({len(scales)} Linears, e.g. {scales[0][:-6]}), which "
+                         "this writer cannot store yet: save the full-precision model")
     tensors = _from_model(model, _layout_for(format, model.config), _output_dtype(dtype))
     source_dir = side_files_from if side_files_from is not None else getattr(model, "source_dir", None)
     source_dir = Path(source_dir) if source_dir is not None and Path(source_dir).is_dir() else None

@@ -11,6 +11,7 @@ from .common import UserError, positive
 COMPILES = False  # lowering only: XLA compiles nothing
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+MAX_VIRTUAL_DEVICES = 1024  # each virtual CPU device costs the process memory and threads: a pod slice's count
 
 
 def add_parser(subparsers):
@@ -64,7 +65,11 @@ def run(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     if mesh:
-        _ensure_devices(mesh["data"] * mesh["fsdp"] * mesh["model"])
+        devices = mesh["data"] * mesh["fsdp"] * mesh["model"]
+        if devices > MAX_VIRTUAL_DEVICES:
+            raise UserError(f"--mesh {args.mesh}: {devices} devices; this command lowers on at most "
+                            f"{MAX_VIRTUAL_DEVICES} virtual CPU devices")
+        _ensure_devices(devices)
     from ..attention import AttentionBackendError
     from ..export import Shapes, export_program
 

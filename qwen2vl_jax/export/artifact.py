@@ -36,7 +36,7 @@ from ..kernels import build as kernel_build
 from ..modeling.config import PRESETS, Qwen2VLConfig
 from ..sharding.mesh import make_mesh
 from ..sharding.plan import plan as memory_plan
-from .programs import PROGRAMS, Shapes, build
+from .programs import PROGRAMS, Shapes, build, check_shapes
 
 PROGRAM_FILE = "program.jax_exported"
 MANIFEST_FILE = "manifest.json"
@@ -119,6 +119,9 @@ def resolve_config(model: str | Qwen2VLConfig) -> tuple[Qwen2VLConfig, str]:
 
 
 def _mesh(mesh: Mapping[str, int] | None):
+    unknown = sorted(set(mesh or {}) - {"data", "fsdp", "model"})
+    if unknown:
+        raise ValueError(f"mesh axes are data, fsdp and model; got {unknown}")
     if not mesh or all(n == 1 for n in mesh.values()):
         return None
     need = int(np.prod(list(mesh.values())))
@@ -161,10 +164,21 @@ def export_program(model: str | Qwen2VLConfig, program: str, *, platforms: Seque
         raise ValueError(f"platforms must be among {PLATFORMS}, got {list(platforms)}")
     if program not in PROGRAMS:
         raise ValueError(f"unknown program {program!r}; choose one of {', '.join(PROGRAMS)}")
+    try:
+        dtype_name = np.dtype(dtype).name
+    except TypeError:
+        dtype_name = None
+    if dtype_name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     config, label = resolve_config(model)
     if scan_layers is not None:
         config = config.replace(scan_layers=scan_layers)
-    device_mesh = _mesh(mesh)
+    check_shapes(config, shapes)
+    device_mesh = _mesh(mesh)  # a bad mesh fails before anything is planned or traced
+    mesh_sizes = {"data": 1, "fsdp": 1, "model": 1, **(mesh or {})}
+    plan = memory_plan(config, mesh_sizes, batch=shapes.batch,  # also refuses activations past 2**63 elements
+                       context=shapes.cache_len if program == "decode" else shapes.prompt_len, dtype=dtype,
+                       scan_layers=config.scan_layers, name=label, quantization=shapes.quantization)
     t0 = time.perf_counter()
     prog = build(program, config, dtype, shapes, device_mesh, attn_implementation)
     disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (*CUDNN_CALLS, *CPU_KERNEL_CALLS)]
@@ -182,10 +196,6 @@ def export_program(model: str | Qwen2VLConfig, program: str, *, platforms: Seque
     seconds = time.perf_counter() - t0
     text = exported.mlir_module()
     calls = custom_calls(text)
-    mesh_sizes = {"data": 1, "fsdp": 1, "model": 1, **(mesh or {})}
-    plan = memory_plan(config, mesh_sizes, batch=shapes.batch,
-                       context=shapes.cache_len if program == "decode" else shapes.prompt_len, dtype=dtype,
-                       scan_layers=config.scan_layers, name=label, quantization=shapes.quantization)
     none = [None] * len(exported.in_avals), [None] * len(exported.out_avals)
     in_shardings, out_shardings = none if device_mesh is None else (exported.in_shardings_jax(device_mesh),
                                                                     exported.out_shardings_jax(device_mesh))

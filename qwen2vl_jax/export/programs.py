@@ -61,6 +61,32 @@ class Shapes:
     quantization: str | None = None  # "int8" / "int4": the text decoder's projections (`qwen2vl_jax.quantization`)
 
 
+def check_shapes(config: Qwen2VLConfig, shapes: Shapes) -> None:
+    """Refuse, by name and before anything is traced, shapes no program can have: non-positive or non-integer
+    sizes, a prompt or cache beyond the model's positions, a vision grid whose merged tokens could fill no prompt
+    (its host layout would be that large), an unknown quantization."""
+    from ..quantization import MODES
+
+    limit = config.text_config.max_position_embeddings
+    for name in ("batch", "prompt_len", "cache_len", "lora_rank"):
+        value = getattr(shapes, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("prompt_len", "cache_len"):
+        if getattr(shapes, name) > limit:
+            raise ValueError(f"{name} {getattr(shapes, name)} is beyond the model's max_position_embeddings ({limit})")
+    grid = shapes.vision_grid
+    if grid is not None:
+        if len(grid) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in grid):
+            raise ValueError(f"vision_grid must be three positive integers (t, h, w), got {grid!r}")
+        merged = grid[0] * grid[1] * grid[2] // config.vision_config.spatial_merge_size ** 2
+        if merged > limit:
+            raise ValueError(f"vision_grid {tuple(grid)} makes {merged} vision tokens, more than any prompt holds "
+                             f"(max_position_embeddings {limit})")
+    if shapes.quantization not in (None, *MODES):
+        raise ValueError(f"unknown quantization {shapes.quantization!r}; choose one of {MODES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
     """A program ready to lower: `fn(*groups)` on flat dicts, the abstract groups, and what the groups are."""
@@ -111,8 +137,12 @@ def unflattener(template) -> Callable[[dict], object]:
 
 
 def _abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype,
-                                sharding=sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
+    """An argument's template: shape and dtype only (a batch x vocabulary table is never allocated)."""
+    return jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
 
 
 class _Placement:
@@ -130,7 +160,8 @@ class _Placement:
         """Each leaf sharded by the logical axes `axes_of(ndim)` (rows over the batch axes)."""
         if self.mesh is None:
             return jax.tree.map(_abstract, tree)
-        return jax.tree.map(lambda x: _abstract(x, self.partitioning.sharding(axes_of(np.ndim(x)), np.shape(x))), tree)
+        return jax.tree.map(lambda x: _abstract(x, self.partitioning.sharding(axes_of(len(np.shape(x))),
+                                                                               np.shape(x))), tree)
 
     def rows(self, tree):
         return self.by_axes(tree, lambda ndim: ("batch",) + (None,) * (ndim - 1))
@@ -164,6 +195,18 @@ def _program(name: str, fn: Callable, groups: dict[str, object], result_names: t
 
 
 # --------------------------------------------------------------------------------------------- programs
+def _placed(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement, attn_implementation: str | None):
+    """The abstract (quantized) model with its parameters placed on the mesh."""
+    model = abstract_model(config, dtype, attn_implementation=attn_implementation, quantization=shapes.quantization)
+    _place_params(model, placement)
+    return model
+
+
+def _empty_cache(config: Qwen2VLConfig, dtype, batch: int, slots: int, placement: _Placement) -> KVCache:
+    return placement.cache(jax.eval_shape(lambda: KVCache.init(config.text_config, batch, slots, jnp.dtype(dtype),
+                                                               stacked=config.scan_layers)))
+
+
 def abstract_model(config: Qwen2VLConfig, dtype, *, attn_implementation: str | None = None,
                    lora_rank: int | None = None, quantization: str | None = None):
     """The model (quantized with `quantization`; with `lora_rank`, its LoRA adapters: QLoRA when both) with shapes
@@ -182,13 +225,10 @@ def vision_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Pla
                    attn_implementation: str | None) -> Program:
     if shapes.vision_grid is None:
         raise ValueError("the vision program needs a vision grid (t, h, w)")
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
-                           quantization=shapes.quantization)
-    _place_params(model, placement)
-    graphdef, weights = nnx.split(model.visual)  # the vision tower's weights only
+    graphdef, weights = nnx.split(_placed(config, dtype, shapes, placement, attn_implementation).visual)  # its own
     v = config.vision_config
     layout = vision_layout(np.asarray([shapes.vision_grid]), v.spatial_merge_size, window_tokens=v.window_tokens)
-    inputs = {"pixels": np.zeros((layout.padded_patches, v.patch_dim), np.float32), "pos_hw": layout.pos_hw_P2,
+    inputs = {"pixels": _sds((layout.padded_patches, v.patch_dim), np.float32), "pos_hw": layout.pos_hw_P2,
               "segments": layout.segments()}
 
     def vision(weights, inputs):
@@ -209,26 +249,18 @@ def _vision_rows(config: Qwen2VLConfig, shapes: Shapes) -> int:
 
 def prefill_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
                     attn_implementation: str | None) -> Program:
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
-                           quantization=shapes.quantization)
-    _place_params(model, placement)
-    graphdef, weights = nnx.split(model)
+    graphdef, weights = nnx.split(_placed(config, dtype, shapes, placement, attn_implementation))
     B, T, M = shapes.batch, shapes.prompt_len, _vision_rows(config, shapes)
     if M > T:
         raise ValueError(f"a prompt of {T} tokens cannot hold the vision grid's {M} feature rows "
                          f"(raise --prompt-len or shrink --vision-grid)")
-    cache = jax.eval_shape(lambda: KVCache.init(config.text_config, B, T, jnp.dtype(dtype),
-                                                stacked=config.scan_layers))
-    rows = {"input_ids": np.zeros((B, T), np.int32), "attention_mask": np.zeros((B, T), np.int32),
-            "offset": np.zeros((), np.int32)}
-    inputs = {**placement.rows({k: v for k, v in rows.items() if k != "offset"}),
-              "offset": placement.replicated(rows["offset"]),
-              "position_ids": placement.by_axes(np.zeros((3, B, T), np.int32), lambda n: (None, "batch", None)),
-              "cache": placement.cache(cache)}
+    inputs = {**placement.rows({"input_ids": _sds((B, T), np.int32), "attention_mask": _sds((B, T), np.int32)}),
+              "offset": placement.replicated(_sds((), np.int32)),
+              "position_ids": placement.by_axes(_sds((3, B, T), np.int32), lambda n: (None, "batch", None)),
+              "cache": _empty_cache(config, dtype, B, T, placement)}
     if M:
-        inputs["vision"] = placement.replicated(jax.ShapeDtypeStruct((M, config.text_config.hidden_size),
-                                                                     jnp.dtype(dtype)))
-        inputs["vision_index"] = placement.rows(np.zeros((B, T), np.int32))
+        inputs["vision"] = placement.replicated(_sds((M, config.text_config.hidden_size), dtype))
+        inputs["vision_index"] = placement.rows(_sds((B, T), np.int32))
 
     def prefill(weights, inputs):
         model = nnx.merge(graphdef, weights)
@@ -242,25 +274,20 @@ def prefill_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Pl
 
 def decode_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
                    attn_implementation: str | None) -> Program:
-    model = abstract_model(config, dtype, attn_implementation=attn_implementation,
-                           quantization=shapes.quantization)
-    _place_params(model, placement)
-    graphdef, weights = nnx.split(model)
+    graphdef, weights = nnx.split(_placed(config, dtype, shapes, placement, attn_implementation))
     B, S, V = shapes.batch, shapes.cache_len, config.text_config.vocab_size
-    cache = jax.eval_shape(lambda: KVCache.init(config.text_config, B, S, jnp.dtype(dtype),
-                                                stacked=config.scan_layers))
     rows = placement.rows
     state = decoding.DecodeState(
-        cache=placement.cache(cache), tokens_BR=rows(np.zeros((B, S), np.int32)), last_B=rows(np.zeros(B, np.int32)),
-        seen_BV=rows(np.zeros((B, V), bool)), finished_B=rows(np.zeros(B, bool)),
-        step=placement.replicated(np.zeros((), np.int32)),
+        cache=_empty_cache(config, dtype, B, S, placement), tokens_BR=rows(_sds((B, S), np.int32)),
+        last_B=rows(_sds((B,), np.int32)), seen_BV=rows(_sds((B, V), bool)), finished_B=rows(_sds((B,), bool)),
+        step=placement.replicated(_sds((), np.int32)),
         rng=placement.replicated(jax.eval_shape(lambda: jax.random.key(0))), logits_BRV=None,
-        offset=placement.replicated(np.zeros((), np.int32)))
-    scalar = lambda dt: np.zeros((), dt)
+        offset=placement.replicated(_sds((), np.int32)))
+    scalar = lambda dt: _sds((), dt)
     knobs = placement.replicated(Knobs(
         temperature=scalar(np.float32), top_k=scalar(np.int32), top_p=scalar(np.float32),
         repetition_penalty=scalar(np.float32), min_new_tokens=scalar(np.int32), max_new_tokens=scalar(np.int32),
-        eos_ids=np.zeros(2, np.int32), pad_id=scalar(np.int32)))
+        eos_ids=_sds((2,), np.int32), pad_id=scalar(np.int32)))
 
     def decode(weights, state, knobs):
         return decoding._decode_step(nnx.merge(graphdef, weights), state, knobs, do_sample=False)
@@ -281,9 +308,9 @@ def train_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Plac
     graphdef, trainable, frozen, rest = nnx.split(model, optimizer.wrt, nnx.Param, ...)
     opt_def, opt_state = nnx.split(optimizer)
     B, T = shapes.batch, shapes.prompt_len
-    batch = Batch(*placement.rows((np.zeros((B, T), np.int32),) * 2),
-                  placement.by_axes(np.zeros((3, B, T), np.int32), lambda n: (None, "batch", None)),
-                  placement.rows(np.zeros((B, T), np.int32)))
+    batch = Batch(*placement.rows((_sds((B, T), np.int32),) * 2),
+                  placement.by_axes(_sds((3, B, T), np.int32), lambda n: (None, "batch", None)),
+                  placement.rows(_sds((B, T), np.int32)))
     wrt = optimizer.wrt
 
     def train(trainable, frozen, rest, opt_state, batch):
@@ -301,4 +328,5 @@ def build(program: str, config: Qwen2VLConfig, dtype, shapes: Shapes, mesh: Mesh
     """The `program` ("vision", "prefill", "decode" or "train") of `config` in `dtype`, placed on `mesh`."""
     if program not in BUILDERS:
         raise ValueError(f"unknown program {program!r}; choose one of {', '.join(PROGRAMS)}")
+    check_shapes(config, shapes)
     return BUILDERS[program](config, dtype, shapes, _Placement(mesh), attn_implementation)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,10 @@ def test_cli_export_writes_the_artifact(tmp_path, capsys):
     (["--prompt-len", "64"], "cannot hold the vision grid's 256 feature rows"),
     (["--mesh", "data=0"], "bad mesh"),
     (["--model", "nope"], "neither a preset"),
+    (["--prompt-len", "40000"], "prompt_len 40000 is beyond the model's max_position_embeddings (32768)"),
+    (["--batch", str(2**70), "--vision-grid", "none"], "too large to plan"),
+    (["--vision-grid", "1,100000,100000"], "more than any prompt holds"),
+    (["--mesh", "data=100000"], "at most 1024 virtual CPU devices"),
 ])
 def test_cli_export_bad_input_is_one_line(argv, needle, tmp_path, capsys):
     base = {"--model": "2b", "--program": "prefill", "--platform": "tpu", "--out": str(tmp_path / "x")}
@@ -258,3 +263,18 @@ def test_cli_export_bad_input_is_one_line(argv, needle, tmp_path, capsys):
     assert needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
 
+
+
+def test_export_api_refuses_bad_requests_by_name():
+    """The library entry point (not only the CLI's flags) checks what it is asked before tracing anything."""
+    cases = [
+        (dict(shapes=Shapes(batch=0)), "batch must be a positive integer, got 0"),
+        (dict(shapes=Shapes(vision_grid=(1, 16))), "vision_grid must be three positive integers"),
+        (dict(shapes=Shapes(quantization="int3")), "unknown quantization 'int3'"),
+        (dict(mesh={"tensor": 2}), "mesh axes are data, fsdp and model; got ['tensor']"),
+        (dict(dtype="float16x"), "dtype must be float32 or bfloat16"),
+        (dict(platforms=("metal",)), "platforms must be among"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            export_program("2b", "prefill", **kwargs)

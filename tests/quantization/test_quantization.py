@@ -209,3 +209,17 @@ def test_cli_quantize_errors_are_one_line(tiny_checkpoint, capsys):
                      "--quantize", "int4", "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "int4 groups of 128 need an input width that is a multiple of it" in err and len(err.splitlines()) == 1
+
+
+def test_merging_into_or_saving_quantized_weights_is_refused(tiny_checkpoint, tmp_path):
+    """Folding an adapter into integers, or writing integers under full-precision names, would silently corrupt
+    the weights: both are refused by name, and nothing is written."""
+    from qwen2vl_jax.lora import LoRAError, apply_lora, merge_lora
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8")
+    with pytest.raises(ValueError, match="holds quantized weights .14 Linears"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    apply_lora(model, 2)
+    with pytest.raises(LoRAError, match="cannot merge adapters into quantized weights"):
+        merge_lora(model)
