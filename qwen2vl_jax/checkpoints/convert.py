@@ -9,6 +9,13 @@
 * `save_pretrained(model, dst, format="hf"|"flax")`: the same, from a model in memory (e.g. after a research
   edit in JAX), one parameter at a time.
 
+Quantized checkpoints (`qwen2vl_jax.quantization`): `convert(..., quantization="int8" | "int4")` quantizes each
+targeted weight as it streams through (memory: one tensor in flight), and `save_pretrained` of a quantized model
+writes its integers and scales. Either way the integers go under the weight's name (I8, or U8 for int4's packed
+pairs), the fp32 scales beside them (`<module>.weight_scale` in the HF layout, `<module>.scale` in ours), and
+config.json gets a `quantization_config` naming the quantized modules (`StoredQuantization`). Integers and scales
+are never cast (`dtype` applies to the other tensors); a quantized source is copied as stored.
+
 Every writer streams (headers are planned from shapes, then one tensor is read, cast, written and dropped at a
 time), writes into a temporary folder beside the destination and renames it at the end, so a crash never
 leaves a half-written checkpoint, and refuses to replace an existing destination unless `force=True`.
@@ -27,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..modeling.config import Qwen2VLConfig
 from ..modeling.model import Qwen2VL
 from ..modeling.parameters import checkpoint_params
+from ..quantization.formats import INT4_GROUP, QuantizationError, quantize_weight
+from ..quantization.stored import StoredQuantization, plan_quantization, quantize_abstract, stored_quantization
 from . import keymap as params_lib
 from .load import (
     FORMAT_NAME,
@@ -41,6 +51,7 @@ from .load import (
     Checkpoint,
     abstract_model,
     open_checkpoint,
+    quantized_model,
     resolve_dtype,
 )
 from .safetensors_io import TensorSpec, write_checkpoint
@@ -68,9 +79,13 @@ class ConversionSummary:
     bytes: int
     files: int
     seconds: float
+    quantization: StoredQuantization | None = None
 
     def __str__(self) -> str:
-        return (f"wrote {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.files} safetensors "
+        q = self.quantization
+        quantized = "" if q is None else (f" ({len(q.modules)} modules in {q.mode}"
+                                          + (f", groups of {q.group_size}" if q.group_size else "") + ")")
+        return (f"wrote {self.tensors} tensors{quantized}, {self.bytes / 1e9:.3f} GB in {self.files} safetensors "
                 f"file{'s' if self.files != 1 else ''} to {self.destination} in {self.seconds:.1f} s")
 
 
@@ -92,36 +107,84 @@ class _Tensors:
 
     specs: list[TensorSpec]
     read: Callable[[str], np.ndarray]
+    quantization: StoredQuantization | None = None  # what the written tensors hold (None: full precision)
+    quantized: frozenset[str] = frozenset()  # names of the integers and scales written (never cast)
 
     @property
     def num_parameters(self) -> int:
         return sum(int(np.prod(s.shape, dtype=np.int64)) for s in self.specs)
 
 
-def _from_checkpoint(ckpt: Checkpoint, out: params_lib.KeyLayout, dtype: np.dtype | None) -> _Tensors:
-    """Every parameter of `ckpt` (validated against the model its config describes), renamed for `out`."""
+def _from_checkpoint(ckpt: Checkpoint, out: params_lib.KeyLayout, dtype: np.dtype | None,
+                     quantization: str | None = None, group_size: int | None = None) -> _Tensors:
+    """Every parameter of `ckpt` (validated against the model its config describes), renamed for `out`.
+    `quantization`: quantize the default targets (`quantization.DEFAULT_TARGETS`) of a full-precision checkpoint
+    as they stream through; a quantized checkpoint is copied as stored (asking another mode or group: refused)."""
+    if ckpt.external is not None:
+        raise QuantizationError(f"{ckpt.directory} is a {ckpt.external.describe()} checkpoint, whose tensors convert "
+                                "does not rewrite: load it with from_pretrained (GPTQ-Int4 as int4, the others "
+                                "dequantized, or quantization=...) and save_pretrained the model")
     model = abstract_model(Qwen2VL, ckpt.config)
-    expected = {p: tuple(v.shape) for p, v in params_lib.model_params(model).items()}
-    refs = ckpt.match(expected)  # one CheckpointError listing every problem, before anything is written
+    model, layout = quantized_model(model, ckpt, quantization)  # a quantized source: its integers and scales
+    stored = ckpt.quantization
+    if stored is not None and group_size is not None and group_size != stored.group_size:
+        raise QuantizationError(f"{ckpt.directory} is stored in {stored.mode}" + (
+            f" in groups of {stored.group_size}" if stored.group_size else " (one scale per output channel)")
+            + f"; it cannot be converted to groups of {group_size} (quantize its full-precision source)")
+    params = params_lib.model_params(model)
+    expected = {p: tuple(v.shape) for p, v in params.items()}
+    # one CheckpointError listing every problem, before anything is written
+    refs = params_lib.match_checkpoint(expected, ckpt.files, layout, where=ckpt.directory, ignore=ckpt.ignore,
+                                       dtypes=params_lib.quantized_dtypes(model))
+    quantizing = {}
+    if stored is None and quantization is not None:
+        stored = plan_quantization(model, quantization, group=INT4_GROUP if group_size is None else group_size)
+        quantize_abstract(model, stored)
+        quantizing = {f"{m}.weight": f"{m}{params_lib.SCALE_SUFFIX}" for m in stored.modules}
+        params = params_lib.model_params(model)
+    exact = params_lib.quantized_dtypes(model)
+    out = params_lib.stored_as_is(out, exact)
     specs, sources = [], {}
     for path, ref in refs.items():
-        spec = TensorSpec(out.to_name(path), dtype or ref.dtype, tuple(out.file_shape(path, expected[path])))
-        specs.append(spec)
-        sources[spec.name] = (path, ref, spec.dtype)
+        for p in (path, quantizing.get(path)):  # a weight quantized on the way: its scales right after it
+            if p is not None:
+                spec = TensorSpec(out.to_name(p), exact.get(p) or dtype or ref.dtype,
+                                  tuple(out.file_shape(p, params[p].shape)))
+                specs.append(spec)
+                sources[spec.name] = (p, ref, spec.dtype)
+    scales: dict[str, np.ndarray] = {}  # the scales of the weight just quantized, written next
+    weight_of = {scale: weight for weight, scale in quantizing.items()}
+
+    def quantized(weight: str, ref: params_lib.TensorRef) -> tuple[np.ndarray, np.ndarray]:
+        # cast first, as `from_pretrained(src, dtype=..., quantization=...)` quantizes the weight it loaded
+        array = layout.to_ours(weight, ref.read()).astype(dtype or ref.dtype, copy=False)
+        q, scale = quantize_weight(jnp.asarray(array), stored.mode, stored.group_size or INT4_GROUP)
+        return np.asarray(q), np.asarray(scale)
 
     def read(name: str) -> np.ndarray:
         path, ref, dt = sources[name]
-        return out.to_file(path, ckpt.layout.to_ours(path, ref.read())).astype(dt, copy=False)
+        if path in weight_of:  # the scales of the weight written just before (quantized again if asked alone)
+            return scales.pop(path) if path in scales else quantized(weight_of[path], ref)[1]
+        if path in quantizing:
+            q, scales[quantizing[path]] = quantized(path, ref)
+            return out.to_file(path, q)
+        return out.to_file(path, layout.to_ours(path, ref.read())).astype(dt, copy=False)
 
-    return _Tensors(specs, read)
+    names = {out.to_name(p) for p in exact}
+    return _Tensors(specs, read, stored, frozenset(names))
 
 
 def _from_model(model, out: params_lib.KeyLayout, dtype: np.dtype | None) -> _Tensors:
-    """Every parameter of an in-memory model, fetched to the host one at a time."""
+    """Every parameter of an in-memory model, fetched to the host one at a time (a quantized model's integers and
+    scales as they are)."""
+    stored = stored_quantization(model)
+    exact = params_lib.quantized_dtypes(model)
+    out = params_lib.stored_as_is(out, exact)
     specs, sources = [], {}
     for path, (p, layer) in checkpoint_params(model).items():  # a scan_layers model's stacked params, per layer
         shape = p.shape if layer is None else p.shape[1:]
-        spec = TensorSpec(out.to_name(path), dtype or np.dtype(p.dtype), tuple(out.file_shape(path, shape)))
+        spec = TensorSpec(out.to_name(path), exact.get(path) or dtype or np.dtype(p.dtype),
+                          tuple(out.file_shape(path, shape)))
         specs.append(spec)
         sources[spec.name] = (path, p, layer, spec.dtype)
 
@@ -130,7 +193,7 @@ def _from_model(model, out: params_lib.KeyLayout, dtype: np.dtype | None) -> _Te
         value = p.get_value() if layer is None else p.get_value()[layer]
         return out.to_file(path, np.asarray(jax.device_get(value))).astype(dt, copy=False)
 
-    return _Tensors(specs, read)
+    return _Tensors(specs, read, stored, frozenset(out.to_name(p) for p in exact))
 
 
 def _layout_for(fmt: str, config: Qwen2VLConfig) -> params_lib.KeyLayout:
@@ -281,8 +344,9 @@ def _replace(tmp: Path, dst: Path) -> None:
         old.unlink()
 
 
-def _main_dtype(specs: list[TensorSpec]) -> str:
-    dtypes = {np.dtype(s.dtype).name for s in specs}
+def _main_dtype(specs: list[TensorSpec], quantized: frozenset[str] = frozenset()) -> str:
+    """The one dtype of the tensors (a quantized checkpoint's integers and scales aside), or "mixed"."""
+    dtypes = {np.dtype(s.dtype).name for s in specs if s.name not in quantized}
     return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
 
@@ -309,10 +373,14 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
         files = write_checkpoint(tmp, tensors.specs, tensors.read, max_shard_size=max_shard_size,
                                  metadata={"format": "pt" if fmt == "hf" else "flax"},
                                  on_tensor=lambda s: bar.update(s.nbytes))
-        dtype = _main_dtype(tensors.specs)
+        dtype = _main_dtype(tensors.specs, tensors.quantized)
         hf_config = config.to_hf_dict()
         if dtype != "mixed":
             hf_config["torch_dtype"] = dtype  # what transformers' torch_dtype="auto" reads, like Hub files
+        if tensors.quantization is not None:  # the modules in the names this layout gives them
+            layout = _layout_for(fmt, config)
+            hf_config["quantization_config"] = tensors.quantization.to_config(
+                lambda module: params_lib.module_name(layout, module))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if fmt == "flax":
             marker = {
@@ -322,6 +390,7 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
                 "num_parameters": tensors.num_parameters,
                 "num_tensors": len(tensors.specs),
                 "tie_word_embeddings": config.tie_word_embeddings,
+                "quantization": tensors.quantization.mode if tensors.quantization is not None else None,
                 "source": source,
                 "tensor_names": "qwen2vl_jax parameter paths; Linear weights [out, in] as in PyTorch, "
                                 "visual.patch_embed.proj.weight flattened to [embed_dim, C*T*P*P]",
@@ -342,36 +411,48 @@ def _write(dst: str | os.PathLike, fmt: str, config: Qwen2VLConfig, tensors: _Te
     finally:
         bar.close()
     n_files = sum(1 for f in files if f.suffix == ".safetensors")
-    return ConversionSummary(dst, len(tensors.specs), total, n_files, time.perf_counter() - start)
+    return ConversionSummary(dst, len(tensors.specs), total, n_files, time.perf_counter() - start,
+                             tensors.quantization)
 
 
 # ------------------------------------------------------------------------------------------------- public
 def convert(source, destination, *, format: str, dtype=None, max_shard_size=None, force: bool = False,
-            progress: bool = True, local_files_only: bool | None = None,
-            revision: str | None = None) -> ConversionSummary:
-    """Re-write any checkpoint `from_pretrained` accepts as `format` ("hf" or "flax") at `destination`."""
+            progress: bool = True, local_files_only: bool | None = None, revision: str | None = None,
+            quantization: str | None = None, group_size: int | None = None) -> ConversionSummary:
+    """Re-write any checkpoint `from_pretrained` accepts as `format` ("hf" or "flax") at `destination`.
+    `quantization` ("int8" / "int4"): write a quantized checkpoint, each targeted weight (the text decoder's
+    projections and the output projection, `quantization.DEFAULT_TARGETS`) quantized as it streams through;
+    `group_size`: int4's input columns per scale (default 128). A quantized source is copied as stored."""
     ckpt = open_checkpoint(source, local_files_only=local_files_only, revision=revision)
-    tensors = _from_checkpoint(ckpt, _layout_for(format, ckpt.config), _output_dtype(dtype))
+    if group_size is not None and (quantization or (ckpt.quantization and ckpt.quantization.mode)) != "int4":
+        raise QuantizationError(f"group_size={group_size} applies to int4 only (int8 has one scale per output "
+                                "channel)")
+    tensors = _from_checkpoint(ckpt, _layout_for(format, ckpt.config), _output_dtype(dtype), quantization,
+                               group_size)
     shard = max_shard_size or (DEFAULT_HF_SHARD_SIZE if format == "hf" else DEFAULT_FLAX_SHARD_SIZE)
     return _write(destination, format, ckpt.config, tensors, source=os.fspath(source), source_dir=ckpt.directory,
                   max_shard_size=shard, force=force, progress=progress, protect=ckpt.directory)
 
 
 def hf_to_flax(source, destination=None, *, dtype=None, max_shard_size=DEFAULT_FLAX_SHARD_SIZE, force: bool = False,
-               progress: bool = True, local_files_only: bool | None = None,
-               revision: str | None = None) -> ConversionSummary:
+               progress: bool = True, local_files_only: bool | None = None, revision: str | None = None,
+               quantization: str | None = None, group_size: int | None = None) -> ConversionSummary:
     """HF checkpoint (local dir, either key layout, or Hub id) -> our format at `destination`
-    (default `weights/<name>-flax`). `dtype`: None keeps the source dtype, or "bfloat16" / "float32"."""
+    (default `weights/<name>-flax`). `dtype`: None keeps the source dtype, or "bfloat16" / "float32".
+    `quantization` / `group_size`: see `convert`."""
     destination = destination if destination is not None else default_destination(source)
     return convert(source, destination, format="flax", dtype=dtype, max_shard_size=max_shard_size, force=force,
-                   progress=progress, local_files_only=local_files_only, revision=revision)
+                   progress=progress, local_files_only=local_files_only, revision=revision,
+                   quantization=quantization, group_size=group_size)
 
 
 def flax_to_hf(source, destination, *, dtype=None, max_shard_size=DEFAULT_HF_SHARD_SIZE, force: bool = False,
-               progress: bool = True) -> ConversionSummary:
-    """Our format (or any HF checkpoint) -> the Hugging Face Hub key layout at `destination`."""
+               progress: bool = True, quantization: str | None = None,
+               group_size: int | None = None) -> ConversionSummary:
+    """Our format (or any HF checkpoint) -> the Hugging Face Hub key layout at `destination`. `quantization` /
+    `group_size`: see `convert` (transformers does not load the quantized layout: qwen2vl_jax does)."""
     return convert(source, destination, format="hf", dtype=dtype, max_shard_size=max_shard_size, force=force,
-                   progress=progress)
+                   progress=progress, quantization=quantization, group_size=group_size)
 
 
 def save_pretrained(model, destination, *, format: str = "hf", dtype=None, max_shard_size=None, force: bool = False,
@@ -379,15 +460,16 @@ def save_pretrained(model, destination, *, format: str = "hf", dtype=None, max_s
     """Write an in-memory model as a Hugging Face ("hf", loadable by transformers) or qwen2vl_jax ("flax")
     checkpoint, one parameter at a time. Tokenizer / processor files are copied from `side_files_from`
     (default: the directory the model was loaded from, when known). A model with LoRA adapters is refused:
-    `lora.merge_lora(model)` first, or `lora.save_adapter` for the adapters alone."""
+    `lora.merge_lora(model)` first, or `lora.save_adapter` for the adapters alone. A quantized model writes a
+    quantized checkpoint (its integers and scales as they are; `dtype` casts the other tensors only), which
+    `from_pretrained` loads as stored."""
     adapters = len(params_lib.model_params(model, adapters=True)) - len(params_lib.model_params(model))
     if adapters:
+        quantized = any(path.endswith(params_lib.SCALE_SUFFIX) for path in params_lib.model_params(model))
         raise ValueError(f"the model carries {adapters // 2} unmerged LoRA adapters, which a base checkpoint cannot "
-                         "hold: call qwen2vl_jax.lora.merge_lora(model) first (or lora.save_adapter for the adapters)")
-    scales = [path for path in params_lib.model_params(model) if path.endswith(".scale")]
-    if scales:
-        raise ValueError(f"the model holds quantized weights ({len(scales)} Linears, e.g. {scales[0][:-6]}), which "
-                         "this writer cannot store yet: save the full-precision model")
+                         "hold: " + ("save them with qwen2vl_jax.lora.save_adapter (adapters cannot be merged into "
+                                     "quantized weights)" if quantized else "call qwen2vl_jax.lora.merge_lora(model) "
+                                     "first (or lora.save_adapter for the adapters)"))
     tensors = _from_model(model, _layout_for(format, model.config), _output_dtype(dtype))
     source_dir = side_files_from if side_files_from is not None else getattr(model, "source_dir", None)
     source_dir = Path(source_dir) if source_dir is not None and Path(source_dir).is_dir() else None

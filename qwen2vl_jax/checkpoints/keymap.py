@@ -6,7 +6,8 @@ is `weight` / `bias`. Linear weights keep PyTorch's `[out, in]` layout, so every
 patch-embedding Conv3d kernel `[E, C, T, P, P]`, which is flattened to `[E, C*T*P*P]` (same numbers: transformers
 `PatchEmbed.forward` applies it to whole `[C, T, P, P]` patches, a matmul). Names written by transformers >= 4.52
 (`model.language_model.*`, `model.visual.*`) are folded into the Hub names first (`canonical_hf_name`), like
-transformers' own `_checkpoint_conversion_mapping`.
+transformers' own `_checkpoint_conversion_mapping`. A quantized module's scales (`qwen2vl_jax.quantization`) are
+`<module>.weight_scale` there and `<module>.scale` here, beside the integers under the weight's own name.
 
 Loading has two phases. `match_checkpoint` reads only the safetensors headers and pairs every tensor with a
 parameter, collecting every problem (unknown, duplicate, mis-shaped, missing tensors) into one `CheckpointError`
@@ -96,13 +97,24 @@ def _apply(table, name: str) -> str | None:
     return None
 
 
+# A quantized module's scales (`qwen2vl_jax.quantization`): our parameter `<module>.scale`, in the Hugging Face layout
+# `<module>.weight_scale` beside the integers stored under `<module>.weight` (compressed-tensors' and fbgemm-fp8's
+# name for a weight's scales in transformers checkpoints).
+HF_SCALE_SUFFIX, SCALE_SUFFIX = ".weight_scale", ".scale"
+
+
 def hf_to_ours(name: str) -> str | None:
     """Our parameter path for an HF tensor name (either layout), or None if it is not a Qwen2-VL parameter."""
+    if name.endswith(HF_SCALE_SUFFIX):
+        weight = _apply(_HF_TO_OURS, canonical_hf_name(name[: -len("_scale")]))
+        return None if weight is None or not weight.endswith(".weight") else weight[: -len(".weight")] + SCALE_SUFFIX
     return _apply(_HF_TO_OURS, canonical_hf_name(name))
 
 
 def ours_to_hf(path: str) -> str:
     """The Hub-layout HF name for one of our parameter paths."""
+    if path.endswith(SCALE_SUFFIX):
+        return ours_to_hf(path[: -len(SCALE_SUFFIX)] + ".weight") + "_scale"
     name = _apply(_OURS_TO_HF, path)
     if name is None:
         raise KeyError(f"no HF name for parameter {path}")
@@ -159,6 +171,45 @@ OURS_LAYOUT = KeyLayout(
     to_ours=lambda path, array: array,
     to_file=lambda path, array: array,
 )
+
+
+def stored_as_is(layout: KeyLayout, paths) -> KeyLayout:
+    """`layout`, except that the tensors at `paths` (a quantized module's integers and scales) are stored exactly as
+    the parameters are: a quantized patch-embedding kernel keeps our `[E, C*T*P*P]` (int4: packed) shape."""
+    if CONV_KEY not in paths:
+        return layout
+    return KeyLayout(
+        name=layout.name,
+        to_path=layout.to_path,
+        to_name=layout.to_name,
+        file_shape=lambda path, shape: tuple(shape) if path == CONV_KEY else layout.file_shape(path, shape),
+        to_ours=lambda path, array: array if path == CONV_KEY else layout.to_ours(path, array),
+        to_file=lambda path, array: array if path == CONV_KEY else layout.to_file(path, array),
+    )
+
+
+def module_name(layout: KeyLayout, path: str) -> str:
+    """The layout's name for one of our module paths (`language_model.layers.0.mlp.up_proj` ->
+    `model.layers.0.mlp.up_proj` in the Hugging Face layout): how a quantized checkpoint's config names them."""
+    return layout.to_name(path + ".weight")[: -len(".weight")]
+
+
+def module_path(layout: KeyLayout, name: str) -> str | None:
+    """Our module path for a layout's module name (None: not a module of Qwen2-VL)."""
+    path = layout.to_path(name + ".weight") if isinstance(name, str) else None
+    return path[: -len(".weight")] if path is not None and path.endswith(".weight") else None
+
+
+def quantized_dtypes(model: nnx.Module) -> dict[str, np.dtype]:
+    """`{checkpoint path: dtype}` of a quantized model's integers and scales (per layer): a checkpoint must store
+    exactly these dtypes (nothing is cast: an integer cast is no quantization, and the scales are fp32)."""
+    entries = checkpoint_params(model)
+    out = {}
+    for path, (p, _) in entries.items():
+        if path.endswith(SCALE_SUFFIX):
+            weight = path[: -len(SCALE_SUFFIX)] + ".weight"
+            out[path], out[weight] = np.dtype(p.dtype), np.dtype(entries[weight][0].dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
@@ -238,7 +289,9 @@ class TensorRef:
         return self.file.read(self.name)
 
 
-def _problem_report(where, problems: list[str]) -> str:
+def problem_report(where, problems: list[str]) -> str:
+    """One message for every problem found (`kind: detail` each), counted by kind and listed (at most
+    MAX_LISTED_PROBLEMS)."""
     kinds: dict[str, int] = {}
     for p in problems:
         kind = p.split(":")[0]
@@ -252,16 +305,18 @@ def _problem_report(where, problems: list[str]) -> str:
 
 
 def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: KeyLayout,
-                     where: str | os.PathLike | None = None, ignore: frozenset[str] = frozenset()
-                     ) -> dict[str, TensorRef]:
+                     where: str | os.PathLike | None = None, ignore: frozenset[str] = frozenset(),
+                     dtypes: dict[str, np.dtype] | None = None) -> dict[str, TensorRef]:
     """Pair every expected parameter (`{path: our shape}`) with exactly one tensor of the checkpoint.
 
     Reads headers only. Every problem is collected and raised as one `CheckpointError`:
     `unexpected` (a tensor that is no parameter of this model), `duplicate` (two tensors for one parameter),
-    `wrong shape`, `wrong dtype` (not floating point) and `missing`. Returns `{path: TensorRef}` in file order,
+    `wrong shape`, `wrong dtype` (not floating point; for the paths in `dtypes`, a quantized checkpoint's
+    integers and scales, not exactly that dtype) and `missing`. Returns `{path: TensorRef}` in file order,
     so streaming through it reads each file front to back. Tensors whose path is in `ignore` are skipped (a
     stored lm_head.weight of a tied config, which transformers ties over).
     """
+    dtypes = dtypes or {}
     opened = open_files(files)
     where = where if where is not None else (opened[0].path.parent if opened else "?")
     refs: dict[str, TensorRef] = {}
@@ -282,6 +337,11 @@ def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: 
             want = layout.file_shape(path, expected[path])
             if found != tuple(want):
                 problems.append(f"wrong shape: {name} expected {list(want)}, found {list(found)}")
+            elif path in dtypes:
+                if sf.dtype(name) != dtypes[path]:
+                    problems.append(f"wrong dtype: {name} is {sf.dtype(name)}, expected {dtypes[path]} (the "
+                                    f"{'scales' if path.endswith(SCALE_SUFFIX) else 'integers'} of a quantized "
+                                    "module)")
             elif not np.issubdtype(sf.dtype(name), np.floating) and sf.dtype(name).name != "bfloat16":
                 problems.append(f"wrong dtype: {name} is {sf.dtype(name)}, expected a floating-point tensor")
             refs[path] = TensorRef(sf, name)
@@ -289,7 +349,7 @@ def match_checkpoint(expected: dict[str, tuple[int, ...]], files: list, layout: 
         if path not in refs:
             problems.append(f"missing: {layout.to_name(path)} {list(layout.file_shape(path, shape))}")
     if problems:
-        raise CheckpointError(_problem_report(where, problems))
+        raise CheckpointError(problem_report(where, problems))
     return refs
 
 
@@ -380,7 +440,8 @@ def load_into(model: nnx.Module, files: list, layout: KeyLayout | None = None, *
     """
     params = model_params(model)
     layout = layout if layout is not None else hf_layout(model.config.vision_config)
-    refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout, ignore=ignore)
+    refs = match_checkpoint({p: tuple(v.shape) for p, v in params.items()}, files, layout, ignore=ignore,
+                            dtypes=quantized_dtypes(model))
     report = LoadReport()
     # Zero-copy only where the buffer is adopted, not copied: the default placement on the CPU. Elsewhere (an
     # accelerator, a `place` callback) the mapped tensor is copied and unmapped, so file pages never pile up in RSS.
@@ -432,7 +493,7 @@ def load_sharded(model: nnx.Module, files: list, layout: KeyLayout | None, shard
     `load_into`. `progress(nbytes)` follows each parameter; the report counts the bytes this process read.
     """
     layout = layout if layout is not None else hf_layout(model.config.vision_config)
-    refs = match_checkpoint(checkpoint_shapes(model), files, layout, ignore=ignore)
+    refs = match_checkpoint(checkpoint_shapes(model), files, layout, ignore=ignore, dtypes=quantized_dtypes(model))
     opened = list({id(r.file): r.file for r in refs.values()}.values())
     params = model_params(model)
     path_of = {id(p): path for path, p in params.items()}

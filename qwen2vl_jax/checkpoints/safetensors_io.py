@@ -23,6 +23,7 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -238,6 +239,123 @@ class SafetensorsFile:
                 m.close()
             except BufferError:  # the caller kept a view: the map goes when the last view does
                 pass
+
+
+# ------------------------------------------------------------------------------------------- derived tensors
+@dataclass(frozen=True)
+class Derived:
+    """A tensor a set of files does not store but computes from tensors it does (`derive`), e.g. a GPTQ Linear's
+    weight from its `qweight`, `qzeros`, `scales` and `g_idx` (`checkpoints/load.py`)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    sources: tuple[str, ...]  # the stored tensors it is computed from; the first places it in its file's order
+    compute: Callable[[dict[str, np.ndarray]], np.ndarray]  # {source name: array} -> the tensor
+
+
+class _DerivedSet:
+    """What the files of one `derive` call share: where each stored tensor is, and the last derived tensor
+    computed (a sharded load reads several slices of one parameter in a row: it is computed once, and memory holds
+    one derived tensor at a time)."""
+
+    def __init__(self):
+        self.where: dict[str, SafetensorsFile] = {}
+        self.last: tuple[str, np.ndarray] | None = None
+
+    def tensor(self, owner: SafetensorsFile, name: str, d: Derived) -> np.ndarray:
+        if self.last is None or self.last[0] != name:
+            self.last = None  # the previous one goes before the next is computed
+            arrays = {s: SafetensorsFile.read(self.where[s], s) for s in d.sources}
+            read = sum(a.nbytes for a in arrays.values())
+            for s in d.sources:  # counted where the derived tensor is listed (a sharded load's progress)
+                self.where[s].bytes_read -= arrays[s].nbytes
+            owner.bytes_read += read
+            out = d.compute(arrays)
+            del arrays
+            if np.dtype(out.dtype) != np.dtype(d.dtype) or tuple(out.shape) != tuple(d.shape):
+                raise SafetensorsError(f"{owner.path}: derived tensor {name} came out {out.dtype} {list(out.shape)}, "
+                                       f"not {np.dtype(d.dtype)} {list(d.shape)}")
+            self.last = (name, out)
+        return self.last[1]
+
+
+class DerivedFile(SafetensorsFile):
+    """One file of a set (`derive`) read as if it stored the derived tensors whose first source it holds, and not
+    their sources: names, shapes, dtypes, `read`, `read_slice` and `mapped` work on derived tensors like on stored
+    ones (so the loaders stream and slice them unchanged); `nbytes` and `offset` are their sources' (the bytes read
+    from disk, and where they start). A derived tensor is never aligned, so it is never a `view`."""
+
+    def __init__(self, path: str | os.PathLike, derived: dict[str, Derived], hidden: frozenset[str],
+                 shared: _DerivedSet):
+        super().__init__(path)
+        self.derived, self.hidden, self._shared = derived, hidden, shared
+
+    def keys(self) -> list[str]:
+        return [n for n in self.entries if n not in self.hidden] + list(self.derived)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.derived[name].shape) if name in self.derived else super().shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.derived[name].dtype) if name in self.derived else super().dtype(name)
+
+    def offset(self, name: str) -> int:
+        return super().offset(self.derived[name].sources[0]) if name in self.derived else super().offset(name)
+
+    def nbytes(self, name: str) -> int:
+        if name in self.derived:
+            return sum(self._shared.where[s].nbytes(s) for s in self.derived[name].sources)
+        return super().nbytes(name)
+
+    def read(self, name: str) -> np.ndarray:
+        if name not in self.derived:
+            return super().read(name)
+        out = empty_aligned(self.shape(name), self.dtype(name))
+        out[...] = self._shared.tensor(self, name, self.derived[name])
+        return out
+
+    def read_slice(self, name: str, index: tuple) -> np.ndarray:
+        if name not in self.derived:
+            return super().read_slice(name, index)
+        bounds = _slice_bounds(index, self.shape(name), f"{self.path}: tensor {name}")
+        src = self._shared.tensor(self, name, self.derived[name])[tuple(slice(a, b) for a, b in bounds)]
+        out = empty_aligned(src.shape, src.dtype)
+        out[...] = src
+        return out
+
+    def aligned(self, name: str, alignment: int | None = None) -> bool:
+        return False if name in self.derived else super().aligned(name, alignment)
+
+    def view(self, name: str) -> np.ndarray:
+        if name in self.derived:
+            raise SafetensorsError(f"{self.path}: {name} is derived, not stored: it has no view")
+        return super().view(name)
+
+    @contextlib.contextmanager
+    def mapped(self, name: str) -> Iterator[np.ndarray]:
+        if name not in self.derived:
+            with super().mapped(name) as array:
+                yield array
+            return
+        yield self._shared.tensor(self, name, self.derived[name])
+
+
+def derive(files: list[SafetensorsFile], derived: dict[str, Derived]) -> list[DerivedFile]:
+    """`files` read as a set that holds `derived` (`{name: Derived}`) instead of those tensors' sources (which may
+    sit in any of the files). Each derived tensor is listed by the file holding its first source."""
+    shared = _DerivedSet()
+    out = [DerivedFile(f.path, {}, frozenset(), shared) for f in files]
+    for f in out:
+        shared.where.update({name: f for name in f.entries})
+    missing = sorted({s for d in derived.values() for s in d.sources} - shared.where.keys())
+    if missing:
+        raise SafetensorsError(f"derived tensors need {missing[:3]}, which no file of the set stores")
+    hidden = frozenset(s for d in derived.values() for s in d.sources)
+    for f in out:
+        f.hidden = hidden
+    for name, d in derived.items():
+        shared.where[d.sources[0]].derived[name] = d
+    return out
 
 
 def _slice_bounds(index: tuple, shape: tuple[int, ...], where: str) -> list[tuple[int, int]]:

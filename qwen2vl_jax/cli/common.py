@@ -210,17 +210,38 @@ def checkpoint_summary(directory: Path) -> tuple[int, int, str]:
     return numel, nbytes, "/".join(sorted(dtypes))
 
 
+def weight_elements(directory: Path) -> tuple[int, int]:
+    """(elements of the tensors loaded in --dtype, bytes of those loaded as stored: a quantized checkpoint's
+    integers and scales), from the safetensors headers."""
+    from ..checkpoints.keymap import HF_SCALE_SUFFIX, SCALE_SUFFIX, CheckpointError, safetensors_files
+    from ..checkpoints.safetensors_io import SafetensorsFile
+
+    try:
+        files = safetensors_files(directory)
+    except (FileNotFoundError, CheckpointError) as e:
+        raise UserError(str(e)) from None
+    numel = stored = 0
+    for f in files:
+        sf = SafetensorsFile(f)
+        for k in sf.keys():
+            if sf.dtype(k).kind in "iub" or k.endswith((HF_SCALE_SUFFIX, SCALE_SUFFIX)):
+                stored += sf.nbytes(k)
+            else:
+                numel += sf.nbytes(k) // sf.dtype(k).itemsize
+    return numel, stored
+
+
 def choose_dtype(args, directory: Path) -> str:
     """`--dtype auto`: float32 when it fits comfortably in memory (most faithful; fastest decode on CPU),
     else bfloat16. Fails early, with the numbers, when even bfloat16 does not fit."""
     import psutil
 
-    numel, _, _ = checkpoint_summary(directory)
+    numel, stored = weight_elements(directory)
     available = psutil.virtual_memory().available
     dtype = args.dtype
     if dtype == "auto":
-        dtype = "float32" if numel * 4 <= 0.6 * available else "bfloat16"
-    need = numel * (4 if dtype == "float32" else 2)
+        dtype = "float32" if numel * 4 + stored <= 0.6 * available else "bfloat16"
+    need = numel * (4 if dtype == "float32" else 2) + stored
     if need > 0.95 * available:
         hint = " Try --dtype bfloat16." if dtype == "float32" else " Use a machine with more memory or a smaller model."
         raise UserError(f"not enough memory: the weights need {need / 1e9:.1f} GB in {dtype} but only "

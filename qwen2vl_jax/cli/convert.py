@@ -2,13 +2,17 @@
 `qwen2vl_jax.checkpoints.convert`).
 
     qwen2vl-jax convert hf-to-flax SRC [DST] [--dtype bfloat16|float32] [--max-shard-size 2GB] [--force] [--quiet]
-                                   [--local-files-only] [--revision REV]
+                                   [--local-files-only] [--revision REV] [--quantize int8|int4 [--group-size N]]
     qwen2vl-jax convert flax-to-hf SRC DST [--dtype bfloat16|float32] [--max-shard-size 5GB] [--force] [--quiet]
+                                   [--quantize int8|int4 [--group-size N]]
 
 hf-to-flax: SRC is a local checkpoint directory (Hub or >= 4.52 key layout, one file or sharded) or a Hub model id;
 DST defaults to weights/<SRC name>-flax. Safetensors only; the conversion streams one tensor at a time.
 flax-to-hf: SRC is a directory written by hf-to-flax (any HF checkpoint works too, e.g. to rename >= 4.52 keys back
 to the Hub layout); lm_head.weight is written only for untied models.
+--quantize writes a quantized checkpoint (the text decoder's projections and the output projection as int8 per
+channel or int4 in groups of --group-size, quantized as they stream through; config.json's quantization_config
+names them), which `from_pretrained` and every command load as stored. A quantized SRC is copied as stored.
 
 A conversion prints its summary line (exit 0) or one `error:` paragraph (exit 2).
 """
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+
+from .common import positive
 
 COMPILES = False
 
@@ -48,6 +54,11 @@ def add_write_arguments(parser: argparse.ArgumentParser, default_shard_size: str
     parser.add_argument("--force", action="store_true",
                         help="replace DST if it is an existing checkpoint (never other files)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quantize", choices=["int8", "int4"],
+                        help="write a quantized checkpoint: the text decoder's projections and the output projection "
+                             "as int8 (per output channel) or int4 (in groups of --group-size input columns)")
+    parser.add_argument("--group-size", type=positive(int), metavar="N",
+                        help="--quantize int4: input columns per scale (default 128)")
 
 
 def add_hf_to_flax_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -77,9 +88,11 @@ def run(args) -> int:
         return report(lambda: convert.hf_to_flax(args.src, args.dst, dtype=args.dtype,
                                                  max_shard_size=args.max_shard_size, force=args.force,
                                                  progress=not args.quiet, local_files_only=args.local_files_only,
-                                                 revision=args.revision))
+                                                 revision=args.revision, quantization=args.quantize,
+                                                 group_size=args.group_size))
     return report(lambda: convert.flax_to_hf(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                                             force=args.force, progress=not args.quiet))
+                                             force=args.force, progress=not args.quiet, quantization=args.quantize,
+                                             group_size=args.group_size))
 
 
 def report(action: Callable[[], object]) -> int:

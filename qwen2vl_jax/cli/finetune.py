@@ -46,6 +46,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=seed, default=0, help="LoRA init, dropout and data order, 0..2**63-1 (default 0)")
     p.add_argument("--remat", choices=REMAT_POLICIES, help="rematerialise each layer (less memory, more compute)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="QLoRA: quantize the base's text decoder projections and output projection as it loads "
+                        "(int8 per channel, int4 in groups of 128) and train the LoRA adapters over them")
     p.add_argument("--attn-implementation", metavar="NAME", help="attention backend (see `generate --help`)")
     p.add_argument("--min-pixels", type=int, help="lower bound on pixels per image (processor override)")
     p.add_argument("--max-pixels", type=int, help="upper bound on pixels per image (processor override)")
@@ -72,7 +75,7 @@ def run(args) -> int:
         save_every=args.save_every, eval_every=args.eval_every, warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
         remat=args.remat, dtype=args.dtype, resume=args.resume, attn_implementation=args.attn_implementation,
-        min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+        min_pixels=args.min_pixels, max_pixels=args.max_pixels, quantize=args.quantize)
     result = finetune(cfg, progress=not args.quiet)  # user errors: one line, exit 2, through cli.main
     if args.json:
         print(json.dumps(result))

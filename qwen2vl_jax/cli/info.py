@@ -1,6 +1,8 @@
 """`qwen2vl-jax info`: a checkpoint's config summary, exact parameter counts (an abstract model: nothing is
 allocated), dtype and bytes on disk, the attention backend a generate would run, and which released checkpoint its
-config.json is (`releases.py`: weights/manifest.json)."""
+config.json is (`releases.py`: weights/manifest.json). A quantized checkpoint shows its stored quantization, and
+`--quantize int8|int4` the parameter bytes a quantized load would hold (integers + scales, the rest in float32 /
+bfloat16)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ COMPILES = False
 def add_parser(subparsers):
     p = subparsers.add_parser("info", help="config summary, parameter counts, dtype, bytes")
     add_model_args(p)
+    p.add_argument("--quantize", choices=["int8", "int4"],
+                   help="also show the parameter bytes with the text decoder's projections and the output projection "
+                        "quantized (int8 per output channel, int4 in groups of 128): what --quantize loads")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -63,6 +68,9 @@ def run(args) -> int:
         info["vision"].update(window=v.window_size, fullatt_blocks=list(v.fullatt_block_indexes),
                               tokens_per_second=v.tokens_per_second)
     info["release"] = release.as_dict()
+    quantized = quantization_summary(directory, config, abstract, args.quantize)
+    if quantized is not None:
+        info["quantization"] = quantized
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -73,8 +81,53 @@ def run(args) -> int:
           f"{counts['language_model']:,} + lm_head {counts['lm_head']:,}"
           + (" (tied to the embedding)" if config.tie_word_embeddings else ""))
     print(f"memory       {counts['total'] * 4 / 1e9:.2f} GB float32, {counts['total'] * 2 / 1e9:.2f} GB bfloat16")
+    if quantized is not None:
+        q = quantized
+        gb = lambda n: f"{n / 1e9:.3g} GB"
+        print(f"quantized    {q['mode']}" + (f" in groups of {q['group_size']}" if q["group_size"] else "")
+              + f" ({'stored' if q['stored'] else '--quantize'}): {q['modules']} modules, {q['quantized_weights']:,} "
+              f"weights in {gb(q['quantized_bytes'])} (integers + scales; {gb(q['quantized_weights'] * 4)} float32)")
+        print(f"             parameters {gb(q['bytes_float32'])} with the rest in float32, "
+              f"{gb(q['bytes_bfloat16'])} in bfloat16")
     print("text         " + ", ".join(f"{k} {val}" for k, val in info["text"].items()))
     print("vision       " + ", ".join(f"{k} {val}" for k, val in info["vision"].items()))
     here = "" if info["attention_here"] == attention else f", {info['attention_here']} on this host"
     print(f"attention    {attention}{here} (--attn-implementation: {', '.join(available_backends())})")
     return 0
+
+
+def quantization_summary(directory, config, abstract, mode: str | None) -> dict | None:
+    """The quantized parameter bytes: of the checkpoint's stored quantization, or of `--quantize MODE` (None:
+    neither). `abstract` (the full-precision abstract model) is quantized in place, as loading would."""
+    import numpy as np
+
+    from ..checkpoints.keymap import OURS_LAYOUT, CheckpointError, hf_layout
+    from ..checkpoints.load import is_ours, read_quantization
+    from ..modeling.parameters import model_params
+    from ..quantization import INT4_GROUP, QuantizationError, plan_quantization, quantize_abstract
+
+    layout = OURS_LAYOUT if is_ours(directory) else hf_layout(config.vision_config)
+    try:
+        stored = read_quantization(directory, layout)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+    if stored is None and mode is None:
+        return None
+    if stored is not None and mode is not None and mode != stored.mode:
+        raise UserError(f"{directory} is stored quantized to {stored.mode}; it cannot be loaded as {mode}")
+    elements = {path: int(np.prod(p.shape)) for path, p in model_params(abstract).items()}
+    try:
+        plan = stored if stored is not None else plan_quantization(abstract, mode, group=INT4_GROUP)
+        quantize_abstract(abstract, plan)
+    except QuantizationError as e:
+        raise UserError(str(e)) from None
+    quantized_bytes = rest = weights = 0
+    for path, p in model_params(abstract).items():
+        if np.dtype(p.dtype) in (np.dtype(np.int8), np.dtype(np.uint8)) or path.endswith(".scale"):
+            quantized_bytes += int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize
+            weights += elements.get(path, 0) if not path.endswith(".scale") else 0
+        else:
+            rest += elements[path]
+    return {"mode": plan.mode, "group_size": plan.group_size, "stored": stored is not None,
+            "modules": len(plan.modules), "quantized_weights": weights, "quantized_bytes": quantized_bytes,
+            "bytes_float32": quantized_bytes + 4 * rest, "bytes_bfloat16": quantized_bytes + 2 * rest}

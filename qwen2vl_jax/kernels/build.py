@@ -25,8 +25,11 @@ GEMV_TARGET = "qwen2vl_jax_bf16_gemv"
 MAX_ROWS = 4  # decode batches up to 4 rows (measured: faster than XLA's bf16 dot up to 3-4 rows, slower at 8)
 ATTENTION_TARGET = "qwen2vl_jax_segment_attention"
 DECODE_ATTENTION_TARGET = "qwen2vl_jax_decode_attention"
+INT8_GEMV_TARGET = "qwen2vl_jax_int8_gemv"
+INT4_GEMV_TARGET = "qwen2vl_jax_int4_gemv"
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name for name in ("bf16_gemv.cc", "segment_attention.cc", "decode_attention.cc")]
+_SOURCES = [_CSRC / name for name in ("bf16_gemv.cc", "segment_attention.cc", "decode_attention.cc",
+                                        "quant_gemv.cc")]
 _HEADERS = [_CSRC / "work_queue.h", _CSRC / "avx2_math.h"]  # the dispatch and the SIMD helpers the kernels share
 
 
@@ -87,6 +90,8 @@ def _register() -> str:
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(handle.SegmentAttention), platform="cpu")
         jax.ffi.register_ffi_target(DECODE_ATTENTION_TARGET, jax.ffi.pycapsule(handle.DecodeAttention),
                                     platform="cpu")
+        jax.ffi.register_ffi_target(INT8_GEMV_TARGET, jax.ffi.pycapsule(handle.Int8Gemv), platform="cpu")
+        jax.ffi.register_ffi_target(INT4_GEMV_TARGET, jax.ffi.pycapsule(handle.Int4Gemv), platform="cpu")
         return ""
     except Exception as e:  # never let an optional speed-up break the model
         log.warning("CPU kernels unavailable (%s: %s); using XLA's ops", type(e).__name__, e)

@@ -6,13 +6,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .build import ATTENTION_TARGET, DECODE_ATTENTION_TARGET, GEMV_TARGET
+from .build import ATTENTION_TARGET, DECODE_ATTENTION_TARGET, GEMV_TARGET, INT4_GEMV_TARGET, INT8_GEMV_TARGET
 
 
 def bf16_gemv(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """`x[A, I] (f32) @ w[O, I]^T (bf16) -> f32[A, O]` (`csrc/bf16_gemv.cc`)."""
     out = jax.ShapeDtypeStruct((x_AI.shape[0], w_OI.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(GEMV_TARGET, out)(x_AI.astype(jnp.float32), w_OI)
+
+
+def int8_gemv(x_AI: jax.Array, q_OI: jax.Array, scale_O: jax.Array) -> jax.Array:
+    """`(x[A, I] (f32) @ q[O, I]^T (int8)) * scale[O] -> f32[A, O]` (`csrc/quant_gemv.cc`)."""
+    out = jax.ShapeDtypeStruct((x_AI.shape[0], q_OI.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(INT8_GEMV_TARGET, out)(x_AI.astype(jnp.float32), q_OI, scale_O.astype(jnp.float32))
+
+
+def int4_gemv(x_AI: jax.Array, q_OP: jax.Array, scale_OG: jax.Array) -> jax.Array:
+    """`y[a, o] = sum_g scale[o, g] * (x[a, group g] @ q[o, group g])` for int4 `q[O, I / 2]` (uint8, two values per
+    byte, low nibble first, in [-8, 7]) and `scale[O, G]` (groups of I / G columns, a multiple of 16) -> f32[A, O]
+    (`csrc/quant_gemv.cc`)."""
+    out = jax.ShapeDtypeStruct((x_AI.shape[0], q_OP.shape[0]), jnp.float32)
+    return jax.ffi.ffi_call(INT4_GEMV_TARGET, out)(x_AI.astype(jnp.float32), q_OP, scale_OG.astype(jnp.float32))
 
 
 def segment_attention(q_PNH: jax.Array, k_PNH: jax.Array, v_PNH: jax.Array, bounds_Q2: jax.Array, scale: float,

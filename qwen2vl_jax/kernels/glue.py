@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from .build import MAX_ROWS, available
-from .ffi import bf16_gemv
+from .ffi import bf16_gemv, int4_gemv, int8_gemv
 from .ffi import decode_attention as ffi_decode_attention
 from .ffi import segment_attention as ffi_segment_attention
 
@@ -101,6 +101,41 @@ def matmul(x_AI: jax.Array, w_OI: jax.Array) -> jax.Array:
     if w_OI.dtype == jnp.bfloat16 and x_AI.shape[0] <= MAX_ROWS and available():
         return _on_cpu(bf16_gemv, xla_matmul, 2, x_AI, w_OI)
     return xla_matmul(x_AI, w_OI)
+
+
+# -------------------------------------------------------------------------------------- quantized matmul
+def _quantized_kernel(x_AI, q_OI, scale):
+    return int8_gemv(x_AI, q_OI, scale) if scale.ndim == 1 else int4_gemv(x_AI, q_OI, scale)
+
+
+def _quantized_kernel_applies(x_AI, q_OI, scale) -> bool:
+    """The shapes and dtypes `csrc/quant_gemv.cc` takes: int8 `q[O, I]` with `scale[O]`, or int4 `q[O, I/2]` (uint8)
+    with `scale[O, G]` and groups of I/G columns, a multiple of 16; x in a dtype fp32 holds exactly."""
+    if x_AI.ndim != 2 or q_OI.ndim != 2 or x_AI.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return False
+    (_, n_in), (n_out, width) = x_AI.shape, q_OI.shape
+    if q_OI.dtype == jnp.int8 and scale.shape == (n_out,):
+        return width == n_in
+    if q_OI.dtype == jnp.uint8 and scale.ndim == 2 and scale.shape[0] == n_out and scale.shape[1] > 0:
+        groups = scale.shape[1]
+        return 2 * width == n_in and n_in % groups == 0 and (n_in // groups) % 16 == 0
+    return False
+
+
+def quantized_matmul(x_AI: jax.Array, q_OI: jax.Array, scale: jax.Array, *, reference: Callable) -> jax.Array:
+    """`x[A, I] @ (q * scale)[O, I]^T -> f32[A, O]` for weight-only quantized weights: int8 `q[O, I]` with one scale
+    per output channel `scale[O]`, or int4 packed `q[O, I/2]` (uint8, low nibble first) with `scale[O, G]`, one per
+    group of I/G input columns. The native int8 / int4 gemv (`csrc/quant_gemv.cc`: the integers widened in
+    registers, fp32 accumulation, the scales applied to fp32 partial sums) for decode-sized products (at most
+    `MAX_ROWS` rows) when the kernels are available.
+
+    `reference(x, q, scale)` is the same math in XLA ops: used off the CPU, for more rows, for shapes the kernel
+    does not take (int4 groups not a multiple of 16 columns), and for gradients: x's is the reference's; the
+    integers and scales get none (a frozen quantized base: QLoRA trains adapters beside it).
+    """
+    if x_AI.shape[0] <= MAX_ROWS and _quantized_kernel_applies(x_AI, q_OI, scale) and available():
+        return _on_cpu(_quantized_kernel, reference, 1, x_AI, q_OI, scale)
+    return reference(x_AI, q_OI, scale)
 
 
 # ------------------------------------------------------------------------------------------------ attention

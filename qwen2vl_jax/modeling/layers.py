@@ -44,6 +44,19 @@ def unpack_int4(packed_OK: jax.Array) -> jax.Array:
     return jnp.stack([signed(low), signed(high)], axis=-1).reshape(*packed_OK.shape[:-1], -1).astype(jnp.int8)
 
 
+def _quantized_matmul_xla(x_AI: jax.Array, q_OI: jax.Array, scale: jax.Array) -> jax.Array:
+    """`quantized_dense`'s product `f32[A, O]` as XLA ops (every platform; `kernels.quantized_matmul`'s reference)."""
+    if scale.ndim == 1:  # int8, one scale per output channel
+        return kernels.matmul(x_AI, q_OI.astype(x_AI.dtype)) * scale.astype(jnp.float32)
+    # int4 groups
+    q_OI = unpack_int4(q_OI)
+    O, G = scale.shape
+    x_GAK = jnp.swapaxes(x_AI.reshape(x_AI.shape[0], G, -1), 0, 1)
+    q_GOK = jnp.swapaxes(q_OI.reshape(O, G, -1).astype(x_AI.dtype), 0, 1)
+    y_GAO = jax.lax.dot_general(x_GAK, q_GOK, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    return jnp.einsum("gao,og->ao", y_GAO, scale.astype(jnp.float32))
+
+
 def quantized_dense(x: jax.Array, q_OI: jax.Array, scale: jax.Array, b_O: jax.Array | None = None) -> jax.Array:
     """`x @ (q * scale)^T + b` for weight-only quantized weights, in x's dtype, without the dequantized weight:
 
@@ -53,21 +66,25 @@ def quantized_dense(x: jax.Array, q_OI: jax.Array, scale: jax.Array, b_O: jax.Ar
 
     The integers enter the dot in x's dtype (exact: |q| <= 127 is exact in bf16), products accumulate in fp32 and
     the scales multiply the fp32 partial sums (transformers has no such layer; the arithmetic is the definition of
-    `dequantize(q, scale)` moved past the dot)."""
+    `dequantize(q, scale)` moved past the dot). `kernels.quantized_matmul` issues the product: the native int8 /
+    int4 gemv for decode-sized products on the CPU, `_quantized_matmul_xla` otherwise."""
     lead, n_in = x.shape[:-1], x.shape[-1]
-    x_AI = x.reshape(-1, n_in)
-    if scale.ndim == 1:  # int8, one scale per output channel
-        y_AO = kernels.matmul(x_AI, q_OI.astype(x.dtype)) * scale.astype(jnp.float32)
-    else:  # int4 groups
-        q_OI = unpack_int4(q_OI)
-        O, G = scale.shape
-        x_GAK = jnp.swapaxes(x_AI.reshape(x_AI.shape[0], G, -1), 0, 1)
-        q_GOK = jnp.swapaxes(q_OI.reshape(O, G, -1).astype(x.dtype), 0, 1)
-        y_GAO = jax.lax.dot_general(x_GAK, q_GOK, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
-        y_AO = jnp.einsum("gao,og->ao", y_GAO, scale.astype(jnp.float32))
+    y_AO = kernels.quantized_matmul(x.reshape(-1, n_in), q_OI, scale, reference=_quantized_matmul_xla)
     if b_O is not None:
         y_AO = y_AO + b_O.astype(jnp.float32)
     return y_AO.astype(x.dtype).reshape(*lead, q_OI.shape[0])
+
+
+def dequantized(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """The weight `q * scale` in `dtype` (computed in fp32): int8 `q[..., I]` with `scale[...]` (one per row), or
+    int4 `q[..., I/2]` packed with `scale[..., G]` (one per group of I/G columns)."""
+    if q.dtype == jnp.int8:
+        return (q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]).astype(dtype)
+    values = unpack_int4(q).astype(jnp.float32)
+    *lead, I = values.shape
+    G = scale.shape[-1]
+    w = values.reshape(*lead, G, I // G) * scale.astype(jnp.float32)[..., None]
+    return w.reshape(*lead, I).astype(dtype)
 
 
 MLP_ROW_BLOCK = 2048  # long inputs run the MLPs in row blocks: their [rows, F] products are the largest tensors
@@ -126,18 +143,32 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    """Token embedding `[V, D]`; `attend` reuses it as a tied output projection (2B)."""
+    """Token embedding `[V, D]`; `attend` reuses it as a tied output projection (2B).
+
+    Quantized (`qwen2vl_jax.quantization`, a tied model's lm_head), `weight` holds the integers and `scale` their
+    scales: the lookup dequantizes the rows it reads (`dequantized`), `attend` is `quantized_dense`."""
 
     def __init__(self, num_embeddings: int, features: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs,
                  init_std: float = 0.02):
         self.weight = param(init_std * jax.random.normal(rngs.params(), (num_embeddings, features), param_dtype),
                             ("vocab", "embed"))
+        self.in_features, self.out_features = features, num_embeddings  # as the tied lm_head sees it
+        self.dtype = jnp.dtype(param_dtype)  # the embeddings' dtype (a quantized `weight` holds integers)
+        self.axes = self.weight_axes = ("vocab", "embed")
+        self.scale = nnx.data(None)  # weight-only quantization's scales (None: none)
 
     def __call__(self, ids_BT: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], ids_BT, axis=0)
+        if self.scale is None:
+            return jnp.take(self.weight[...], ids_BT, axis=0)
+        return dequantized(jnp.take(self.weight[...], ids_BT, axis=0), jnp.take(self.scale[...], ids_BT, axis=0),
+                           self.dtype)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
-        return dense(x_BTD, gathered_weight(self.weight[...], ("vocab", "embed")))
+        if self.scale is None:
+            return dense(x_BTD, gathered_weight(self.weight[...], self.axes))
+        scale_axes = self.axes[:1] + (None,) * (self.scale.ndim - 1)
+        return quantized_dense(x_BTD, gathered_weight(self.weight[...], self.weight_axes),
+                               gathered_weight(self.scale[...], scale_axes))
 
 
 class LayerNorm(nnx.Module):

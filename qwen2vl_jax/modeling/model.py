@@ -87,7 +87,7 @@ class Qwen2VL(nnx.Module):
 
     @property
     def dtype(self):
-        return self.language_model.embed_tokens.weight.dtype
+        return self.language_model.embed_tokens.dtype
 
     def set_attn_implementation(self, name: str | None) -> None:
         """Switch the attention backend of every layer (`qwen2vl_jax.attention`; None: the platform default).

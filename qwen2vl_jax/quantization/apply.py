@@ -1,4 +1,5 @@
-"""`quantize`: the model transformation (which Linears, and their new parameters)."""
+"""`quantize`: the model transformation (which Linears, and their new parameters), in memory or as a checkpoint
+streams in (`quantizing_placer`)."""
 
 from __future__ import annotations
 
@@ -7,36 +8,42 @@ import re
 import jax.numpy as jnp
 from flax import nnx
 
-from ..modeling.layers import Linear
+from ..modeling.layers import Embed, Linear
 from ..modeling.parameters import param, param_path
 from .formats import INT4_GROUP, MODES, QuantizationError, quantize_weight
 
-# the text decoder's projections (our paths); the vision tower and the merger stay in full precision by default
-DEFAULT_TARGETS = r"^language_model\.layers\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+# The text decoder's projections and the output projection (our paths): `lm_head`, or in a tied model (the 2B) the
+# embedding it shares (its lookup then dequantizes the rows it reads). Together they are what a decode step reads:
+# the 2B's tied embedding is 15% of its decoder's bytes, so int8 without it would read 0.58x bf16's bytes, not 0.5x.
+# The vision tower and the merger stay in full precision by default (`targets` can name them).
+DEFAULT_TARGETS = (r"^language_model\.layers\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+                   r"|^lm_head$|^language_model\.embed_tokens$")
+QUANTIZABLE = (Linear, Embed)  # modules with a `scale` slot and a `[out, in]` weight
 
 
-def quantized_linears(model: nnx.Module) -> dict[str, Linear]:
-    """`{our path: Linear}` of the quantized Linears."""
-    return {param_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear) and m.scale is not None}
+def quantized_linears(model: nnx.Module) -> dict[str, Linear | Embed]:
+    """`{our path: module}` of the quantized Linears (and a quantized tied embedding)."""
+    return {param_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, QUANTIZABLE) and m.scale is not None}
 
 
 def quantize(model: nnx.Module, mode: str, *, targets: str = DEFAULT_TARGETS, group: int = INT4_GROUP) -> nnx.Module:
-    """Quantize, in place, every Linear whose path matches the regex `targets` (`re.search`; default: the text
-    decoder's attention and MLP projections) to `mode` ("int8" or "int4"); returns the model. Already quantized
+    """Quantize, in place, every Linear (or Embed) whose path matches the regex `targets` (`re.search`; default:
+    the text decoder's attention and MLP projections and the output projection) to `mode` ("int8" or "int4");
+    returns the model. Already quantized
     Linears are refused, as are Linears whose input width int4's groups (`group` columns) do not divide."""
-    for lin in _chosen(model, mode, targets, group).values():
+    for lin in chosen_modules(model, mode, targets, group).values():
         q, scale = quantize_weight(lin.weight[...], mode, group)
-        _set(lin, q, scale)
+        set_quantized(lin, q, scale)
     return model
 
 
-def _chosen(model: nnx.Module, mode: str, targets: str, group: int) -> dict[str, Linear]:
+def chosen_modules(model: nnx.Module, mode: str, targets: str, group: int) -> dict[str, Linear | Embed]:
     """The Linears `targets` names, checked (before anything changes)."""
     if mode not in MODES:
         raise QuantizationError(f"unknown quantization {mode!r}; choose one of {MODES}")
     pattern = re.compile(targets)
     chosen = {param_path(p): m for p, m in nnx.iter_modules(model)
-              if isinstance(m, Linear) and pattern.search(param_path(p))}
+              if isinstance(m, QUANTIZABLE) and pattern.search(param_path(p))}
     if not chosen:
         raise QuantizationError(f"targets={targets!r} matches no Linear of this model")
     for path, lin in chosen.items():
@@ -48,7 +55,7 @@ def _chosen(model: nnx.Module, mode: str, targets: str, group: int) -> dict[str,
     return chosen
 
 
-def _set(lin: Linear, q, scale) -> None:
+def set_quantized(lin: Linear | Embed, q, scale) -> None:
     """The Linear's integers in `weight` (same logical axes) and its scales beside them (the output axis's)."""
     axes = tuple(lin.weight.get_metadata()["logical_axes"])  # with "layers" first when stacked
     packed = q.dtype == jnp.uint8
@@ -72,7 +79,7 @@ def quantizing_placer(model: nnx.Module, mode: str, place, *, targets: str = DEF
     targeted weight is quantized as it arrives, so the full-precision model never exists (memory: the quantized
     weights plus one tensor in flight). Returns `(place, finish)`: load with `place`, then `finish()` turns the
     targeted Linears into quantized ones."""
-    chosen = _chosen(model, mode, targets, group)
+    chosen = chosen_modules(model, mode, targets, group)
     weights = {f"{path}.weight": path for path in chosen}
     scales: dict[str, object] = {}
 
@@ -87,6 +94,6 @@ def quantizing_placer(model: nnx.Module, mode: str, place, *, targets: str = DEF
         if missing:
             raise QuantizationError(f"the checkpoint did not fill {sorted(missing)[:3]}")
         for name, path in weights.items():
-            _set(chosen[path], chosen[path].weight[...], scales[name])
+            set_quantized(chosen[path], chosen[path].weight[...], scales[name])
 
     return quantizing_place, finish

@@ -4,9 +4,11 @@
     result = finetune(cfg)          # {"loss", "eval", "paths", "compiles", ...}; runs/a/adapter in PEFT's format
 
 What trains: LoRA adapters (`lora_rank`: PEFT's default targets, the decoder's q/k/v/o and gate/up/down), or every
-weight (full fine-tuning; `freeze_vision`: the vision tower frozen except its merger). Each optimizer step takes
-`grad_accum` micro-batches from the `data.Loader` (`training.accumulate_step`: the loss is the mean over the kept
-tokens of all of them). Batches are padded to shape buckets, so a run compiles once per bucket it meets.
+weight (full fine-tuning; `freeze_vision`: the vision tower frozen except its merger). QLoRA (`quantize="int8"` /
+"int4" with `lora_rank`, or a quantized base checkpoint): the adapters train over the frozen integers of a base
+quantized as it loads (`qwen2vl_jax.quantization`); the adapter is saved in PEFT's format as always. Each optimizer
+step takes `grad_accum` micro-batches from the `data.Loader` (`training.accumulate_step`: the loss is the mean over
+the kept tokens of all of them). Batches are padded to shape buckets, so a run compiles once per bucket it meets.
 
 Written to `out/`: `metrics.jsonl` (a line per step, plus eval lines), `finetune_config.json`, `checkpoints/<step>`
 (orbax-checkpoint, atomic: written to a temporary directory, then renamed; the last `keep_checkpoints` kept): the
@@ -44,6 +46,8 @@ from ..attention import AttentionBackendError
 from ..checkpoints.keymap import CheckpointError
 from ..generation.sampling import seed_problem
 from ..modeling.config import REMAT_POLICIES
+from ..quantization.apply import quantized_linears
+from ..quantization.formats import QuantizationError
 from . import steps as training
 from .data import IGNORE_INDEX, Loader, collate, encode_conversation, read_jsonl
 
@@ -87,6 +91,7 @@ class FinetuneConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
     keep_checkpoints: int = 2
+    quantize: str | None = None  # QLoRA: the base's text decoder projections and output projection, int8 / int4
 
     def __post_init__(self):
         for name in ("model", "data", "out", "eval_data"):  # paths as strings: the config is saved as JSON
@@ -140,6 +145,9 @@ class FinetuneConfig:
             used += [n for n in ("lora_dropout", "vision_lora") if getattr(self, n)]
             need(not used, f"{', '.join(used)} only apply to LoRA: give lora_rank (--lora-rank)")
         need(not (self.freeze_vision and self.vision_lora), "freeze_vision and vision_lora contradict each other")
+        need(self.quantize in (None, "int8", "int4"), f"quantize must be int8 or int4, got {self.quantize!r}")
+        need(self.quantize is None or self.lora, "quantize trains LoRA adapters over frozen quantized weights "
+             "(QLoRA): give lora_rank (--lora-rank); full fine-tuning cannot train integers")
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -163,9 +171,13 @@ def _load(cfg: FinetuneConfig):
         directory = resolve_source(cfg.model)
         overrides = {k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels)) if v}
         processor = Qwen2VLProcessor.from_pretrained(directory, **overrides)
+        # QLoRA: each targeted weight is quantized as it streams in (the full-precision base never exists); a
+        # quantized checkpoint loads as stored
         model = Qwen2VLForConditionalGeneration.from_pretrained(directory, dtype=cfg.dtype,
-                                                                attn_implementation=cfg.attn_implementation)
-    except (FileNotFoundError, NotADirectoryError, CheckpointError, AttentionBackendError) as e:
+                                                                attn_implementation=cfg.attn_implementation,
+                                                                quantization=cfg.quantize)
+    except (FileNotFoundError, NotADirectoryError, CheckpointError, AttentionBackendError,
+            QuantizationError) as e:
         raise FinetuneError(f"cannot load the model {cfg.model}: {e}") from None
     except ValueError as e:  # processor files
         raise FinetuneError(f"cannot load the processor of {cfg.model}: {e}") from None
@@ -175,6 +187,11 @@ def _load(cfg: FinetuneConfig):
 def _setup_trainable(cfg: FinetuneConfig, model) -> str:
     """Adapters or the trainable preset; returns the `training.trainable_filter` spec."""
     if not cfg.lora:
+        quantized = quantized_linears(model)
+        if quantized:  # a quantized base checkpoint
+            raise FinetuneError(f"{cfg.model} holds quantized weights ({len(quantized)} modules, e.g. "
+                                f"{next(iter(quantized))}), which full fine-tuning cannot train: train LoRA adapters "
+                                "over them (lora_rank, --lora-rank) or fine-tune the full-precision checkpoint")
         return "merger" if cfg.freeze_vision else "all"
     targets = cfg.lora_targets
     if targets is None:

@@ -163,7 +163,8 @@ def trainable_filter(spec: str | Sequence[str] = "all"):
     `spec`: a preset — "all" (every parameter: base weights and adapters), "language_model" (decoder, embeddings,
     head), "merger" (the vision tower frozen except its merger), "lora" (adapter parameters only) — or regexes
     over dotted parameter paths (`re.search`), e.g. `[r"visual\\.merger\\.", r"layers\\.1[0-9]\\."]`. The same spec
-    gives the same filter object, so optimizers built from it share one compiled step.
+    gives the same filter object, so optimizers built from it share one compiled step. A quantized model's integers
+    and scales are never selected (QLoRA trains "lora" over them).
     """
     return _filter(spec if isinstance(spec, str) else tuple(spec))
 
@@ -180,9 +181,16 @@ def _filter(spec: str | tuple[str, ...]):
                          f"({e})") from None
 
     def selected(path, value) -> bool:
-        return isinstance(value, nnx.Param) and any(r.search(param_path(path)) for r in compiled)
+        return (isinstance(value, nnx.Param) and not _quantized(path, value)
+                and any(r.search(param_path(path)) for r in compiled))
 
     return selected
+
+
+def _quantized(path: tuple, value) -> bool:
+    """A quantized Linear's integers or scales (`qwen2vl_jax.quantization`): frozen whatever the spec (integers have
+    no gradient, and the scales belong to them)."""
+    return path[-1] == "scale" or not jnp.issubdtype(value.dtype, jnp.floating)
 
 
 def trainable_params(model: nnx.Module, spec="all") -> dict[str, nnx.Param]:

@@ -24,17 +24,19 @@ BACKENDS = ["xla", "jax"] + (["cpu"] if kernels.available() else [])
 
 
 def reference_roundtrip(w: np.ndarray, mode: str) -> np.ndarray:
-    """dequantize(quantize(w)) from the definition, in NumPy float64 then fp32."""
-    w = np.asarray(w, np.float64)
+    """dequantize(quantize(w)) from the definition, in NumPy fp32 arithmetic as the format specifies (the quotient
+    w / scale rounded to fp32 first: over the 10^7 weights of a 151936-row head, float64 quotients round a few
+    near-ties the other way)."""
+    w = np.asarray(w, np.float32)
     if mode == "int8":
         amax = np.abs(w).max(axis=-1, keepdims=True)
-        scale = np.where(amax > 0, np.float32(amax / 127), 1.0).astype(np.float32)
+        scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
         q = np.clip(np.round(w / scale), -127, 127)
         return (q * scale).astype(np.float32)
     O, I = w.shape
     g = w.reshape(O, I // GROUP, GROUP)
     amax = np.abs(g).max(axis=-1, keepdims=True)
-    scale = np.where(amax > 0, np.float32(amax / 7), 1.0).astype(np.float32)
+    scale = np.where(amax > 0, amax / np.float32(7), np.float32(1)).astype(np.float32)
     q = np.clip(np.round(g / scale), -8, 7)
     return (q * scale).reshape(O, I).astype(np.float32)
 
@@ -45,12 +47,21 @@ def inputs(hf_tokenizer, photos):
                                                                                    "left_padded_batch")}
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_logits_equal_the_dequantized_fp32_models(tiny_checkpoint, inputs, mode):
+def output_projections(config) -> int:
+    """The quantized Linears beside the decoder's 7 per layer: lm_head and embed_tokens (untied), or the tied
+    embedding alone."""
+    return 1 if config.tie_word_embeddings else 2
+
+
+@pytest.mark.parametrize("mode, tied", [("int8", False), ("int4", False), ("int8", True), ("int4", True)])
+def test_quantized_logits_equal_the_dequantized_fp32_models(checkpoint_factory, inputs, mode, tied):
+    """Untied: lm_head and the embedding table are quantized separately; tied (the 2B): the one embedding is both
+    the lookup (rows dequantized as they are read) and the output projection (`quantized_dense`)."""
     import re
 
-    ours = quantize(Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint), mode, group=GROUP)
-    reference = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    checkpoint = checkpoint_factory(tied=tied)
+    ours = quantize(Qwen2VLForConditionalGeneration.from_pretrained(checkpoint), mode, group=GROUP)
+    reference = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint)
     pattern = re.compile(DEFAULT_TARGETS)
     replaced = 0
     for path, p in model_params(reference).items():
@@ -58,7 +69,8 @@ def test_quantized_logits_equal_the_dequantized_fp32_models(tiny_checkpoint, inp
             p.set_value(jnp.asarray(reference_roundtrip(np.asarray(p[...]), mode)))
             replaced += 1
     layers = reference.config.text_config.num_hidden_layers
-    assert replaced == 7 * layers == len(quantized_linears(ours))
+    assert reference.config.tie_word_embeddings == tied
+    assert replaced == 7 * layers + output_projections(reference.config) == len(quantized_linears(ours))
     for backend in BACKENDS:
         ours.set_attn_implementation(backend)
         reference.set_attn_implementation(backend)
@@ -67,13 +79,14 @@ def test_quantized_logits_equal_the_dequantized_fp32_models(tiny_checkpoint, inp
             want = np.asarray(reference(**x).logits)
             rel = np.abs(got - want).max() / np.abs(want).max()
             assert rel <= 1e-5, (mode, backend, case, rel)
-            helpers.record(f"quantized/{mode}/{case}/attn={backend}", rel_err=float(rel))
+            helpers.record(f"quantized/{mode}/{'tied' if tied else 'untied'}/{case}/attn={backend}",
+                           rel_err=float(rel))
         x = inputs["left_padded_batch"]
         a = ours.generate(**x, max_new_tokens=8, do_sample=False)
         b = reference.generate(**x, max_new_tokens=8, do_sample=False)
         assert np.array_equal(np.asarray(a), np.asarray(b)), (mode, backend)
     # and the quantization is not a no-op: the fp32 model's own logits differ
-    plain = np.asarray(Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)(**inputs["one_photo"]).logits)
+    plain = np.asarray(Qwen2VLForConditionalGeneration.from_pretrained(checkpoint)(**inputs["one_photo"]).logits)
     assert np.abs(plain - np.asarray(ours(**inputs["one_photo"]).logits)).max() > 1e-4
 
 
@@ -92,11 +105,11 @@ def _targets(model):
 
     from flax import nnx
 
-    from qwen2vl_jax.modeling.layers import Linear
     from qwen2vl_jax.modeling.parameters import param_path
+    from qwen2vl_jax.quantization.apply import QUANTIZABLE
 
     pattern = re.compile(DEFAULT_TARGETS)
-    return {param_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, Linear)
+    return {param_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, QUANTIZABLE)
             and pattern.search(param_path(p))}
 
 
@@ -104,7 +117,8 @@ def test_bad_requests_fail_by_name(tiny_checkpoint):
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         quantize(model, "int3")
-    with pytest.raises(ValueError, match="int4 groups of 128 need an input width that is a multiple of it, got 96"):
+    with pytest.raises(ValueError, match="embed_tokens: int4 groups of 128 need an input width that is a multiple "
+                                         "of it, got 64"):
         quantize(model, "int4")
     with pytest.raises(ValueError, match="matches no Linear"):
         quantize(model, "int8", targets=r"^nothing$")
@@ -170,7 +184,8 @@ def test_quantize_on_load_streams_to_the_same_arrays(mode, fixture, request):
     assert set(got) == set(want) and any(path.endswith(".scale") for path in got)
     for path in want:
         assert got[path].dtype == want[path].dtype and np.array_equal(got[path], want[path]), path
-    assert len(quantized_linears(streamed)) == 7 * streamed.config.text_config.num_hidden_layers
+    config = streamed.config
+    assert len(quantized_linears(streamed)) == 7 * config.text_config.num_hidden_layers + output_projections(config)
 
 
 def test_plan_counts_the_quantized_bytes(tiny_checkpoint, capsys):
@@ -211,15 +226,46 @@ def test_cli_quantize_errors_are_one_line(tiny_checkpoint, capsys):
     assert "int4 groups of 128 need an input width that is a multiple of it" in err and len(err.splitlines()) == 1
 
 
-def test_merging_into_or_saving_quantized_weights_is_refused(tiny_checkpoint, tmp_path):
-    """Folding an adapter into integers, or writing integers under full-precision names, would silently corrupt
-    the weights: both are refused by name, and nothing is written."""
+def test_merging_into_quantized_weights_is_refused(tiny_checkpoint, tmp_path):
+    """Folding an adapter into integers would silently corrupt the weights: refused by name; and a QLoRA model's
+    base cannot be saved with its adapters unmerged (the error says to save the adapters), nothing is written.
+    (Quantized checkpoints themselves: tests/quantization/test_quantized_checkpoints.py.)"""
     from qwen2vl_jax.lora import LoRAError, apply_lora, merge_lora
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8")
-    with pytest.raises(ValueError, match="holds quantized weights .14 Linears"):
+    apply_lora(model, 2)
+    with pytest.raises(ValueError, match="unmerged LoRA adapters.*save them with qwen2vl_jax.lora.save_adapter"):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    apply_lora(model, 2)
     with pytest.raises(LoRAError, match="cannot merge adapters into quantized weights"):
         merge_lora(model)
+
+
+def test_hooks_and_scan_layers_on_a_quantized_model(tiny_checkpoint, inputs):
+    """The quantized model keeps its hook points (every text residual stream and the logits recorded equal those of
+    the dequantized fp32 model, within 1e-5) and `scan_layers` (stacked integers and scales: logits equal the
+    unrolled quantized model's within 1e-6)."""
+    import re
+
+    from qwen2vl_jax.hooks import run_with_cache
+
+    x = inputs["one_photo"]
+    ours = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8")
+    reference = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    pattern = re.compile(DEFAULT_TARGETS)
+    for path, p in model_params(reference).items():
+        if path.endswith(".weight") and pattern.search(path[: -len(".weight")]):
+            p.set_value(jnp.asarray(reference_roundtrip(np.asarray(p[...]), "int8")))
+    names = "text.layers.*.resid_post"
+    out, got = run_with_cache(ours, names, **x)
+    _, want = run_with_cache(reference, names, **x)
+    assert len(got) == reference.config.text_config.num_hidden_layers and set(got) == set(want)
+    for name in want:
+        w = np.asarray(want[name])
+        assert np.abs(np.asarray(got[name]) - w).max() / np.abs(w).max() <= 1e-5, name
+
+    stacked = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8", scan_layers=True)
+    scale = stacked.language_model.layers.mlp.down_proj.scale[...]
+    assert scale.shape[0] == stacked.config.text_config.num_hidden_layers  # one scale row per stacked layer
+    a, b = np.asarray(stacked(**x).logits), np.asarray(out.logits)
+    assert np.abs(a - b).max() / np.abs(b).max() <= 1e-6
