@@ -122,3 +122,16 @@ def pytest_sessionfinish(session, exitstatus):
                                    "cpu_kernels": kernels.available(),
                                    "attention_default": attention.platform_backend(None),  # what `auto` runs here
                                    "records": helpers.PARITY_RECORDS}, indent=1))
+
+
+@pytest.fixture(scope="session")
+def two_rows(hf_tokenizer, photos) -> dict:
+    """Two left-padded rows built by HF's parts: a photo and a question, and a text-only request (LoRA, quantized
+    checkpoint and GPTQ / AWQ tests)."""
+    import numpy as np
+
+    proc = helpers.hf_image_processor(max_pixels=64 * 28 * 28)
+    inputs = helpers.hf_inputs(hf_tokenizer, [helpers.chat("What is in this picture?", 1),
+                                              helpers.chat("Say hello to the astronaut, then count to three.")],
+                               images=[photos["astronaut"]], image_processor=proc)
+    return {k: np.asarray(v) for k, v in inputs.items()}

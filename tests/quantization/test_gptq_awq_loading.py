@@ -190,16 +190,6 @@ def built(checkpoint_factory, tmp_path_factory):
     return get
 
 
-@pytest.fixture(scope="module")
-def one_photo(hf_tokenizer, photos) -> dict:
-    """Two left-padded rows: a photo and a question, and a text-only request."""
-    proc = helpers.hf_image_processor(max_pixels=64 * 28 * 28)
-    inputs = helpers.hf_inputs(hf_tokenizer, [helpers.chat("What is in this picture?", 1),
-                                              helpers.chat("Say hello to the astronaut, then count to three.")],
-                               images=[photos["astronaut"]], image_processor=proc)
-    return {k: np.asarray(v) for k, v in inputs.items()}
-
-
 def arrays(model) -> dict[str, np.ndarray]:
     """Every parameter per layer (a scan_layers model's stacked ones sliced), as NumPy."""
     return {path: np.asarray(p[...] if i is None else p[...][i]) for path, (p, i) in checkpoint_params(model).items()}
@@ -225,7 +215,7 @@ def ours(module: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- GPTQ-Int4
-def test_gptq_int4_loads_as_our_int4_losslessly(built, one_photo, tmp_path):
+def test_gptq_int4_loads_as_our_int4_losslessly(built, two_rows, tmp_path):
     """Symmetric 4-bit GPTQ in contiguous groups: each quantized Linear holds exactly `q - 8` (packed) and the fp16
     scales in fp32, in the config's groups; everything else is the reference's; logits within 1e-5 of the fp32 model
     holding the dequantized weights; `quantization="int4"`, scan_layers, a sharded copy and the model saved as our
@@ -244,7 +234,7 @@ def test_gptq_int4_loads_as_our_int4_losslessly(built, one_photo, tmp_path):
         assert scale.shape == (q.shape[0], 2 * q.shape[1] // GROUP)  # the config's groups of 32
         del want[f"{path}.weight"]
     assert_identical(got, want)  # biases, norms, embeddings, head, vision tower: the stored fp16 values in fp32
-    rel = logits_rel(model, reference, one_photo)
+    rel = logits_rel(model, reference, two_rows)
     helpers.record("gptq/int4-as-int4/one_photo", rel_err=rel)
     assert rel <= TOL, rel
     everything = arrays(model)
@@ -271,7 +261,7 @@ def test_gptq_int4_loads_as_our_int4_losslessly(built, one_photo, tmp_path):
 
 # ---------------------------------------------------------------------------------------- dequantized formats
 @pytest.mark.parametrize("name", ["gptq_int8", "gptq_int4_actorder", "awq"])
-def test_other_formats_load_as_their_exact_weights(built, one_photo, name):
+def test_other_formats_load_as_their_exact_weights(built, two_rows, name):
     """GPTQ-Int8, act-order asymmetric GPTQ and AWQ (a tied model in the >= 4.52 names): every parameter equals the
     reference's bit for bit (the dequantized weight is exact in fp32), so the logits do too."""
     b = built(name)
@@ -282,7 +272,7 @@ def test_other_formats_load_as_their_exact_weights(built, one_photo, name):
     assert_identical(got, arrays(reference))
     case = next(iter(b.cases.values()))  # and against this file's numbers directly
     assert np.array_equal(got[f"{ours(next(iter(b.cases)))}.weight"], case["w"])
-    rel = logits_rel(model, reference, one_photo)
+    rel = logits_rel(model, reference, two_rows)
     helpers.record(f"gptq/{name}-dequantized/one_photo", rel_err=rel)
     assert rel <= TOL, rel
     if name == "awq":

@@ -92,16 +92,6 @@ def saved(quantized, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def one_photo(hf_tokenizer, photos) -> dict:
-    """Two left-padded rows: a photo and a question, and a text-only request."""
-    proc = helpers.hf_image_processor(max_pixels=64 * 28 * 28)
-    inputs = helpers.hf_inputs(hf_tokenizer, [helpers.chat("What is in this picture?", 1),
-                                              helpers.chat("Say hello to the astronaut, then count to three.")],
-                               images=[photos["astronaut"]], image_processor=proc)
-    return {k: np.asarray(v) for k, v in inputs.items()}
-
-
 def masked(logits, inputs) -> np.ndarray:
     return np.asarray(logits)[np.asarray(inputs["attention_mask"]).astype(bool)]  # pad slots hold garbage
 
@@ -141,20 +131,20 @@ def test_the_stored_format(saved, quantized, mode, fmt):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("fmt", ["hf", "flax"])
-def test_a_quantized_checkpoint_reloads_to_identical_arrays(saved, quantized, one_photo, mode, fmt):
+def test_a_quantized_checkpoint_reloads_to_identical_arrays(saved, quantized, two_rows, mode, fmt):
     """Every parameter identical (dtypes included), one device and scan_layers; the reloaded model's logits are the
     in-memory quantized model's."""
     want = arrays(quantized[mode])
     model = Qwen2VLForConditionalGeneration.from_pretrained(saved[mode, fmt])
     assert_identical(arrays(model), want)
     assert set(quantized_linears(model)) == set(quantized_linears(quantized[mode]))
-    ref = np.asarray(quantized[mode](**one_photo).logits)
-    got = np.asarray(model(**one_photo).logits)
-    assert np.array_equal(masked(got, one_photo), masked(ref, one_photo))
+    ref = np.asarray(quantized[mode](**two_rows).logits)
+    got = np.asarray(model(**two_rows).logits)
+    assert np.array_equal(masked(got, two_rows), masked(ref, two_rows))
     stacked = Qwen2VLForConditionalGeneration.from_pretrained(saved[mode, fmt], scan_layers=True)
     assert_identical(unstacked(stacked), want)
     assert len(quantized_linears(stacked)) == 7 + 2  # the stacked decoder projections, lm_head, embed_tokens
-    err = helpers.rel_err(masked(stacked(**one_photo).logits, one_photo), masked(ref, one_photo))
+    err = helpers.rel_err(masked(stacked(**two_rows).logits, two_rows), masked(ref, two_rows))
     helpers.record(f"quantized/{mode}/{fmt}/reload-scan-logits", rel_err=err)
     assert err <= TOL, err
     # and a scan_layers model saves per layer, to the same checkpoint
@@ -196,14 +186,14 @@ print(json.dumps(out))
 """
 
 
-def test_a_quantized_checkpoint_loads_onto_a_mesh(saved, one_photo, tmp_path):
+def test_a_quantized_checkpoint_loads_onto_a_mesh(saved, two_rows, tmp_path):
     """On 4 (virtual CPU) devices: the same integers and scales as one device, each scale sharded with its
     weight's output axis, and the same logits."""
     import os
     import subprocess
     import sys
 
-    np.savez(tmp_path / "inputs.npz", **one_photo)
+    np.savez(tmp_path / "inputs.npz", **two_rows)
     args = {"inputs": str(tmp_path / "inputs.npz"),
             "checkpoints": {"int8-hf": str(saved["int8", "hf"]), "int4-flax": str(saved["int4", "flax"])}}
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4")
@@ -490,7 +480,7 @@ def test_trainable_filters_never_select_integers_or_scales(quantized):
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_qlora_adapter_loads_in_peft_over_the_dequantized_model(tiny_checkpoint, tmp_path, one_photo, mode):
+def test_qlora_adapter_loads_in_peft_over_the_dequantized_model(tiny_checkpoint, tmp_path, two_rows, mode):
     """The acceptance check: LoRA adapters (B non-zero) over our quantized model, saved with `save_adapter`, load
     with `peft.PeftModel.from_pretrained` over transformers' model whose quantized weights are replaced by the
     dequantized stored integers (NumPy, from the definition), and its logits equal ours within 1e-5 relative
@@ -506,11 +496,11 @@ def test_qlora_adapter_loads_in_peft_over_the_dequantized_model(tiny_checkpoint,
         key, sub = jax.random.split(key)
         lin.lora.lora_B.set_value(0.05 * jax.random.normal(sub, lin.lora.lora_B.shape, jnp.float32))
     adapter = lora.save_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
-    ours = masked(model(**one_photo).logits, one_photo)
+    ours = masked(model(**two_rows).logits, two_rows)
 
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base")
     lora.load_adapter(reloaded, adapter)
-    assert np.array_equal(masked(reloaded(**one_photo).logits, one_photo), ours)
+    assert np.array_equal(masked(reloaded(**two_rows).logits, two_rows), ours)
 
     hf = helpers.load_hf_model(tiny_checkpoint)
     stored = st_load_file(str(tmp_path / "base" / "model.safetensors"))
@@ -525,10 +515,10 @@ def test_qlora_adapter_loads_in_peft_over_the_dequantized_model(tiny_checkpoint,
     assert len(modules) == 16 and changed > 1e-4  # the quantization is not a no-op
     peft = PeftModel.from_pretrained(hf, str(adapter)).eval()
     with torch.no_grad():
-        theirs = masked(peft(**{k: torch.from_numpy(v) for k, v in one_photo.items()}).logits.numpy(), one_photo)
+        theirs = masked(peft(**{k: torch.from_numpy(v) for k, v in two_rows.items()}).logits.numpy(), two_rows)
     err = helpers.rel_err(ours, theirs)
     helpers.record(f"quantized/{mode}/qlora-adapter-in-peft", rel_err=err)
     assert err <= TOL, err
     # and the adapters do change the output
-    bare = masked(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base")(**one_photo).logits, one_photo)
+    bare = masked(Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "base")(**two_rows).logits, two_rows)
     assert helpers.rel_err(bare, theirs) > 1e-3

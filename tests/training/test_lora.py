@@ -70,17 +70,7 @@ def peft_logits(model, inputs) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def lora_inputs(hf_tokenizer, photos) -> dict:
-    """Two left-padded rows: a photo and a question, and a text-only request."""
-    proc = helpers.hf_image_processor(max_pixels=64 * 28 * 28)
-    inputs = helpers.hf_inputs(hf_tokenizer, [helpers.chat("What is in this picture?", 1),
-                                              helpers.chat("Say hello to the astronaut, then count to three.")],
-                               images=[photos["astronaut"]], image_processor=proc)
-    return {k: np.asarray(v) for k, v in inputs.items()}
-
-
-@pytest.fixture(scope="module")
-def ours_adapter(tiny_checkpoint, tmp_path_factory, lora_inputs) -> dict:
+def ours_adapter(tiny_checkpoint, tmp_path_factory, two_rows) -> dict:
     """Our model with rsLoRA on the decoder and vision Linears, B random, saved with `save_adapter`; its logits."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     adapted = lora.apply_lora(model, RANK, ALPHA, TARGETS, use_rslora=True, seed=1)
@@ -89,7 +79,7 @@ def ours_adapter(tiny_checkpoint, tmp_path_factory, lora_inputs) -> dict:
         key, sub = jax.random.split(key)
         lin.lora.lora_B.set_value(0.05 * jax.random.normal(sub, lin.lora.lora_B.shape, jnp.float32))
     out = lora.save_adapter(model, tmp_path_factory.mktemp("lora") / "ours", base_model_name_or_path="tiny")
-    return {"model": model, "dir": out, "modules": adapted, "logits": np.asarray(model(**lora_inputs).logits)}
+    return {"model": model, "dir": out, "modules": adapted, "logits": np.asarray(model(**two_rows).logits)}
 
 
 @pytest.fixture(scope="module")
@@ -115,26 +105,26 @@ def test_saved_adapter_is_peft_format(ours_adapter, peft_from_ours):
         np.testing.assert_array_equal(state[name].detach().numpy(), value)
 
 
-def test_adapted_logits_match_peft(tiny_checkpoint, ours_adapter, peft_from_ours, lora_inputs):
+def test_adapted_logits_match_peft(tiny_checkpoint, ours_adapter, peft_from_ours, two_rows):
     base_hf = helpers.load_hf_model(tiny_checkpoint)
-    ref = peft_logits(peft_from_ours, lora_inputs)
-    err = helpers.rel_err(_masked(ours_adapter["logits"], lora_inputs), _masked(ref, lora_inputs))
+    ref = peft_logits(peft_from_ours, two_rows)
+    err = helpers.rel_err(_masked(ours_adapter["logits"], two_rows), _masked(ref, two_rows))
     helpers.record("lora/logits-ours-adapter-in-peft", rel_err=err, modules=len(ours_adapter["modules"]))
     assert err <= TOL, err
     # and the adapter does change the output (B != 0)
-    assert helpers.rel_err(_masked(peft_logits(base_hf, lora_inputs), lora_inputs), _masked(ref, lora_inputs)) > 1e-3
+    assert helpers.rel_err(_masked(peft_logits(base_hf, two_rows), two_rows), _masked(ref, two_rows)) > 1e-3
 
 
-def test_lora_gradients_match_peft(ours_adapter, peft_from_ours, lora_inputs):
-    labels = training_labels(lora_inputs)
+def test_lora_gradients_match_peft(ours_adapter, peft_from_ours, two_rows):
+    labels = training_labels(two_rows)
     peft_from_ours.zero_grad(set_to_none=True)
-    out = peft_from_ours(**_torch(lora_inputs), labels=torch.from_numpy(labels))
+    out = peft_from_ours(**_torch(two_rows), labels=torch.from_numpy(labels))
     out.loss.backward()
     ref = {n: p.grad.numpy().copy() for n, p in peft_from_ours.named_parameters() if p.requires_grad}
     assert all(p.grad is None for p in peft_from_ours.parameters() if not p.requires_grad)
     peft_from_ours.zero_grad(set_to_none=True)
 
-    grad_fn = nnx.value_and_grad(lambda m: training.causal_lm_loss(m, labels=labels, **lora_inputs),
+    grad_fn = nnx.value_and_grad(lambda m: training.causal_lm_loss(m, labels=labels, **two_rows),
                                  argnums=nnx.DiffState(0, LoRAParam), has_aux=True)
     (loss, _), grads = nnx.jit(grad_fn)(ours_adapter["model"])
     ours = {_peft_name(param_path(p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
@@ -148,14 +138,14 @@ def test_lora_gradients_match_peft(ours_adapter, peft_from_ours, lora_inputs):
     assert min(float(np.abs(g).max()) for g in ref.values()) > 0  # every A and B gets a gradient
 
 
-def test_three_adamw_steps_match_peft(tiny_checkpoint, ours_adapter, lora_inputs):
+def test_three_adamw_steps_match_peft(tiny_checkpoint, ours_adapter, two_rows):
     """Ours: `make_optimizer(..., "lora")` + `train_step`; theirs: torch AdamW on PEFT's trainable parameters."""
-    labels = training_labels(lora_inputs)
+    labels = training_labels(two_rows)
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     assert len(lora.load_adapter(model, ours_adapter["dir"])) == len(ours_adapter["modules"])
     tx = optax.adamw(ADAMW["lr"], b1=ADAMW["b1"], b2=ADAMW["b2"], eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
     optimizer = training.make_optimizer(model, tx, "lora")
-    batch = training.prepare_batch(model, labels=labels, **lora_inputs)
+    batch = training.prepare_batch(model, labels=labels, **two_rows)
     ours_losses = [float(training.train_step(model, optimizer, batch)["loss"]) for _ in range(3)]
 
     peft = load_peft(tiny_checkpoint, ours_adapter["dir"])
@@ -165,7 +155,7 @@ def test_three_adamw_steps_match_peft(tiny_checkpoint, ours_adapter, lora_inputs
     torch_losses = []
     for _ in range(3):
         torch_opt.zero_grad()
-        out = peft(**_torch(lora_inputs), labels=torch.from_numpy(labels))
+        out = peft(**_torch(two_rows), labels=torch.from_numpy(labels))
         out.loss.backward()
         torch_opt.step()
         torch_losses.append(float(out.loss.detach()))
@@ -191,7 +181,7 @@ def test_three_adamw_steps_match_peft(tiny_checkpoint, ours_adapter, lora_inputs
 
 
 # ------------------------------------------------------------------------------------ PEFT -> ours
-def test_peft_saved_adapter_loads_with_peft_logits(tiny_checkpoint, lora_inputs, tmp_path):
+def test_peft_saved_adapter_loads_with_peft_logits(tiny_checkpoint, two_rows, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
@@ -212,8 +202,8 @@ def test_peft_saved_adapter_loads_with_peft_logits(tiny_checkpoint, lora_inputs,
     ours = _adapter_weights(model)
     assert ours.keys() == theirs.keys()
     assert all(np.array_equal(ours[n], theirs[n]) for n in ours)
-    err = helpers.rel_err(_masked(model(**lora_inputs).logits, lora_inputs),
-                          _masked(peft_logits(peft, lora_inputs), lora_inputs))
+    err = helpers.rel_err(_masked(model(**two_rows).logits, two_rows),
+                          _masked(peft_logits(peft, two_rows), two_rows))
     helpers.record("lora/logits-peft-adapter-in-ours", rel_err=err, modules=len(loaded))
     assert err <= TOL, err
 
@@ -235,7 +225,7 @@ def test_peft_default_save_with_an_adapted_lm_head_loads(tiny_checkpoint, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------- merging
-def test_merged_model_loads_in_transformers_and_equals_peft_merge(tiny_checkpoint, ours_adapter, lora_inputs,
+def test_merged_model_loads_in_transformers_and_equals_peft_merge(tiny_checkpoint, ours_adapter, two_rows,
                                                                   tmp_path):
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
     lora.load_adapter(model, ours_adapter["dir"])
@@ -247,8 +237,8 @@ def test_merged_model_loads_in_transformers_and_equals_peft_merge(tiny_checkpoin
     model.save_pretrained(tmp_path / "merged")
 
     merged = helpers.load_hf_model(tmp_path / "merged")
-    err = helpers.rel_err(_masked(peft_logits(merged, lora_inputs), lora_inputs),
-                          _masked(ours_adapter["logits"], lora_inputs))
+    err = helpers.rel_err(_masked(peft_logits(merged, two_rows), two_rows),
+                          _masked(ours_adapter["logits"], two_rows))
     peft_merged = load_peft(tiny_checkpoint, ours_adapter["dir"], trainable=False).merge_and_unload()
     ref = peft_merged.state_dict()
     got = merged.state_dict()
@@ -265,18 +255,18 @@ def test_merged_model_loads_in_transformers_and_equals_peft_merge(tiny_checkpoin
 
 
 # -------------------------------------------------------------------------------------------- errors
-def test_fresh_adapter_leaves_the_logits_unchanged(tiny_checkpoint, lora_inputs):
+def test_fresh_adapter_leaves_the_logits_unchanged(tiny_checkpoint, two_rows):
     """B = 0: decoder adapters leave the logits bitwise unchanged. On the vision tower's fc2 the recompiled graph
     rounds the (unchanged) GELU input of fc2 differently, so there the logits agree to fp32 rounding only."""
     model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    before = np.asarray(model(**lora_inputs).logits)
+    before = np.asarray(model(**two_rows).logits)
     adapted = lora.apply_lora(model, RANK, ALPHA, list(lora.DEFAULT_TARGETS), use_rslora=True)
     assert all(not np.asarray(lin.lora.lora_B[...]).any() and np.asarray(lin.lora.lora_A[...]).any()
                for lin in adapted.values())
-    np.testing.assert_array_equal(np.asarray(model(**lora_inputs).logits), before)
+    np.testing.assert_array_equal(np.asarray(model(**two_rows).logits), before)
     lora.remove_lora(model)
     lora.apply_lora(model, RANK, ALPHA, TARGETS, use_rslora=True)
-    err = helpers.rel_err(np.asarray(model(**lora_inputs).logits), before)
+    err = helpers.rel_err(np.asarray(model(**two_rows).logits), before)
     helpers.record("lora/fresh-adapter-with-vision-targets", rel_err=err)
     assert err <= 1e-6, err
 
