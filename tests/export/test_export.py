@@ -100,8 +100,10 @@ def _check(row: dict) -> None:
     quantization = row.get("shapes", {}).get("quantization")
     integers = {"int8": "int8", "int4": "uint8"}.get(quantization)
     assert (row["integer_weights"] > 0) is (integers is not None), name
-    if integers:  # 7 projections per layer hold integers, each with its fp32 scales
-        assert row["integer_weights"] == 7 * row["layers"] and row["integer_dtype"] == integers, name
+    if integers:  # 7 projections per layer and the output projection (the 2B: its tied embedding; else lm_head and
+        # the embedding table) hold integers, each with its fp32 scales
+        outputs = 1 if row["model"] == "2b" else 2
+        assert row["integer_weights"] == 7 * row["layers"] + outputs and row["integer_dtype"] == integers, name
 
 
 @pytest.fixture(scope="module")
