@@ -162,12 +162,16 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def _long_generate(child: str, checkpoint) -> subprocess.Popen:
-    """`child` (a script running the CLI) asked for a 30000-token greedy `--json` generate, pipes open."""
+    """`child` (a script running the CLI) asked for a 30000-token greedy `--json` generate, pipes open.
+
+    The child starts with SIGINT at its default action, as from a terminal: a pytest launched in the background
+    by a non-interactive shell (`pytest &`) has SIGINT ignored, children inherit that across exec, and Python then
+    leaves it ignored, so Ctrl-C could not be tested there."""
     env = {**os.environ, "QWEN2VL_JAX_COMPILE_CACHE": "0"}
     return subprocess.Popen([sys.executable, "-c", child, "generate", "--model", str(checkpoint), "--prompt",
                              "Count to a million.", "--greedy", "--max-new-tokens", "30000", "--json",
                              "--dtype", "float32"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_ctrl_c_stops_a_non_streaming_generate_within_two_seconds(tiny_checkpoint):
