@@ -75,6 +75,13 @@ def tiny_checkpoint(checkpoint_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny25_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny Qwen2.5-VL checkpoint (tied; windowed and full-attention vision blocks)."""
+    return helpers.build_checkpoint_25(tmp_path_factory.mktemp("tiny25") / "tiny25", tied=True,
+                                       tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
 def photos() -> dict:
     """Real photographs (PIL RGB): astronaut, coffee, chelsea, rocket, grace_hopper."""
     return {name: helpers.photo(name) for name in helpers.PHOTO_NAMES}

@@ -34,6 +34,8 @@ LAYERS = [
     # weight-only int8 / int4 Linears (the model transformation and the formats)
     {"quantization"},
     {"sharding", "generation"},
+    # the serving engine: continuous batching over a paged KV cache, its page pool and caches
+    {"engine"},
     # the HF key map, safetensors, loading (onto a mesh too), converting
     {"checkpoints"},
     # LoRA adapters; the HF-style facade; run_with_cache / hooks / interventions; the tiny demo checkpoint

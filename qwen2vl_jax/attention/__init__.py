@@ -11,6 +11,13 @@ Two kinds of attention, one signature each (shape letters: the package docstring
   when they arrive rotated (hooks read them). Rows attend only within their segment (one temporal slice of one
   image or video: the reference's `cu_seqlens`), non-causally.
 
+* paged (the serving engine, `qwen2vl_jax.engine`): `paged_fn(q_TNH, kv_PRCH, batch: PagedBatch) -> o_TNH`: the
+  queries of several sequences on one flat token axis, each attending causally over its own pages of a shared pool
+  (`attention.paged`; keys / values interleaved on the head axis of `kv_PRCH`). The `xla` formulation by default;
+  `pallas` (and `auto` in programs lowered for TPU) runs JAX's Pallas `ragged_paged_attention` on TPU
+  (`attention.pallas_paged`); `cpu` (and `auto` on the CPU) runs the decode slots through the fused decode kernel
+  over the gathered pages.
+
 And one capability each, for the interpretability captures: probabilities. `decoder_probs_fn(q, k, v, mask, edit)`
 and `vision_probs_fn(q, k, v, rotary, segments, edit)` return `(o, p)` where `p = edit(probabilities)` is what
 the value product used (fp32; `[B, N, T, S]` / `[Q, N, L, L]`), so a hook on `attn.probs` changes the output. A
@@ -50,9 +57,9 @@ import dataclasses
 from collections.abc import Callable
 
 from .. import kernels
-from .masks import DecoderMask, VisionRotary, VisionSegments
+from .masks import DecoderMask, PagedBatch, VisionRotary, VisionSegments
 
-__all__ = ["DecoderMask", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError",
+__all__ = ["DecoderMask", "PagedBatch", "VisionRotary", "VisionSegments", "AttentionBackend", "AttentionBackendError",
            "register_attention",
            "get_attention", "available_backends", "default_backend", "resolve", "platform_backend"]
 
@@ -71,6 +78,7 @@ class AttentionBackend:
     decoder_probs: Callable
     vision_probs: Callable
     requires: Callable[[], str] | None = None  # returns "" when usable here, else why not
+    paged: Callable | None = None  # `paged_fn(q_TNH, kv_PRCH, batch: PagedBatch) -> o_TNH` (the serving engine)
 
 
 _REGISTRY: dict[str, AttentionBackend] = {}
@@ -78,7 +86,8 @@ _REGISTRY: dict[str, AttentionBackend] = {}
 
 def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_fn: Callable | None = None,
                        decoder_probs_fn: Callable | None = None, vision_probs_fn: Callable | None = None,
-                       requires: Callable[[], str] | None = None, overwrite: bool = False) -> AttentionBackend:
+                       requires: Callable[[], str] | None = None, paged_fn: Callable | None = None,
+                       overwrite: bool = False) -> AttentionBackend:
     """Register a backend under `name` (then `attn_implementation=name` selects it). A kind given as None uses the
     `xla` formulation (the probabilities capabilities too). `requires()` may return a reason the backend cannot run
     here ("" when it can).
@@ -97,11 +106,12 @@ def register_attention(name: str, *, decoder_fn: Callable | None = None, vision_
                      ("vision_probs_fn", vision_probs_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"attention backend {name!r}: {kind} must be callable, got {type(fn).__name__}")
-    from . import xla
+    from . import paged, xla
 
     backend = AttentionBackend(name, decoder_fn or xla.decoder_attention, vision_fn or xla.vision_attention,
                                decoder_probs_fn or xla.decoder_attention_probs,
-                               vision_probs_fn or xla.vision_attention_probs, requires)
+                               vision_probs_fn or xla.vision_attention_probs, requires,
+                               paged_fn or paged.paged_attention)
     _REGISTRY[name] = backend
     return backend
 
@@ -153,15 +163,16 @@ def get_attention(name: str | None) -> AttentionBackend:
 
 
 def _register_builtins() -> None:
-    from . import auto, cpu, jax_nn, pallas, xla
+    from . import auto, cpu, jax_nn, pallas, pallas_paged, xla
 
     register_attention("xla", decoder_fn=xla.decoder_attention, vision_fn=xla.vision_attention)
-    register_attention("auto", decoder_fn=auto.decoder_attention, vision_fn=auto.vision_attention)
+    register_attention("auto", decoder_fn=auto.decoder_attention, vision_fn=auto.vision_attention,
+                       paged_fn=auto.paged_attention)
     register_attention("cpu", decoder_fn=cpu.decoder_attention, vision_fn=cpu.vision_attention,
-                       requires=kernels.unavailable_reason)
+                       paged_fn=cpu.paged_attention, requires=kernels.unavailable_reason)
     register_attention("jax", decoder_fn=jax_nn.decoder_attention, vision_fn=jax_nn.vision_attention)
     register_attention("pallas", decoder_fn=pallas.decoder_attention, vision_fn=pallas.vision_attention,
-                       requires=pallas.unavailable_reason)
+                       paged_fn=pallas_paged.pallas_paged_attention, requires=pallas.unavailable_reason)
 
 
 _register_builtins()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import functools
 
+import qwen2vl_jax.attention.paged as paged  # by full name: `from . import` reads the package __init__
+
 from .. import kernels
-from .masks import DecoderMask, VisionRotary, VisionSegments
+from .masks import DecoderMask, PagedBatch, VisionRotary, VisionSegments
 from .xla import masked_attention
 from .xla import vision_attention as xla_vision_attention
 
@@ -15,6 +17,16 @@ def decoder_attention(q_BTNH, k_BSKH, v_BSKH, mask: DecoderMask):
     """One-token steps: the fused decode kernel (one call per layer reading the cache in place, instead of ~10
     small XLA ops); prefill and training forwards: the `xla` formulation (XLA's dots are as fast here)."""
     return kernels.decode_attention(q_BTNH, k_BSKH, v_BSKH, mask.allowed_BTS, reference=masked_attention)
+
+
+def _decode_or_reference(q_BTNH, k_BSKH, v_BSKH, allowed_BTS):
+    return kernels.decode_attention(q_BTNH, k_BSKH, v_BSKH, allowed_BTS, reference=masked_attention)
+
+
+def paged_attention(q_TNH, kv_PRCH, batch: PagedBatch):
+    """The serving engine's attention over pages: each group's pages gathered (`paged.paged_attention`), its
+    one-token decode slots through the fused decode kernel, a prefill chunk through the `xla` formulation."""
+    return paged.paged_attention(q_TNH, kv_PRCH, batch, attend=_decode_or_reference)
 
 
 def vision_attention(q_PNH, k_PNH, v_PNH, rotary: VisionRotary | None, segments: VisionSegments):

@@ -68,3 +68,40 @@ class VisionRotary:
 
     def __call__(self, x_PNH: jax.Array) -> jax.Array:
         return self.rotate(x_PNH, self.cos_PH, self.sin_PH)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+@dataclasses.dataclass(frozen=True)
+class PagedBatch:
+    """One call of the serving engine (`qwen2vl_jax.engine`) over a paged KV cache: the queries of several
+    sequences in one flat token axis, each sequence's keys in pages of a shared pool.
+
+    The T query tokens come in `groups`, a static tuple of `(sequences, queries_each)`: group g holds
+    `sequences` sequences of `queries_each` tokens, one after the other (the engine's step: one prefill chunk of C
+    tokens, then one token for each decode slot: `((1, C), (S, 1))`). Sequence i (in group order) has `kv_lens_S[i]`
+    keys once this call's tokens are written, its queries being the last `queries_each` of them, and its keys live
+    in pages `page_indices_SP[i]` (key j at page `j // page_size`, row `j % page_size`). Query t of a sequence sees
+    its keys 0 .. kv_len - queries_each + t (causal). `slot_T` is the flat cache row (`page * page_size + row`)
+    each token's key / value is written to. A group's trailing queries may be padding: they write to the null page
+    (page 0, never a sequence's) and read what they read; nothing uses their outputs.
+
+    `cu_q_lens_S1` and `num_seqs` say the same layout as JAX's `ragged_paged_attention` takes it (the Pallas TPU
+    kernel; `cu_q_lens[i]` is sequence i's first query)."""
+
+    slot_T: jax.Array  # int32 [T]
+    kv_lens_S: jax.Array  # int32 [S]
+    page_indices_SP: jax.Array  # int32 [S, pages per sequence]
+    cu_q_lens_S1: jax.Array  # int32 [S + 1]
+    num_seqs: jax.Array  # int32 [1]
+    groups: tuple[tuple[int, int], ...]  # static: (sequences, queries each) per group
+
+    _LEAVES = ("slot_T", "kv_lens_S", "page_indices_SP", "cu_q_lens_S1", "num_seqs")
+
+    def tree_flatten_with_keys(self):  # named leaves: an exported program's arguments read `batch.slot_T`, ...
+        return [(jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in self._LEAVES], self.groups
+
+    @classmethod
+    def tree_unflatten(cls, groups, leaves):
+        return cls(*leaves, groups)
+
+    query_start = None  # no single first slot: a `DecoderMask` field the layer loop passes along

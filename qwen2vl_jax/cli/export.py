@@ -15,11 +15,12 @@ MAX_VIRTUAL_DEVICES = 1024  # each virtual CPU device costs the process memory a
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser("export", help="lower a program (vision, prefill, decode, train) for TPU / CUDA / CPU "
+    p = subparsers.add_parser("export", help="lower a program (vision, prefill, decode, engine_step, train) for "
+                                             "TPU / CUDA / CPU "
                                              "with jax.export and write the artifact")
     p.add_argument("--model", required=True, help="a preset (2b, 7b, 72b, 2.5-3b, 2.5-7b, 2.5-32b, 2.5-72b) or a "
                                                    "checkpoint directory (only its config.json is read)")
-    p.add_argument("--program", required=True, choices=["vision", "prefill", "decode", "train"])
+    p.add_argument("--program", required=True, choices=["vision", "prefill", "decode", "engine_step", "train"])
     p.add_argument("--platform", required=True,
                    help="tpu, cuda, rocm or cpu; several comma-separated (one program carrying each one's kernels)")
     p.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,model=4 (default: one device)")

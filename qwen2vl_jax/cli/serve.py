@@ -42,7 +42,11 @@ def add_parser(subparsers):
                    help="another name clients may send in the Host header (repeatable; default: the bound address, "
                         "and localhost for a loopback bind)")
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (off by default)")
-    p.add_argument("--max-batch", type=positive(int), default=8, help="requests run together in one batch at most")
+    p.add_argument("--max-batch", type=positive(int), default=8,
+                   help="decode slots: requests the engine runs at once (continuous batching)")
+    p.add_argument("--kv-cache-tokens", type=positive(int), metavar="N",
+                   help="size of the paged KV cache in tokens, all slots together (default 4096 per slot, at most "
+                        "the context each); a request whose prompt + max_tokens exceeds it is refused")
     p.add_argument("--max-queue", type=positive(int), default=64,
                    help="requests waiting at most; more are refused with 503")
     p.add_argument("--max-request-bytes", type=byte_size, default=20 * 2**20, metavar="SIZE",
@@ -91,7 +95,8 @@ def run(args) -> int:
     engine = Engine(model, processor, model_name=args.served_model_name or served_name(args.model),
                     max_batch=args.max_batch, max_queue=args.max_queue, max_request_bytes=args.max_request_bytes,
                     max_images=args.max_images, default_max_tokens=args.default_max_tokens,
-                    max_tokens=args.max_tokens, media=media, max_memory=args.max_memory)
+                    max_tokens=args.max_tokens, media=media, max_memory=args.max_memory,
+                    kv_cache_tokens=args.kv_cache_tokens)
     app = create_app(engine, api_key=api_key, bind_host=args.host, allowed_hosts=args.allowed_host, docs=args.docs)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving {engine.model_name} ({dtype}) at {url}/v1 (OpenAI API: /v1/chat/completions, /v1/models)"

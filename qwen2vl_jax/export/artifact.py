@@ -19,6 +19,7 @@ in the process that calls it (`import qwen2vl_jax.kernels`, which builds them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..attention import jax_nn, platform_backend
+from ..attention import jax_nn, pallas_paged, platform_backend
 from ..kernels import build as kernel_build
 from ..modeling.config import PRESETS, Qwen2VLConfig
 from ..sharding.mesh import make_mesh
@@ -182,7 +183,10 @@ def export_program(model: str | Qwen2VLConfig, program: str, *, platforms: Seque
     t0 = time.perf_counter()
     prog = build(program, config, dtype, shapes, device_mesh, attn_implementation)
     disabled = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (*CUDNN_CALLS, *CPU_KERNEL_CALLS)]
-    with jax_nn.assume_cudnn(), jax_nn.cudnn_fallbacks() as fallbacks:
+    # Mosaic's lowering of the paged attention kernel asks which TPU it targets: an abstract one off a TPU host
+    tpu_context = (pallas_paged.for_tpu_lowering() if program == "engine_step" and "tpu" in platforms
+                   and jax.default_backend() != "tpu" else contextlib.nullcontext())
+    with jax_nn.assume_cudnn(), jax_nn.cudnn_fallbacks() as fallbacks, tpu_context:
         try:
             exported = jax.export.export(jax.jit(prog.fn), platforms=platforms,
                                          disabled_checks=disabled)(*prog.groups)

@@ -10,6 +10,11 @@ Each program is the function the live model runs, called the way the live model 
   position [B, V], "cache.*": the filled cache}`.
 * `decode`: one greedy decode step over a `cache_len`-slot cache (`generation.decoding._decode_step`, the streaming
   step: forward one token, the logits processors, pick, mark finished rows), `(weights, state, knobs) -> state`.
+* `engine_step`: one step of the serving engine (`engine.step._step`): a prefill chunk of `prompt_len` tokens and
+  one token for each of `batch` decode slots over a paged KV cache (pages of `ENGINE_PAGE_SIZE`, `cache_len`
+  tokens per slot), then every slot's pick, `(weights, state, inputs, settings) -> (tokens, state)`. Its attention
+  over pages is JAX's Pallas `ragged_paged_attention` on TPU (lowered under `pallas_paged.for_tpu_lowering`, which
+  Mosaic needs off a TPU host). One device only: the kernel under `shard_map` on a mesh is not wired yet.
 * `train`: one LoRA training step (`training.steps._train_step`: forward, loss, gradients of the adapters,
   AdamW update) on a batch of text rows, `(trainable, frozen, rest, opt_state, batch) -> (trainable, rest,
   opt_state, metrics)`.
@@ -31,6 +36,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..attention import PagedBatch
+from ..engine import step as engine_step
 from ..generation import decoding
 from ..generation.sampling import Knobs
 from ..lora import apply_lora
@@ -46,7 +53,8 @@ from ..quantization import quantize
 from ..sharding.mesh import param_shardings, set_partitioning
 from ..training.steps import Batch, _train_step, make_optimizer
 
-PROGRAMS = ("vision", "prefill", "decode", "train")
+PROGRAMS = ("vision", "prefill", "decode", "engine_step", "train")
+ENGINE_PAGE_SIZE = 16  # the engine_step program's page size (the Engine's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -295,6 +303,39 @@ def decode_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Pla
     return _program("decode", decode, {"weights": weights, "state": state, "knobs": knobs}, ("state",))
 
 
+def engine_step_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
+                        attn_implementation: str | None) -> Program:
+    if placement.mesh is not None:
+        raise ValueError("the engine_step program exports for one device: its paged attention under shard_map on a "
+                         "mesh is not wired yet")
+    model = _placed(config, dtype, shapes, placement, attn_implementation)
+    graphdef, weights = nnx.split(model)
+    S, C, D, V = shapes.batch, shapes.prompt_len, config.text_config.hidden_size, config.text_config.vocab_size
+    per_seq = -(-(shapes.cache_len + C) // ENGINE_PAGE_SIZE)
+    pages = 1 + S * -(-shapes.cache_len // ENGINE_PAGE_SIZE)
+    cache = jax.eval_shape(lambda: model.init_paged_cache(pages, ENGINE_PAGE_SIZE, jnp.dtype(dtype)))
+    i32 = lambda *shape: _sds(shape, np.int32)
+    batch = PagedBatch(i32(C + S), i32(S + 1), i32(S + 1, per_seq), i32(S + 2), i32(1), ((1, C), (S, 1)))
+    state = {"cache": cache, "seen": _sds((S, V), bool)}
+    inputs = {"ids": i32(C + S), "positions": i32(3, C + S), "vision": _sds((C, D), dtype),
+              "vision_index": i32(C + S), "batch": batch, "logit_rows": i32(S), "emit": _sds((S,), bool)}
+    settings = engine_step.SlotSettings(
+        Knobs(temperature=_sds((S,), np.float32), top_k=i32(S), top_p=_sds((S,), np.float32),
+              repetition_penalty=_sds((S,), np.float32), min_new_tokens=i32(S), max_new_tokens=i32(S),
+              eos_ids=i32(S, 8), pad_id=i32(S)),
+        _sds((S,), bool), _sds((S, 2), np.uint32), i32(S))
+
+    def step(weights, state, inputs, settings):
+        tokens, seen, cache, _ = engine_step._step(
+            nnx.merge(graphdef, weights), state["cache"], state["seen"], inputs["ids"], inputs["positions"],
+            inputs["vision"], inputs["vision_index"], inputs["batch"], inputs["logit_rows"], inputs["emit"], settings,
+            keep_logits=False)
+        return {"tokens": tokens}, {"cache": cache, "seen": seen}
+
+    groups = {"weights": weights, "state": state, "inputs": inputs, "settings": settings}
+    return _program("engine_step", step, groups, ("outputs", "state"))
+
+
 def train_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Placement,
                   attn_implementation: str | None) -> Program:
     import optax
@@ -320,12 +361,13 @@ def train_program(config: Qwen2VLConfig, dtype, shapes: Shapes, placement: _Plac
     return _program("train", train, groups, ("trainable", "rest", "opt_state", "metrics"))
 
 
-BUILDERS = {"vision": vision_program, "prefill": prefill_program, "decode": decode_program, "train": train_program}
+BUILDERS = {"vision": vision_program, "prefill": prefill_program, "decode": decode_program,
+            "engine_step": engine_step_program, "train": train_program}
 
 
 def build(program: str, config: Qwen2VLConfig, dtype, shapes: Shapes, mesh: Mesh | None = None,
           attn_implementation: str | None = None) -> Program:
-    """The `program` ("vision", "prefill", "decode" or "train") of `config` in `dtype`, placed on `mesh`."""
+    """The `program` (one of `PROGRAMS`) of `config` in `dtype`, placed on `mesh`."""
     if program not in BUILDERS:
         raise ValueError(f"unknown program {program!r}; choose one of {', '.join(PROGRAMS)}")
     check_shapes(config, shapes)

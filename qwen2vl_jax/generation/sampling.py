@@ -139,8 +139,10 @@ class Knobs:
     pad_id: jax.Array
 
 
-def process_logits(logits_BV, seen_BV, n_generated, knobs: Knobs, *, do_sample: bool):
-    """transformers 4.57's processor chain on fp32 logits (see module docstring for the order)."""
+def process_logits(logits_BV, seen_BV, n_generated, knobs: Knobs, *, do_sample: bool, truncate: bool = True):
+    """transformers 4.57's processor chain on fp32 logits (see module docstring for the order). `truncate=False`
+    leaves out top-k / top-p, for a caller that knows every row has top_k 0 and top_p 1 (they change nothing then,
+    and their sort of the vocabulary is the costly part on a CPU)."""
     neg_inf = jnp.float32(-jnp.inf)
     p = knobs.repetition_penalty
     penalised = jnp.where(logits_BV < 0, logits_BV * p, logits_BV / p)
@@ -157,14 +159,19 @@ def process_logits(logits_BV, seen_BV, n_generated, knobs: Knobs, *, do_sample: 
     overflow = (knobs.temperature <= 0) | jnp.any(jnp.isposinf(scaled) & jnp.isfinite(scores), -1, keepdims=True)
     top = jnp.max(scores, axis=-1, keepdims=True)
     scores = jnp.where(overflow, jnp.where(scores == top, jnp.float32(0), neg_inf), scaled)
-    # One descending sort serves top-k and top-p (TopKLogitsWarper, TopPLogitsWarper, min_tokens_to_keep=1).
+    if not truncate:
+        return scores
+    # One sort serves top-k and top-p (TopKLogitsWarper, TopPLogitsWarper, min_tokens_to_keep=1).
     sorted_desc = -jnp.sort(-scores, axis=-1)
     V = scores.shape[-1]
     k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, V), V)
     kth = jnp.take_along_axis(sorted_desc, (k - 1)[None, None].repeat(scores.shape[0], 0), axis=-1)
     scores = jnp.where(scores < kth, neg_inf, scores)
-    # top-p on the (top-k filtered) scores: drop the low tail whose total probability is <= 1 - top_p.
-    sorted_asc = jnp.sort(scores, axis=-1)
+    # top-p on the (top-k filtered) scores: drop the low tail whose total probability is <= 1 - top_p. The filtered
+    # scores sorted ascending are the descending sort reversed with the same filter (the values below kth come
+    # first): the same array a second sort would give, without its cost.
+    sorted_asc = sorted_desc[:, ::-1]
+    sorted_asc = jnp.where(sorted_asc < kth, neg_inf, sorted_asc)
     cum = jnp.cumsum(jax.nn.softmax(sorted_asc, axis=-1), axis=-1)
     remove_sorted = (cum <= 1 - knobs.top_p).at[:, -1].set(False)
     # the threshold: the largest removed value; everything <= it goes (ties removed together, like a scatter)

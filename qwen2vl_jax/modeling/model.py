@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..attention import PagedBatch
 from ..attention import resolve as resolve_attention
 from . import programs
 from .config import Qwen2VLConfig
@@ -29,6 +30,7 @@ from .inputs import PreparedInputs, as_2d_ids, prepare_inputs
 from .kv_cache import KVCache
 from .layers import Linear
 from .module import remat_policy
+from .paged_cache import PagedKVCache
 from .parameters import model_params
 from .partitioning import active as use_partitioning
 from .partitioning import constrain
@@ -154,6 +156,23 @@ class Qwen2VL(nnx.Module):
                                       output_attentions=output_attentions, cache_empty=cache_empty)
             logits_BTV = point("logits", self.logits(out.last_hidden_state, logits_to_keep))
         return ForwardOutput(logits_BTV, out.cache, out.hidden_states, out.attentions)
+
+    def forward_paged(self, input_ids_BT, position_ids_ZBT, vision_MD, vision_index_BT, cache: PagedKVCache,
+                      batch: PagedBatch, logit_rows_R):
+        """The serving engine's forward (`qwen2vl_jax.engine`): several sequences' tokens on one flat token axis
+        (B = 1), keys and values in a paged cache (`TextModel.paged`), logits of the rows `logit_rows_R` only.
+        Same math as `forward`: logits = lm_head(decoder(embed(ids) with the vision features in their slots)).
+        Returns (logits `[R, V]`, the cache)."""
+        with use_partitioning(self.partitioning):
+            x_BTD = self.embed(input_ids_BT, vision_MD, vision_index_BT)
+            h_BTD, cache = self.language_model.paged(x_BTD, position_ids_ZBT, cache, batch)
+            logits_BRV = self.logits(h_BTD[:, logit_rows_R])
+        return logits_BRV[0], cache
+
+    def init_paged_cache(self, num_pages: int, page_size: int, dtype=None) -> PagedKVCache:
+        """An empty paged cache for the serving engine (page 0: the null page)."""
+        return PagedKVCache.init(self.config.text_config, num_pages, page_size, dtype or self.dtype,
+                                 stacked=self.config.scan_layers)
 
     def embed(self, input_ids_BT, vision_MD=None, vision_index_BT=None):
         """Token embeddings `[B, T, D]`, the vision features scattered into their slots in order (transformers

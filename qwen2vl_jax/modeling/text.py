@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..attention import DecoderMask, get_attention
+import qwen2vl_jax.attention.paged as paged
+
+from ..attention import DecoderMask, PagedBatch, get_attention
 from . import kv_cache
 from .config import Qwen2VLTextConfig
 from .hook_points import HookError, active, point, recording, set_call
 from .kv_cache import KVCache
 from .layers import Embed, Linear, RMSNorm, rowwise
 from .module import Block, MLPBlock, checkpointed
+from .paged_cache import PagedKVCache
 from .parameters import heads_axis, stack_modules
 from .partitioning import constrain
 from .rope import apply_rotary, mrope_cos_sin
@@ -55,6 +58,8 @@ class Attention(Block):
         out = W_o o
 
     The attention is the backend's (`attn_implementation`, `qwen2vl_jax.attention`; None: the platform default).
+    With the serving engine's paged cache (`mask` a `PagedBatch`, `kv` this layer's pages), k / v go to their pages
+    and each sequence attends over its own (the backend's `paged` function; one flat token axis, B = 1).
     Hook points `{name}.q / .k` (after M-RoPE) `/ .v / .probs / .head_out`."""
 
     def __init__(self, cfg: Qwen2VLTextConfig, *, param_dtype, rngs: nnx.Rngs, name: str, layer: int,
@@ -77,10 +82,15 @@ class Attention(Block):
         q_BTNH = self.hook("q", apply_rotary(self.heads(self.q_proj, x_BTD, Q_AXES), cos_BTH, sin_BTH))
         k_BTKH = self.hook("k", apply_rotary(self.heads(self.k_proj, x_BTD, KV_AXES), cos_BTH, sin_BTH))
         v_BTKH = self.hook("v", self.heads(self.v_proj, x_BTD, KV_AXES))
-        k_BSKH, v_BSKH = (k_BTKH, v_BTKH) if kv is None else kv_cache.write(kv, k_BTKH, v_BTKH, start)
-        o_BTNH, probs_BNTS = self.attend(q_BTNH, k_BSKH, v_BSKH, mask, output_attentions)
+        if isinstance(mask, PagedBatch):
+            kv = paged.write(kv, k_BTKH[0], v_BTKH[0], mask)
+            o_BTNH, probs_BNTS = self.attend_pages(q_BTNH, kv, mask), None
+        else:
+            k_BSKH, v_BSKH = (k_BTKH, v_BTKH) if kv is None else kv_cache.write(kv, k_BTKH, v_BTKH, start)
+            o_BTNH, probs_BNTS = self.attend(q_BTNH, k_BSKH, v_BSKH, mask, output_attentions)
+            kv = (k_BSKH, v_BSKH)
         out_BTD = self.o_proj(self.hook("head_out", o_BTNH).reshape(*x_BTD.shape[:2], -1))
-        return out_BTD, (k_BSKH, v_BSKH), probs_BNTS
+        return out_BTD, kv, probs_BNTS
 
     def heads(self, proj: Linear, x_BTD, axes):
         """`proj(x)` as heads `[B, T, heads, H]`, constrained to `axes`."""
@@ -95,6 +105,10 @@ class Attention(Block):
         else:
             o_BTNH, probs_BNTS = backend.decoder(q_BTNH, k_BSKH, v_BSKH, mask), None
         return constrain(o_BTNH, Q_AXES), probs_BNTS if output_attentions else None
+
+    def attend_pages(self, q_BTNH, kv_PRCH, batch: PagedBatch):
+        """The backend's paged attention over the flat token axis (B = 1): `o [1, T, N, H]`."""
+        return get_attention(self.attn_implementation).paged(q_BTNH[0], kv_PRCH, batch)[None]
 
 
 class MLP(MLPBlock):
@@ -218,6 +232,28 @@ class TextModel(nnx.Module):
             cache = cache.appended(per_layer.keys, per_layer.values, mask.key_valid_BS, T)
         hidden = (*per_layer.hidden_states, x_BTD) if output_hidden_states else ()  # HF: the last is after the norm
         return TextOutput(x_BTD, cache, hidden, tuple(per_layer.attentions))
+
+    def paged(self, x_BTD, position_ids_ZBT, cache: PagedKVCache, batch: PagedBatch):
+        """h = norm(layer_L(... layer_1(x))) over the serving engine's flat token axis (B = 1: several sequences'
+        tokens, `batch` says whose), each layer writing its k / v to the paged cache and every sequence attending
+        over its own pages. Returns (h `[1, T, D]`, the cache)."""
+        cos_BTH, sin_BTH = mrope_cos_sin(position_ids_ZBT, self.config)
+        x_BTD = constrain(x_BTD, RESIDUAL_AXES)
+        if self.scan_layers:
+            graphdef, params = nnx.split(self.layers)
+
+            def body(x, xs):
+                layer_params, kv = xs
+                y, kv, _ = nnx.merge(graphdef, layer_params)(x, cos_BTH, sin_BTH, batch, kv)
+                return y, kv
+
+            x_BTD, pages = jax.lax.scan(body, x_BTD, (params, cache.pages))
+        else:
+            pages = []
+            for layer, kv in zip(self.layers, cache.pages):
+                x_BTD, kv, _ = layer(x_BTD, cos_BTH, sin_BTH, batch, kv)
+                pages.append(kv)
+        return self.norm(x_BTD), PagedKVCache(pages)
 
     def _remat(self, cache, output_attentions) -> str | None:
         """The remat policy this call runs each layer under: training forwards only (no cache, no probabilities,

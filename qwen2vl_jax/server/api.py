@@ -1,10 +1,14 @@
 """The OpenAI wire format of `qwen2vl-jax serve` (app.py): request schemas, error bodies, response objects and
-stop strings. No model, no HTTP server: plain data in, plain data out.
+the bounds on stop strings (matching them: `generation.stops`). No model, no HTTP server: plain data in, plain
+data out.
 
 Mirrors OpenAI's Chat Completions API (`POST /v1/chat/completions`):
 
 * request: `model`, `messages` (`content` a string or a list of `{"type": "text", "text"}` /
-  `{"type": "image_url", "image_url": {"url"}}` parts; `image_url` may also be the bare URL string), `max_tokens` /
+  `{"type": "image_url", "image_url": {"url"}}` parts; `image_url` may also be the bare URL string; videos as vLLM
+  and Qwen's API send them: `{"type": "video_url", "video_url": {"url"}}` (or the bare URL string) and
+  `{"type": "video", "video": [frame image URLs] or URL}`, optionally with `fps`, `nframes`, `max_frames` on the
+  part or in `video_url`; video_input.py loads them), `max_tokens` /
   `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, `n`.
   Other OpenAI fields (`user`, `presence_penalty`, ...) are accepted and ignored, as OpenAI-compatible servers do.
 * errors: `{"error": {"message", "type", "param", "code"}}` with the HTTP status (400 invalid_request_error,
@@ -17,12 +21,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["RequestError", "ChatRequest", "error_body", "validation_message", "parse_request", "to_template_messages",
-           "completion", "chunk", "sse", "StopMatcher", "cut_at_stop", "parse_json_object"]
+__all__ = ["RequestError", "ChatRequest", "VideoRequest", "error_body", "validation_message", "parse_request",
+           "to_template_messages", "completion", "chunk", "sse", "parse_json_object"]
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
                404: "not_found_error", 413: "request_too_large", 415: "invalid_request_error",
@@ -54,10 +59,26 @@ class ImageURL(_Lenient):
     detail: str | None = None
 
 
-class ContentPart(_Lenient):
-    type: Literal["text", "image_url"]
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # frames per second
+FrameCount = Annotated[int, Field(ge=1, strict=True)]
+
+
+class _VideoOptions(_Lenient):
+    fps: Rate | None = None
+    nframes: FrameCount | None = None
+    max_frames: FrameCount | None = None
+
+
+class VideoURL(_VideoOptions):
+    url: str
+
+
+class ContentPart(_VideoOptions):
+    type: Literal["text", "image_url", "video_url", "video"]
     text: str | None = None
     image_url: ImageURL | str | None = None
+    video_url: VideoURL | str | None = None
+    video: list[str] | str | None = None
 
 
 class Message(_Lenient):
@@ -151,10 +172,26 @@ def _check_strings(data) -> None:
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(value))
 
 
-def to_template_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, str]]]:
-    """OpenAI messages -> the chat template's (`{"type": "image"}` placeholders, qwen2vl_jax/processing.py), and
-    the image URLs in prompt order, each with where it came from (`messages[1].content[0]`) for error messages."""
-    messages, images = [], []
+@dataclass(frozen=True)
+class VideoRequest:
+    """One video of a request, as sent: `source` a URL / path string or a list of frame image URLs, `where` it
+    came from (`messages[1].content[0]`), and the part's sampling options (None: the server's defaults). The
+    server loads it with video_input.py `load_video(v.source, policy, v.where, fps=v.fps, nframes=v.nframes,
+    max_frames=v.max_frames)`."""
+
+    source: str | list[str]
+    where: str
+    fps: float | None = None
+    nframes: int | None = None
+    max_frames: int | None = None
+
+
+def to_template_messages(req: ChatRequest):
+    """OpenAI messages -> the chat template's (`{"type": "image"}` / `{"type": "video"}` placeholders,
+    qwen2vl_jax/processing), the image URLs in prompt order, each with where it came from
+    (`messages[1].content[0]`) for error messages, and a `VideoRequest` per video part in prompt order:
+    `(messages, images, videos)`."""
+    messages, images, videos = [], [], []
     for i, m in enumerate(req.messages):
         role = "system" if m.role == "developer" else m.role  # OpenAI's newer name for the system role
         if m.content is None or isinstance(m.content, str):
@@ -167,14 +204,38 @@ def to_template_messages(req: ChatRequest) -> tuple[list[dict], list[tuple[str, 
                 if part.text is None:
                     raise RequestError(400, f"{where}: a text part needs `text`", param=where)
                 content.append({"type": "text", "text": part.text})
-            else:
+            elif part.type == "image_url":
                 url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                 if not url:
                     raise RequestError(400, f"{where}: an image_url part needs `image_url.url`", param=where)
                 content.append({"type": "image"})
                 images.append((url, where))
+            else:
+                videos.append(_video_request(part, where))
+                content.append({"type": "video"})
         messages.append({"role": role, "content": content})
-    return messages, images
+    return messages, images, videos
+
+
+def _video_request(part: ContentPart, where: str) -> VideoRequest:
+    """A `video_url` or `video` part -> VideoRequest; options on the part win over those inside `video_url`."""
+    inner = part.video_url if isinstance(part.video_url, VideoURL) else None
+    if part.type == "video_url":
+        source = inner.url if inner is not None else part.video_url
+        if not source:
+            raise RequestError(400, f"{where}: a video_url part needs `video_url.url`", param=where)
+    else:
+        source = part.video
+        if not source:
+            raise RequestError(400, f"{where}: a video part needs `video`: a list of image URLs (one per frame) or "
+                                    "a video URL", param=where)
+
+    def option(name: str):
+        value = getattr(part, name)
+        return value if value is not None or inner is None else getattr(inner, name)
+
+    return VideoRequest(source=source, where=where, fps=option("fps"), nframes=option("nframes"),
+                        max_frames=option("max_frames"))
 
 
 # ------------------------------------------------------------------------------------------------ response
@@ -208,75 +269,4 @@ def chunk(cid: str, created: int, model: str, delta: dict, finish_reason: str | 
 
 def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-# ----------------------------------------------------------------------------------------------- stop strings
-class StopMatcher:
-    """Finds stop strings in text that arrives piece by piece, in time linear in the text (one Knuth-Morris-Pratt
-    automaton per stop string: each character advances every automaton by amortised O(1)), never rescanning.
-
-    `feed(piece)` returns the part of the text that is now certain to come before any stop string and can be sent;
-    the tail that may still be the start of a stop string is held back. Once a stop string is complete, `.stopped`
-    is True and nothing more is returned: the text ends before the stop string that completed first (ties: the one
-    that started first); OpenAI leaves the stop string out. `flush()` returns the held-back tail at the end."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.fail = [_failure(s) for s in self.stops]
-        self.state = [0] * len(self.stops)  # characters of each stop matched at the end of the text so far
-        self.text: list[str] = []  # characters not yet returned
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return piece
-        for ch in piece:
-            self.text.append(ch)
-            best = None
-            for k, stop in enumerate(self.stops):
-                j = self.state[k]
-                while j and stop[j] != ch:
-                    j = self.fail[k][j - 1]
-                j = j + 1 if stop[j] == ch else 0
-                if j == len(stop):
-                    start = len(self.text) - j
-                    best = start if best is None else min(best, start)
-                    j = self.fail[k][j - 1]
-                self.state[k] = j
-            if best is not None:
-                out = "".join(self.text[:best])
-                self.text, self.stopped = [], True
-                return out
-        hold = max(self.state)  # the longest stop prefix the text ends with
-        out = "".join(self.text[:len(self.text) - hold])
-        self.text = self.text[len(self.text) - hold:]
-        return out
-
-    def flush(self) -> str:
-        out = "" if self.stopped else "".join(self.text)
-        self.text = []
-        return out
-
-
-def _failure(stop: str) -> list[int]:
-    """KMP's failure function: fail[i] = length of the longest proper prefix of stop[:i + 1] that is also its
-    suffix."""
-    fail, j = [0] * len(stop), 0
-    for i in range(1, len(stop)):
-        while j and stop[i] != stop[j]:
-            j = fail[j - 1]
-        if stop[i] == stop[j]:
-            j += 1
-        fail[i] = j
-    return fail
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text before the first stop string (as `StopMatcher` finds it in a stream, so a streamed and a whole
-    answer end at the same place), and whether one was found."""
-    matcher = StopMatcher(stops)
-    out = matcher.feed(text)
-    return (out, True) if matcher.stopped else (text, False)
 

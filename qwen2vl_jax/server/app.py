@@ -1,29 +1,32 @@
 """`qwen2vl-jax serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over one loaded model.
 
-    POST /v1/chat/completions   OpenAI's Chat Completions (text + images; `stream` as server-sent events)
+    POST /v1/chat/completions   OpenAI's Chat Completions (text, images, videos; `stream` as server-sent events)
     GET  /v1/models             the one served model          GET /health   liveness and queue length
+    GET  /metrics               the engine's gauges and counters in Prometheus' text format
 
-How requests run: the HTTP handlers parse and validate (api.py), decode images and tokenize (in a thread
-pool), then put a `Job` in a bounded queue (`max_queue`; full -> 503). One worker thread owns the model: it takes
-the oldest job plus every waiting job that may share its batch (same settings, deterministic decoding, not
-streamed; up to `max_batch`) and runs them as one left-padded batch through `generation.generate`, holding
-`Engine.lock` (anything else that runs the model, like the explorer, takes the same lock). Batches are padded to a
-power-of-two number of rows by repeating a row, so at most log2(max_batch) + 1 batch shapes ever compile. A
-streamed request runs alone and sends each text piece as it is decoded; a client that hangs up stops its decode at
-the next token.
+How requests run: the HTTP handlers parse and validate (api.py), decode images and videos and tokenize (in a
+thread pool), then submit the request to the serving engine (`qwen2vl_jax.engine.Engine`): continuous batching over
+`--max-batch` decode slots and a paged KV cache, long prompts prefilled in chunks between decode steps, repeated
+photos served from the vision cache and repeated prompt prefixes from the prefix cache. A request that arrives while
+others decode starts at the next step; nothing waits for a batch to end. At most `--max-queue` requests wait for a
+slot (more: 503). Every device call holds `Engine.lock` (anything else that runs the model, like the explorer,
+takes the same lock). A streamed request sends each text piece as it is decoded; a client that hangs up (or,
+streaming, stops reading for `STALL_SECONDS` while its answer waits to be sent) frees its slot at the next step.
 
-Safety (a server trusts no client): images are data URLs, or local files only inside `--allowed-local-media-path`
-(media.py), their headers checked against a pixel budget before anything is decoded; `Host`, API key and
-content type are checked before a handler runs (guard.py); bodies, stop strings and `max_tokens`
-(`--max-tokens`) are bounded; each request's memory is estimated (memory.estimate_request) for the batch it joins
-and refused with the estimate when it cannot fit. A client that goes away (or, streaming, stops reading for
-`STALL_SECONDS` while its answer waits to be sent) stops its generation within one decode segment, and the worker
-goes on with the others.
+With `hooks` set (steering a served model), requests run one at a time through `generation.generate`, which
+applies them; the paged engine has no hook points.
+
+Safety (a server trusts no client): images and videos are data URLs, or local files only inside
+`--allowed-local-media-path` (media.py, video_input.py), their headers checked against pixel budgets before
+anything is decoded; `Host`, API key and content type are checked before a handler runs (guard.py); bodies, stop
+strings and `max_tokens` (`--max-tokens`) are bounded; each request's memory is estimated
+(memory.estimate_request) and refused with the estimate when it cannot fit, and one the KV pool could never hold
+is refused with the pool's size.
 
 Sampling: `temperature` 0 is greedy; a `temperature` or `top_p` from the client samples with them and top_k=0 (the
 Instruct checkpoints' generation_config.json has top_k=1, top_p=0.001, which would keep sampling greedy); with
-neither, the checkpoint's generation_config applies. Sampled requests with a `seed` reproduce: they never share a
-batch (one random key per batch would tie a row's text to its batch-mates).
+neither, the checkpoint's generation_config applies. Every request has its own random key (its `seed`, or a random
+one), so a seeded request gives the same answer whatever else runs.
 """
 
 from __future__ import annotations
@@ -40,19 +43,19 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from .. import engine as serving
 from ..generation import memory
 from ..generation.decoding import TextStreamer, generate
 from ..generation.sampling import GenerationConfig
+from ..generation.stops import StopMatcher, cut_at_stop
 from .api import (
     RequestError,
-    StopMatcher,
     chunk,
     completion,
-    cut_at_stop,
     error_body,
     new_id,
     parse_request,
@@ -63,18 +66,21 @@ from .api import (
 )
 from .guard import Guard, read_body
 from .media import MediaError, MediaPolicy, open_image, shrink_for_processor
+from .metrics import prometheus_text
+from .video_input import load_video, processor_video_inputs
 
 __all__ = ["Engine", "build_engine", "create_app", "served_name"]
 
 DEFAULT_MAX_TOKENS = 512  # a request without max_tokens: this many at most (and never past the context)
 MAX_TOKENS_CAP = 4096  # --max-tokens: the most any request may ask for
+DEFAULT_KV_TOKENS_PER_SLOT = 4096  # the KV pool's default size: this many tokens per slot (--kv-cache-tokens)
 STALL_SECONDS = 0.5  # a streamed answer whose client has taken nothing for this long, with text waiting, is dropped
 DISCONNECT_POLL_SECONDS = 0.2  # how often a waiting non-streamed request checks that its client is still there
 
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One chat completion on its way through the queue; results reach the event loop thread-safely."""
+    """One chat completion on its way through the engine; results reach the event loop thread-safely."""
 
     ids: np.ndarray  # [T] prompt token ids
     pixel_values: np.ndarray | None
@@ -83,14 +89,16 @@ class Job:
     stops: list[str]
     stream: bool
     include_usage: bool
-    batch_key: tuple | None  # jobs with equal keys may share a batch; None: runs alone
     loop: asyncio.AbstractEventLoop
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+    second_per_grid_ts: np.ndarray | None = None
     future: asyncio.Future | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
-    vision_patches: int = 0  # sum of t*h*w over the images' grids (the memory estimate's)
-    largest_segment: int = 0  # h*w of the largest image
-    produced: int = 0  # streamed events sent by the worker ...
+    vision_patches: int = 0  # sum of t*h*w over the images' and videos' grids (the memory estimate's)
+    largest_segment: int = 0  # h*w of the largest image or video frame
+    produced: int = 0  # streamed events sent by the engine ...
     consumed: int = 0  # ... and those the client's connection has taken
     waiting_since: float = 0.0  # since when the oldest event not yet taken has waited (or the client last took one)
 
@@ -116,58 +124,19 @@ def _resolve(future: asyncio.Future, value) -> None:
         future.set_result(value)
 
 
-class _JobQueue:
-    """A bounded FIFO whose consumer takes a job together with the waiting jobs that can share its batch."""
-
-    def __init__(self, capacity: int):
-        self.capacity, self.items, self.closed = capacity, [], False
-        self.cond = threading.Condition()
-
-    def put(self, job: Job) -> None:
-        with self.cond:
-            if self.closed:
-                raise RequestError(503, "the server is shutting down")
-            if len(self.items) >= self.capacity:
-                raise RequestError(503, f"the server is busy: {len(self.items)} requests are already waiting (the "
-                                        f"queue holds {self.capacity}, --max-queue); retry later")
-            self.items.append(job)
-            self.cond.notify()
-
-    def take(self, max_batch: int) -> list[Job] | None:
-        with self.cond:
-            while not self.items and not self.closed:
-                self.cond.wait()
-            if not self.items:
-                return None
-            batch = [self.items.pop(0)]
-            key = batch[0].batch_key
-            if key is not None:
-                for job in [j for j in self.items if j.batch_key == key][:max_batch - 1]:
-                    self.items.remove(job)
-                    batch.append(job)
-            return batch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def close(self) -> list[Job]:
-        with self.cond:
-            self.closed, left, self.items = True, self.items, []
-            self.cond.notify_all()
-            return left
-
-
 class _Abort(Exception):
     """Raised from the streamer to end a streamed decode early (a stop string, or the client left)."""
 
 
 class _JobStreamer(TextStreamer):
-    def __init__(self, processor, job: Job, cutter: StopMatcher):
+    """Token ids -> text pieces -> the stop matcher -> `delta` events of a streamed job."""
+
+    def __init__(self, processor, job: Job, cutter: StopMatcher, abort: bool = True):
         super().__init__(processor, on_text=self._piece)
-        self.job, self.cutter = job, cutter
+        self.job, self.cutter, self.abort = job, cutter, abort
 
     def put(self, tokens_B) -> None:
-        if self.job.gone():
+        if self.abort and self.job.gone():
             raise _Abort
         super().put(tokens_B)
 
@@ -175,29 +144,33 @@ class _JobStreamer(TextStreamer):
         out = self.cutter.feed(piece)
         if out:
             self.job.send("delta", out)
-        if self.cutter.stopped:
+        if self.abort and self.cutter.stopped:
             raise _Abort
 
 
 class Engine:
-    """One model, its processor, the request queue and the worker thread that runs every batch.
+    """One model, its processor and the serving engine that runs every request.
 
     Shared with the explorer (explorer.py): `model`, `processor`, `model_name`, `lock` (held by whatever runs the
     model), `hooks` (None or `{name or pattern: fn(value, ctx)}`, qwen2vl_jax.hooks; applied to every generation
     here and to the explorer's inspection runs), `load_image(url)`, `check_memory(...)`. `stats` counts requests,
-    batch sizes and requests stopped because their client went away (`abandoned`).
+    streams and requests stopped because their client went away (`abandoned`); `core` is the
+    `qwen2vl_jax.engine.Engine` (its `stats()`: slots, pages, caches; all on /metrics).
 
-    `media`: the `MediaPolicy` for images (default: data URLs only, `DEFAULT_MAX_IMAGE_PIXELS` per image);
-    `max_tokens`: the most new tokens a request may ask for; `max_memory`: bytes this process may use in all
-    (weights included; default: what it holds now plus what the machine has available).
+    `media`: the `MediaPolicy` for images and videos (default: data URLs only); `max_tokens`: the most new tokens a
+    request may ask for; `max_memory`: bytes this process may use in all (weights included; default: what it holds
+    now plus what the machine has available); `max_batch`: decode slots; `max_queue`: requests waiting for a slot;
+    `kv_cache_tokens`: the KV pool's size in tokens (default 4096 per slot, at most the context).
     """
 
     def __init__(self, model, processor, *, model_name: str, hooks=None, max_batch: int = 8, max_queue: int = 64,
                  max_request_bytes: int = 20 * 2**20, max_images: int = 16,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, max_tokens: int = MAX_TOKENS_CAP,
-                 media: MediaPolicy | None = None, max_memory: int | None = None):
+                 media: MediaPolicy | None = None, max_memory: int | None = None,
+                 kv_cache_tokens: int | None = None, page_size: int = 16, max_chunk: int = 128):
         self.model, self.processor, self.model_name, self.hooks = model, processor, model_name, hooks
         self.max_batch, self.max_request_bytes, self.max_images = max_batch, max_request_bytes, max_images
+        self.max_queue = max_queue
         self.max_tokens = max_tokens
         self.default_max_tokens = min(default_max_tokens, max_tokens)
         self.media = media if media is not None else MediaPolicy(max_bytes=max_request_bytes)
@@ -205,11 +178,13 @@ class Engine:
         self.lock = threading.Lock()
         self.context = model.config.text_config.max_position_embeddings
         self.base_config = GenerationConfig.from_pretrained(getattr(model, "source_dir", None))
-        self.stats: dict[str, Any] = {"requests": 0, "batches": 0, "streams": 0, "taken": 0, "batch_sizes": {},
-                                      "abandoned": 0, "split_for_memory": 0}
-        self.queue = _JobQueue(max_queue)
-        self.worker = threading.Thread(target=self._work, name="qwen2vl-jax-serve-worker", daemon=True)
-        self.worker.start()
+        self.stats: dict[str, Any] = {"requests": 0, "streams": 0, "abandoned": 0, "hooked": 0}
+        tokens = kv_cache_tokens or max_batch * min(DEFAULT_KV_TOKENS_PER_SLOT, self.context)
+        self.core = serving.Engine(model, processor, max_slots=max_batch, page_size=page_size,
+                                   max_context=self.context, num_pages=1 + -(-tokens // page_size),
+                                   max_chunk=max_chunk, lock=self.lock)
+        self.closed = False
+        self.core.start()
 
     # ------------------------------------------------------------------------------------------ requests in
     def load_image(self, url: str, where: str = "image"):
@@ -251,12 +226,15 @@ class Engine:
             return None
 
     def prepare(self, req, loop: asyncio.AbstractEventLoop) -> Job:
-        """Validate one parsed request, decode its images and tokenize it (the CPU work before the queue). Each
-        image is brought to the size the processor will use as soon as it is decoded, so a request holds one
-        full-size decode at a time."""
-        messages, urls = to_template_messages(req)
+        """Validate one parsed request, decode its images and videos and tokenize it (the CPU work before the
+        engine). Each image is brought to the size the processor will use as soon as it is decoded, so a request
+        holds one full-size decode at a time."""
+        messages, urls, video_parts = to_template_messages(req)
         if len(urls) > self.max_images:
             raise RequestError(400, f"too many images: {len(urls)} in one request, at most {self.max_images}")
+        if len(video_parts) > self.media.max_videos:
+            raise RequestError(400, f"too many videos: {len(video_parts)} in one request, at most "
+                                    f"{self.media.max_videos}")
         asked = req.new_tokens()
         if asked is not None and asked > self.max_tokens:
             raise RequestError(400, f"max_tokens is {asked}, more than this server allows ({self.max_tokens}, "
@@ -269,12 +247,20 @@ class Engine:
             except ValueError as e:  # smart_resize: too small, or too extreme an aspect ratio
                 raise RequestError(400, f"cannot use image {where}: {e}", param=where) from None
             del image
+        videos = []
+        for v in video_parts:
+            try:
+                videos.append(load_video(v.source, self.media, v.where, fps=v.fps, nframes=v.nframes,
+                                         max_frames=v.max_frames))
+            except MediaError as e:
+                raise RequestError(e.status, e.message, param=v.where) from None
         try:
             prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-            inputs = self.processor(text=[prompt], images=images or None)
+            inputs = self.processor(text=[prompt], images=images or None,
+                                    **processor_video_inputs(self.processor, videos))
         except ValueError as e:
             raise RequestError(400, f"cannot encode the messages: {e}") from None
-        del images
+        del images, videos
         ids = np.asarray(inputs["input_ids"])[0]
         room = self.context - len(ids)
         if room < 1 or (asked is not None and asked > room):
@@ -282,20 +268,16 @@ class Engine:
                                     f"{asked if asked is not None else 1}; together they exceed the model's context "
                                     f"of {self.context} tokens", param="max_tokens" if room >= 1 else "messages")
         new_tokens = asked if asked is not None else min(self.default_max_tokens, room)
-        grids = inputs.get("image_grid_thw")
-        patches, largest = memory.vision_sizes(grids)
+        patches, largest = memory.vision_sizes(inputs.get("image_grid_thw"), inputs.get("video_grid_thw"))
         self.check_memory(rows=1, prompt_tokens=len(ids), new_tokens=new_tokens, vision_patches=patches,
                           largest_segment=largest)
         config = self._sampling(req, new_tokens)
-        deterministic = not config.do_sample or config.top_k == 1
-        key = None
-        if deterministic and not req.stream:
-            key = dataclasses.astuple(dataclasses.replace(config, max_new_tokens=1, seed=0))
-        job = Job(ids=ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=grids,
-                  config=config, stops=req.stop_strings(), stream=req.stream,
-                  include_usage=bool(req.stream_options and req.stream_options.include_usage), batch_key=key,
-                  loop=loop, vision_patches=patches, largest_segment=largest)
-        return job
+        return Job(ids=ids, pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+                   config=config, stops=req.stop_strings(), stream=req.stream,
+                   include_usage=bool(req.stream_options and req.stream_options.include_usage), loop=loop,
+                   pixel_values_videos=inputs.get("pixel_values_videos"), video_grid_thw=inputs.get("video_grid_thw"),
+                   second_per_grid_ts=inputs.get("second_per_grid_ts"), vision_patches=patches,
+                   largest_segment=largest)
 
     def _sampling(self, req, max_new_tokens: int) -> GenerationConfig:
         kw: dict[str, Any] = {}
@@ -314,110 +296,101 @@ class Engine:
         return config
 
     def submit(self, job: Job) -> None:
-        self.queue.put(job)  # RequestError 503 when full
-
-    # ------------------------------------------------------------------------------------------- the worker
-    def _work(self) -> None:
-        while (jobs := self.queue.take(self.max_batch)) is not None:
-            jobs = [j for j in jobs if not j.cancelled]
-            if not jobs:
-                continue
-            self.stats["taken"] += len(jobs)
-            try:
-                with self.lock:
-                    if jobs[0].stream:
-                        self._run_stream(jobs[0])
-                    else:
-                        self._run_batch(jobs)
-            except RequestError as e:
-                for job in jobs:
-                    job.send("error", e)
-            except ValueError as e:  # generation settings the model refuses
-                for job in jobs:
-                    job.send("error", RequestError(400, str(e)))
-            except Exception as e:  # a bug: the worker keeps serving, the clients get a 500 and the log a traceback
-                traceback.print_exc()
-                for job in jobs:
-                    job.send("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
-
-    @staticmethod
-    def _rows(jobs: list[Job], max_batch: int) -> int:
-        rows = 1 << (len(jobs) - 1).bit_length()  # a power of two (repeating the last row): few batch shapes
-        return max(min(rows, max_batch), len(jobs))
-
-    def _fits(self, jobs: list[Job]) -> bool:
-        estimate = self.memory_estimate(self._rows(jobs, self.max_batch), max(len(j.ids) for j in jobs),
-                                        max(j.config.max_new_tokens for j in jobs),
-                                        sum(j.vision_patches for j in jobs), max(j.largest_segment for j in jobs))
-        return estimate.total <= self.memory_limit(estimate)
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        """One batch; split in halves (run one after the other) while the whole would not fit in memory. A job
-        was admitted alone (`prepare` checked it), so the halving ends."""
-        if len(jobs) > 1 and not self._fits(jobs):
-            self.stats["split_for_memory"] += 1
-            half = (len(jobs) + 1) // 2
-            self._run_batch(jobs[:half])
-            self._run_batch(jobs[half:])
-            return
-        jobs = [j for j in jobs if not j.cancelled]
-        if not jobs:
-            return
-        rows = self._rows(jobs, self.max_batch)
-        filled = jobs + [jobs[-1]] * (rows - len(jobs))
-        config = dataclasses.replace(jobs[0].config, max_new_tokens=max(j.config.max_new_tokens for j in jobs))
-        length = max(len(j.ids) for j in filled)
-        ids = np.full((rows, length), config.pad_id, np.int64)
-        mask = np.zeros((rows, length), np.int64)
-        for r, job in enumerate(filled):
-            ids[r, length - len(job.ids):] = job.ids
-            mask[r, length - len(job.ids):] = 1
-        with_images = [j for j in filled if j.pixel_values is not None]
-        pixels = np.concatenate([j.pixel_values for j in with_images]) if with_images else None
-        grids = np.concatenate([j.image_grid_thw for j in with_images]) if with_images else None
-        self.stats["batches"] += 1
-        self.stats["requests"] += len(jobs)
-        self.stats["batch_sizes"][len(jobs)] = self.stats["batch_sizes"].get(len(jobs), 0) + 1
-        out = generate(self.model, ids, mask, pixels, grids, generation_config=config, hooks=self.hooks,
-                       should_stop=lambda: all(j.cancelled for j in jobs))  # every client gone: stop decoding
-        if all(j.cancelled for j in jobs):
-            self.stats["abandoned"] += len(jobs)
-            return
-        new = np.asarray(out)[:, length:]
-        eos = set(config.eos_token_id)
-        for r, job in enumerate(jobs):
-            row = new[r, :job.config.max_new_tokens].tolist()
-            end = next((k for k, t in enumerate(row) if t in eos), None)
-            tokens, count = (row, len(row)) if end is None else (row[:end], end + 1)
-            text, stopped = cut_at_stop(self.processor.decode(tokens, skip_special_tokens=True), job.stops)
-            finish = "stop" if stopped or end is not None else "length"
-            job.send("ok", completion(self.model_name, text, finish, len(job.ids), count))
-
-    def _run_stream(self, job: Job) -> None:
-        self.stats["streams"] += 1
+        """Hand a job to the engine (RequestError 503 when `max_queue` requests already wait, 400 for one the KV
+        pool can never hold); its answer reaches `job` from the engine's thread."""
+        if self.closed:
+            raise RequestError(503, "the server is shutting down")
         self.stats["requests"] += 1
-        cutter = StopMatcher(job.stops)
-        streamer = _JobStreamer(self.processor, job, cutter)
+        self.stats["streams"] += job.stream
+        if self.hooks:
+            self.stats["hooked"] += 1
+            threading.Thread(target=self._run_hooked, args=(job,), daemon=True).start()
+            return
+        if len(self.core.waiting) >= self.max_queue:
+            raise RequestError(503, f"the server is busy: {len(self.core.waiting)} requests are already waiting "
+                                    f"(--max-queue {self.max_queue}); retry later")
+        streamer = _JobStreamer(self.processor, job, StopMatcher(job.stops), abort=False) if job.stream else None
+        request = serving.Request(
+            input_ids=job.ids, pixel_values=job.pixel_values, image_grid_thw=job.image_grid_thw,
+            pixel_values_videos=job.pixel_values_videos, video_grid_thw=job.video_grid_thw,
+            second_per_grid_ts=job.second_per_grid_ts, generation_config=job.config, stop=job.stops,
+            on_token=(lambda token: streamer.put(np.asarray([token]))) if streamer else None,
+            should_stop=job.gone, on_finish=lambda handle: self._finished(job, handle, streamer))
         try:
-            generate(self.model, job.ids[None], None, job.pixel_values, job.image_grid_thw,
-                     generation_config=job.config, hooks=self.hooks, streamer=streamer, should_stop=job.gone)
-        except _Abort:
-            pass
-        if job.gone():
+            self.core.submit(request)
+        except serving.EngineError as e:
+            raise RequestError(400, str(e)) from None
+
+    # ------------------------------------------------------------------------------------------- answers out
+    def _finished(self, job: Job, handle: serving.Handle, streamer: _JobStreamer | None) -> None:
+        """The engine's result -> the client's answer (called in the engine's thread)."""
+        if handle.error is not None:
+            error = handle.error
+            if isinstance(error, serving.EngineError):  # the engine is shutting down
+                error = RequestError(503, str(error))
+            elif not isinstance(error, RequestError):
+                error = RequestError(500, f"internal error: {type(error).__name__}: {error}")
+            job.send("error", error)
+            return
+        result = handle.result
+        if result.finish_reason == "abort" or job.cancelled:
             self.stats["abandoned"] += 1
             return
-        tail = cutter.flush()
-        if tail:
-            job.send("delta", tail)
-        ended = bool(streamer.ids) and streamer.ids[-1] in set(job.config.eos_token_id)
-        finish = "stop" if cutter.stopped or ended else "length"
-        job.send("done", (finish, usage(len(job.ids), len(streamer.ids))))
+        ended = bool(result.tokens) and result.tokens[-1] in set(job.config.eos_token_id)
+        if streamer is not None:
+            tail = streamer.cutter.flush()
+            if tail:
+                job.send("delta", tail)
+            finish = "stop" if streamer.cutter.stopped or ended else "length"
+            job.send("done", (finish, usage(len(job.ids), len(result.tokens))))
+            return
+        tokens = result.tokens[:-1] if ended else result.tokens
+        text, stopped = cut_at_stop(self.processor.decode(tokens, skip_special_tokens=True), job.stops)
+        finish = "stop" if stopped or ended else "length"
+        job.send("ok", completion(self.model_name, text, finish, len(job.ids), len(result.tokens)))
+
+    def _run_hooked(self, job: Job) -> None:
+        """A request of a server with `hooks`: alone, through `generate` (which applies them), holding the lock."""
+        try:
+            with self.lock:
+                cutter = StopMatcher(job.stops)
+                streamer = _JobStreamer(self.processor, job, cutter) if job.stream else None
+                try:
+                    out = generate(self.model, job.ids[None], None, job.pixel_values, job.image_grid_thw,
+                                   job.pixel_values_videos, job.video_grid_thw,
+                                   second_per_grid_ts=job.second_per_grid_ts, generation_config=job.config,
+                                   hooks=self.hooks, streamer=streamer, should_stop=job.gone)
+                except _Abort:
+                    out = None
+            if job.gone():
+                self.stats["abandoned"] += 1
+                return
+            tokens = streamer.ids if streamer is not None else np.asarray(out)[0, len(job.ids):].tolist()
+            eos = set(job.config.eos_token_id)
+            end = next((k for k, t in enumerate(tokens) if t in eos), None)
+            count = len(tokens) if end is None else end + 1
+            if streamer is not None:
+                tail = cutter.flush()
+                if tail:
+                    job.send("delta", tail)
+                finish = "stop" if cutter.stopped or end is not None else "length"
+                job.send("done", (finish, usage(len(job.ids), count)))
+                return
+            text, stopped = cut_at_stop(self.processor.decode(tokens[:end], skip_special_tokens=True), job.stops)
+            finish = "stop" if stopped or end is not None else "length"
+            job.send("ok", completion(self.model_name, text, finish, len(job.ids), count))
+        except Exception as e:  # a bug: the client gets a 500 and the log a traceback
+            traceback.print_exc()
+            job.send("error", RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    def metrics(self) -> str:
+        """/metrics: the engine's gauges and counters and the server's, in Prometheus' text format."""
+        return prometheus_text({**self.core.stats(), **{f"server_{k}": v for k, v in self.stats.items()}})
 
     def close(self) -> None:
-        """Stop the worker after its current batch; waiting requests get a 503."""
-        for job in self.queue.close():
-            job.send("error", RequestError(503, "the server is shutting down"))
-        self.worker.join(timeout=60)
+        """Stop the engine after its current step; waiting and running requests get a 503."""
+        self.closed = True
+        self.core.close()
 
 
 def served_name(model_path) -> str:
@@ -478,7 +451,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, bind_host: str = "
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_name, "queued": len(engine.queue)}
+        return {"status": "ok", "model": engine.model_name, "queued": len(engine.core.waiting)}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict:
         return {"id": engine.model_name, "object": "model", "created": created, "owned_by": "qwen2vl_jax"}

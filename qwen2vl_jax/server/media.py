@@ -17,23 +17,37 @@ A server trusts no client. So:
 processor's own steps (`convert_to_rgb`, `smart_resize`, Pillow resize with its `resample`): the processor's later
 resize is then the identity (Pillow returns a copy for a same-size resize), so the pixels are bit-identical to
 sending the full image, while a request never holds more than one full-size decode at a time.
+
+Videos (video_input.py) follow the same rules: a local video is opened by `open_local` (the same directory rule,
+refusal words, `O_NOFOLLOW` and regular-file checks; `max_video_bytes`), frames sent as images by
+`image_bytes` + `open_image`, and the policy's video limits (`max_video_frames`, `max_video_fps`,
+`max_video_pixels`, `max_video_decoded_pixels`, `max_videos`) bound what one request can make the server decode.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import stat
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
 from ..processing.image_io import data_url_bytes
 
-__all__ = ["MediaError", "MediaPolicy", "DEFAULT_MAX_IMAGE_PIXELS", "open_image", "shrink_for_processor"]
+__all__ = ["MediaError", "MediaPolicy", "DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_VIDEO_FRAMES",
+           "DEFAULT_MAX_VIDEO_FPS", "DEFAULT_MAX_VIDEO_BYTES", "DEFAULT_MAX_VIDEO_PIXELS",
+           "DEFAULT_MAX_VIDEO_DECODED_PIXELS", "open_image", "shrink_for_processor"]
 
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # a 64-megapixel photo decodes (~256 MB RGBA); a 9000 x 9000 one does not
+DEFAULT_MAX_VIDEO_FRAMES = 64  # frames given to the model per video (sampled from a file, or sent as a list)
+DEFAULT_MAX_VIDEO_FPS = 30.0  # the highest sampling rate (or frame-list rate) a request may ask for
+DEFAULT_MAX_VIDEO_BYTES = 256 * 2**20  # encoded bytes of one video file (a data URL is bounded by the body first)
+DEFAULT_MAX_VIDEO_PIXELS = 64 * 1920 * 1080  # a frame list's pixels, all frames (64 Full HD frames, ~400 MB RGB)
+DEFAULT_MAX_VIDEO_DECODED_PIXELS = 2**34  # a file's frames x width x height (~4.6 min of 1080p30, ~10 min of 720p30)
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # raster decoders only
 REMOTE_PREFIXES = ("http://", "https://", "ftp://")
 
@@ -48,10 +62,20 @@ class MediaError(ValueError):
 
 class MediaPolicy:
     """The operator's rules: `allowed_dir` (None: no local files at all), `max_pixels` per image (header width x
-    height, checked before decoding), `max_bytes` of encoded data per image (a data URL or a file)."""
+    height, checked before decoding), `max_bytes` of encoded data per image (a data URL or a file).
+
+    Videos (video_input.py): `max_videos` per request, `max_video_frames` frames per video (a file's sampled
+    frames are capped at it; asking for more, or sending a longer frame list, is refused), `max_video_fps` the
+    highest `fps` a request may name, `max_video_bytes` per video file or data URL, `max_video_pixels` over all
+    frames of a frame list (each frame's header, before it is decoded), `max_video_decoded_pixels` of a video
+    file: every frame is decoded to reach the sampled ones, so its frame count x width x height (from the
+    container, before decoding) is bounded. Each video frame also obeys `max_pixels`."""
 
     def __init__(self, allowed_dir: str | os.PathLike | None = None, *, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 max_bytes: int = 20 * 2**20):
+                 max_bytes: int = 20 * 2**20, max_videos: int = 4, max_video_frames: int = DEFAULT_MAX_VIDEO_FRAMES,
+                 max_video_fps: float = DEFAULT_MAX_VIDEO_FPS, max_video_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+                 max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+                 max_video_decoded_pixels: int = DEFAULT_MAX_VIDEO_DECODED_PIXELS):
         if allowed_dir is not None:
             root = Path(allowed_dir).expanduser()
             if not root.is_dir():
@@ -59,44 +83,64 @@ class MediaPolicy:
             allowed_dir = os.path.realpath(root)
         if int(max_pixels) < 1 or int(max_bytes) < 1:
             raise ValueError("max_pixels and max_bytes must be positive")
+        if int(max_videos) < 0:
+            raise ValueError("max_videos must be >= 0")
+        if int(max_video_frames) < 2:
+            raise ValueError("max_video_frames must be at least 2 (a video is sampled in pairs of frames)")
+        if not (math.isfinite(max_video_fps) and max_video_fps > 0):
+            raise ValueError("max_video_fps must be a positive number")
+        if min(int(max_video_bytes), int(max_video_pixels), int(max_video_decoded_pixels)) < 1:
+            raise ValueError("max_video_bytes, max_video_pixels and max_video_decoded_pixels must be positive")
         self.allowed_dir, self.max_pixels, self.max_bytes = allowed_dir, int(max_pixels), int(max_bytes)
+        self.max_videos, self.max_video_frames = int(max_videos), int(max_video_frames)
+        self.max_video_fps, self.max_video_bytes = float(max_video_fps), int(max_video_bytes)
+        self.max_video_pixels, self.max_video_decoded_pixels = int(max_video_pixels), int(max_video_decoded_pixels)
 
     # ----------------------------------------------------------------------------------------- local files
-    def _refused(self, where: str) -> MediaError:
+    def _refused(self, where: str, kind: str = "image") -> MediaError:
+        example = "data:video/mp4;base64,..." if kind == "video" else "data:image/png;base64,..."
         if self.allowed_dir is None:
             return MediaError(f"{where}: local files are not served (the server was started without "
-                              "--allowed-local-media-path); send the image as a data URL "
-                              "(data:image/png;base64,...)", 403)
+                              f"--allowed-local-media-path); send the {kind} as a data URL ({example})", 403)
         return MediaError(f"{where}: only files inside the server's allowed media directory can be used; send the "
-                          "image as a data URL (data:image/png;base64,...) or a path inside that directory", 403)
+                          f"{kind} as a data URL ({example}) or a path inside that directory", 403)
 
-    def read_local(self, text: str, where: str = "image") -> bytes:
-        """The bytes of a local image named by a path or `file://` URL, if the policy allows it."""
+    def open_local(self, text: str, where: str = "image", *, kind: str = "image",
+                   max_bytes: int | None = None) -> tuple[int, int]:
+        """An open file descriptor (read-only; the caller closes it) and the size of the local file named by a
+        path or `file://` URL, if the policy allows it: its real path inside the allowed directory (403 with the
+        same words whether or not it exists), opened without following a symlink, a regular file of at most
+        `max_bytes` (default `self.max_bytes`; messages say "per {kind}")."""
+        limit = self.max_bytes if max_bytes is None else int(max_bytes)
         if self.allowed_dir is None:
-            raise self._refused(where)
+            raise self._refused(where, kind)
         name = text[len("file://"):] if text.startswith("file://") else text
         if name.startswith("localhost/"):  # file://localhost/abs/path
             name = name[len("localhost"):]
         if not name or "\x00" in name:
-            raise self._refused(where)
+            raise self._refused(where, kind)
         candidate = name if os.path.isabs(name) else os.path.join(self.allowed_dir, name)
         real = os.path.realpath(candidate)  # symlinks and `..` resolved (a missing file resolves too)
         if os.path.commonpath([real, self.allowed_dir]) != self.allowed_dir:
-            raise self._refused(where)  # the same words whether or not it exists
+            raise self._refused(where, kind)  # the same words whether or not it exists
         try:  # O_NOFOLLOW: a symlink swapped in after realpath is not followed; O_NONBLOCK: a FIFO cannot hang us
             fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
-            raise MediaError(f"{where}: no readable image file at {name!r} in the allowed media directory") from None
+            raise MediaError(f"{where}: no readable {kind} file at {name!r} in the allowed media directory") from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 raise MediaError(f"{where}: {name!r} in the allowed media directory is not a regular file")
-            if info.st_size > self.max_bytes:
-                raise MediaError(f"{where}: the file has more than the server's limit of {self.max_bytes} bytes "
-                                 "per image")
+            if info.st_size > limit:
+                raise MediaError(f"{where}: the file has more than the server's limit of {limit} bytes per {kind}")
         except BaseException:
             os.close(fd)
             raise
+        return fd, info.st_size
+
+    def read_local(self, text: str, where: str = "image") -> bytes:
+        """The bytes of a local image named by a path or `file://` URL, if the policy allows it."""
+        fd, _ = self.open_local(text, where)
         with os.fdopen(fd, "rb") as f:
             data = f.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:
@@ -120,8 +164,11 @@ class MediaPolicy:
         return self.read_local(url, where)
 
 
-def open_image(data: bytes, policy: MediaPolicy, where: str = "image") -> Image.Image:
-    """Decode `data` into a PIL image after checking its header against `policy.max_pixels`."""
+def open_image(data: bytes, policy: MediaPolicy, where: str = "image",
+               check: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Decode `data` into a PIL image after checking its header against `policy.max_pixels` and, if given,
+    `check(width, height)` (which raises MediaError to refuse; a video's frame list uses it for its pixel budget
+    over all frames), both before anything is decoded."""
     if not data:
         raise MediaError(f"could not decode image {where}: the data is empty")
     Image.init()  # every plugin registered, so `formats` names only known decoders
@@ -134,6 +181,8 @@ def open_image(data: bytes, policy: MediaPolicy, where: str = "image") -> Image.
                 raise MediaError(f"{where}: the image is {width} x {height} = {width * height} pixels, more than the "
                                  f"server decodes ({policy.max_pixels} pixels per image, --max-image-pixels); "
                                  "send it smaller")
+            if check is not None:
+                check(width, height)
             image.load()
     except MediaError:
         raise

@@ -33,6 +33,8 @@ def summarize(art) -> dict:
         "attention_by_platform": m["attention_by_platform"], "cudnn_fallbacks": m["cudnn_fallbacks"],
         "while_loops": text.count("stablehlo.while"), "callbacks": "callback" in text,
         "shard_maps": text.count("sdy.manual_computation"),
+        # the Mosaic ragged paged attention kernels: one private function each
+        "ragged_paged_kernels": len(re.findall(r"func\.func private @ragged_paged_attention(?:_\d+)?\(", text)),
         # a bf16 weight (at least 2**20 elements) that appears in fp32 anywhere in the module: an upcast copy
         "f32_weight_copies": sorted(big_bf16 & f32_shapes), "bf16_weights": len(weights),
         "integer_weights": len(integers), "integer_dtype": integers[0] if integers else None,

@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -61,7 +62,10 @@ QUANTIZED_MESH = [{"model": "2b", "program": "prefill", "platforms": BOTH, "mesh
                    "shapes": {"quantization": "int4"}},
                   {"model": "7b", "program": "decode", "platforms": BOTH, "mesh": MESHES["data2_model4"],
                    "shapes": {"quantization": "int8"}}]
-ONE_DEVICE = _inference_jobs(["2b", "7b"], [None]) + _train_jobs([("2b", None, "tpu")]) + QUANTIZED
+# the serving engine's step (paged KV cache): Mosaic's ragged_paged_attention on TPU
+ENGINE = [{"model": m, "program": "engine_step", "platforms": BOTH, "shapes": {"batch": 8, "prompt_len": 128}}
+          for m in ("2b", "7b")]
+ONE_DEVICE = _inference_jobs(["2b", "7b"], [None]) + _train_jobs([("2b", None, "tpu")]) + QUANTIZED + ENGINE
 MESH_JOBS = (_inference_jobs(["2b", "7b"], ["data2_model4", "fsdp8"])
              + _train_jobs([("2b", "data2_model4", "cuda"), ("7b", "fsdp8", "tpu")])
              + [{"model": "7b", "program": p, "platforms": ["tpu"], "mesh": {"model": 8}}
@@ -83,8 +87,10 @@ def _check(row: dict) -> None:
     assert row["bf16_weights"] > 0 and row["f32_weight_copies"] == [], name
     assert row["nr_devices"] == (int(np.prod(list(row["mesh"].values()))) if row.get("mesh") else 1), name
     attends = row["program"] in ("vision", "prefill", "train")  # the decode step attends with the xla formulation
-    if "tpu" in row["platforms"]:
-        assert ("tpu_custom_call" in calls) is attends, name
+    if "tpu" in row["platforms"]:  # the engine's step attends over pages with the ragged paged attention kernel
+        assert ("tpu_custom_call" in calls) is (attends or row["program"] == "engine_step"), name
+        if row["program"] == "engine_step":
+            assert row["ragged_paged_kernels"] == row["layers"], name  # one per decoder layer
         # the model has no loops but the layer scan; interpret mode would add one per kernel call
         assert row["while_loops"] == (1 if row.get("scan_layers") else 0), name
         if attends and row.get("mesh"):
@@ -221,6 +227,62 @@ def test_a_cpu_artifact_gives_the_live_models_numbers(live, tiny_checkpoint, tmp
             ref, _, _ = programs.vision(model.visual, pixels, layout.pos_hw_P2, layout.segments())
             assert np.abs(np.asarray(got["features"]) - np.asarray(ref)).max() <= 1e-6
             assert np.abs(np.asarray(ref)).max() > 1e-2
+
+
+@pytest.mark.parametrize("platforms", [("cpu",), ("tpu", "cuda", "cpu")])
+def test_the_engine_step_artifact_gives_the_live_engines_tokens_and_cache(live, tiny_checkpoint, tmp_path,
+                                                                          platforms):
+    """The serving engine's step exported, serialized, loaded and called on this host: the live step's tokens,
+    cache and repetition-penalty table for a prefill chunk (partly padding) beside two decoding slots."""
+    from qwen2vl_jax.attention import PagedBatch
+    from qwen2vl_jax.engine import step
+    from qwen2vl_jax.generation.sampling import Knobs
+
+    model, weights = live
+    S, C, P, page = 3, 16, 6, 16
+    shapes = Shapes(batch=S, prompt_len=C, cache_len=P * page // S)
+    art = export_program(str(tiny_checkpoint), "engine_step", platforms=platforms, dtype="float32", shapes=shapes)
+    if "tpu" in platforms:
+        assert "tpu_custom_call" in art.manifest["custom_calls"]
+    art.save(tmp_path / "step")
+    art = load_artifact(tmp_path / "step")
+    rng = np.random.default_rng(0)
+    cfg = model.config.text_config
+    per_seq = art.manifest["arguments"]["inputs/batch.page_indices_SP"]["shape"][1]
+    pages = model.init_paged_cache(1 + P, page)
+    pages = type(pages)([jnp.asarray(rng.standard_normal(p.shape), jnp.float32) for p in pages.pages])
+    table = np.zeros((S + 1, per_seq), np.int32)
+    table[0, :2], table[1, :1], table[2, :2] = [3, 1], [5], [2, 6]  # the chunk's sequence, two decoding slots
+    kv_lens = np.array([20, 9, 30, 1], np.int32)  # the chunk: 4 cached + 16 (12 real); slot 2 idle
+    slots = np.zeros(C + S, np.int32)
+    slots[:12] = [3 * page + 4 + i for i in range(12)]
+    slots[C:C + 2] = [5 * page + 8, 6 * page + 13]
+    batch = PagedBatch(slots, kv_lens, table, np.array([0, C, C + 1, C + 2, C + 3], np.int32),
+                       np.array([S + 1], np.int32), ((1, C), (S, 1)))
+    vision = np.zeros((C, cfg.hidden_size), np.float32)
+    vision[:4] = rng.standard_normal((4, cfg.hidden_size))
+    index = np.full(C + S, -1, np.int32)
+    index[2:6] = np.arange(2, 6)
+    inputs = {"ids": rng.integers(0, 5000, C + S).astype(np.int32),
+              "positions": np.tile(rng.integers(0, 40, C + S).astype(np.int32), (3, 1)), "vision": vision,
+              "vision_index": index, "batch": batch, "logit_rows": np.array([11, C, C + 1], np.int32),
+              "emit": np.array([True, True, False])}
+    settings = step.SlotSettings(
+        Knobs(temperature=np.ones(S, np.float32), top_k=np.zeros(S, np.int32), top_p=np.ones(S, np.float32),
+              repetition_penalty=np.full(S, 1.1, np.float32), min_new_tokens=np.zeros(S, np.int32),
+              max_new_tokens=np.full(S, 9, np.int32), eos_ids=np.zeros((S, 8), np.int32), pad_id=np.zeros(S, np.int32)),
+        np.array([False, True, False]), np.asarray(jax.random.key_data(jax.random.key(3)))[None].repeat(S, 0),
+        np.array([0, 4, 0], np.int32))
+    seen = rng.random((S, cfg.vocab_size)) < 0.01
+    got_out, got_state = art.call(weights["prefill"], flatten({"cache": pages, "seen": seen}), flatten(inputs),
+                                  flatten(settings))
+    tokens, ref_seen, ref_cache, _ = step.step_jit(model, pages, jnp.asarray(seen), inputs["ids"],
+                                                   inputs["positions"], vision, index, batch, inputs["logit_rows"],
+                                                   inputs["emit"], settings, keep_logits=False)
+    assert np.asarray(got_out["tokens"]).tolist() == np.asarray(tokens).tolist()
+    assert (np.asarray(got_state["seen"]) == np.asarray(ref_seen)).all()
+    for name, value in flatten({"cache": ref_cache}).items():
+        assert np.abs(np.asarray(got_state[name]) - np.asarray(value)).max() <= 1e-6, name
 
 
 # ---------------------------------------------------------------------------------------------------- CLI

@@ -1,6 +1,7 @@
 """`qwen2vl-jax serve`: the official `openai` client against a real uvicorn server (in this process) on the tiny
 checkpoint. Answers equal the Python `generate` path; errors are OpenAI-style bodies with the right statuses; the
-worker batches concurrent requests; memory stays flat across rounds of concurrent requests."""
+engine batches concurrent requests continuously; memory stays flat across rounds of concurrent requests; a short
+request is not held up by a long one; /metrics speaks Prometheus."""
 
 from __future__ import annotations
 
@@ -98,6 +99,83 @@ def test_text_completion_equals_generate(served):
     assert u.completion_tokens <= 8 and u.prompt_tokens > 5 and u.total_tokens == u.prompt_tokens + u.completion_tokens
     if r.choices[0].finish_reason == "length":
         assert u.completion_tokens == 8
+
+
+def test_video_requests_equal_generate(served, video_file, tmp_path, photos):
+    """A `video_url` part naming a file in the allowed media directory, and a `video` part holding frames as data
+    URLs, each answer what `generate` gives on the processor's inputs for the same frames (qwen-vl-utils'
+    sampling, `processing.video.fetch_video`)."""
+    import shutil
+
+    import numpy as np
+
+    from qwen2vl_jax.processing.video import fetch_video
+    from qwen2vl_jax.server.media import MediaPolicy
+
+    media_dir = tmp_path / "media"
+    media_dir.mkdir()
+    shutil.copy(video_file, media_dir / "clip.mp4")
+    e = served.engine
+    s = _serve(Engine(e.model, e.processor, model_name=NAME, media=MediaPolicy(media_dir)))
+    frames = [photos["coffee"].resize((112, 84)), photos["rocket"].resize((112, 84))]
+    try:
+        for part, video in (({"type": "video_url", "video_url": {"url": "clip.mp4", "max_frames": 4}},
+                             fetch_video(str(media_dir / "clip.mp4"), max_frames=4)[0]),
+                            ({"type": "video", "video": [data_url(f) for f in frames], "fps": 1.0},
+                             fetch_video(frames)[0])):
+            body = {"model": NAME, "max_tokens": 5, "temperature": 0,
+                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}]}
+            r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text[:300]
+            content = [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+            prompt = e.processor.apply_chat_template([{"role": "user", "content": content}])
+            inputs = e.processor(text=[prompt], videos=[np.asarray(video)])
+            assert inputs["video_grid_thw"][0][0] >= 1
+            with e.lock:
+                out = generate(e.model, **inputs, max_new_tokens=5, do_sample=False)
+            expected = e.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert r.json()["choices"][0]["message"]["content"] == expected and expected
+            assert r.json()["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1]
+        outside = {"model": NAME, "messages": [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": str(video_file)}}]}]}
+        assert httpx.post(f"{s.url}/v1/chat/completions", json=outside, timeout=60).status_code == 403
+    finally:
+        _stop(s)
+
+
+def test_a_qwen2_5_server_times_video_frames_by_their_fps(tiny25_checkpoint, photos):
+    """Qwen2.5-VL: a `video` part's fps reaches `second_per_grid_ts` (temporal_patch_size / fps), and the answer is
+    `generate`'s with those seconds."""
+    import asyncio
+    import json
+
+    import numpy as np
+
+    from qwen2vl_jax.processing.video import fetch_video
+    from qwen2vl_jax.server.api import parse_request
+
+    s = _serve(build_engine(tiny25_checkpoint, model_name=NAME, max_batch=2))
+    e = s.engine
+    frames = [photos[n].resize((112, 84)) for n in ("coffee", "rocket", "chelsea", "astronaut")]
+    try:
+        for fps in (1.0, 4.0):
+            part = {"type": "video", "video": [data_url(f) for f in frames], "fps": fps}
+            body = {"model": NAME, "max_tokens": 5, "temperature": 0,
+                    "messages": [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}]}
+            job = e.prepare(parse_request(json.dumps(body).encode()), asyncio.new_event_loop())
+            assert job.second_per_grid_ts.tolist() == [2 / fps]
+            r = httpx.post(f"{s.url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text[:300]
+            content = [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+            prompt = e.processor.apply_chat_template([{"role": "user", "content": content}])
+            inputs = e.processor(text=[prompt], videos=[np.asarray(fetch_video(frames)[0])], fps=fps)
+            assert inputs["second_per_grid_ts"].tolist() == [2 / fps]
+            with e.lock:
+                out = generate(e.model, **inputs, max_new_tokens=5, do_sample=False)
+            expected = e.processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+            assert r.json()["choices"][0]["message"]["content"] == expected and expected
+    finally:
+        _stop(s)
 
 
 def test_stream_deltas_equal_the_answer(served):
@@ -228,11 +306,11 @@ def test_full_queue_is_503_and_large_bodies_413(small):
     assert r.status_code == 413 and "4096" in r.json()["error"]["message"]
 
     with ThreadPoolExecutor(2) as pool:
-        with engine.lock:  # the worker takes the first request, then waits for the model
+        with engine.lock:  # the engine admits the first request into a slot, then waits for the model
             first = pool.submit(ask, small, "one", 2, temperature=0)
-            _wait(lambda: engine.stats["taken"] == 1)
+            _wait(lambda: engine.core.stats()["slots_busy"] == 1)
             second = pool.submit(ask, small, "two", 2, temperature=0)  # fills the queue of one
-            _wait(lambda: len(engine.queue) == 1)
+            _wait(lambda: len(engine.core.waiting) == 1)
             with pytest.raises(openai.InternalServerError) as e:
                 ask(small, "three", 2, temperature=0)
             assert e.value.status_code == 503 and "busy" in e.value.message
@@ -269,14 +347,67 @@ def test_fifty_concurrent_requests_batch_and_keep_memory_flat(served):
             assert r.choices[0].message.content == expected[prompt]
         return _rss()
 
-    before = dict(served.engine.stats["batch_sizes"])
-    round_of_50()  # warm-up: compiles every batch shape
-    assert max(served.engine.stats["batch_sizes"]) > 1, served.engine.stats
-    assert sum(served.engine.stats["batch_sizes"].values()) < sum(before.values()) + 50  # fewer batches than requests
+    counters = served.engine.core.counters
+    steps, tokens = counters["steps"], counters["tokens"]
+    round_of_50()  # warm-up: compiles the step's buckets
+    assert counters["tokens"] - tokens >= 50 and counters["steps"] - steps < counters["tokens"] - tokens  # shared steps
     first = round_of_50()
     second = round_of_50()
     assert abs(second - first) <= 0.05 * first, (first, second)
     assert ask(served, "Still there?", max_tokens=2, temperature=0).choices[0].message.content is not None
+
+
+def test_a_short_request_finishes_long_before_a_long_answer(served):
+    """Continuous batching: a 2-token request sent while a 400-token answer is being generated starts at the next
+    step and finishes long before it (the round-2 server ran it after the whole long answer)."""
+    done = {}
+
+    def timed(name, content, max_tokens):
+        r = ask(served, content, max_tokens=max_tokens, temperature=0)
+        done[name] = (time.perf_counter(), r.usage.completion_tokens)
+
+    ask(served, "warm up", max_tokens=2, temperature=0)
+    with ThreadPoolExecutor(2) as pool:
+        long = pool.submit(timed, "long", "Write a very long story about the sea.", 400)
+        _wait(lambda: served.engine.core.stats()["slots_busy"] >= 1)
+        start = time.perf_counter()
+        _wait(lambda: served.engine.core.counters["tokens"] > 0)
+        short = pool.submit(timed, "short", "Hi", 2)
+        short.result()
+        long.result()
+    assert done["long"][1] > 100, "the long answer ended early: nothing to overtake"
+    assert done["short"][0] < done["long"][0]
+    short_took, long_took = done["short"][0] - start, done["long"][0] - start
+    assert short_took < 0.5 * long_took, (short_took, long_took)
+
+
+def test_metrics_are_prometheus_text_and_move_with_requests(served):
+    before = httpx.get(f"{served.url}/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    ask(served, "Count to three.", max_tokens=3, temperature=0)
+    after = httpx.get(f"{served.url}/metrics").text
+
+    def values(text):
+        out, types = {}, {}
+        for line in text.splitlines():
+            if line.startswith("# TYPE"):
+                _, _, name, kind = line.split()
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                name, value = line.split()
+                out[name] = float(value)
+        assert set(out) == set(types)  # every sample has its TYPE line
+        return out, types
+
+    old, _ = values(before.text)
+    new, types = values(after)
+    for gauge in ("qwen2vl_jax_slots_busy", "qwen2vl_jax_pages_free", "qwen2vl_jax_slots_total"):
+        assert types[gauge] == "gauge"
+    assert types["qwen2vl_jax_tokens_total"] == "counter"
+    assert new["qwen2vl_jax_tokens_total"] >= old["qwen2vl_jax_tokens_total"] + 1
+    assert new["qwen2vl_jax_server_requests_total"] == old["qwen2vl_jax_server_requests_total"] + 1
+    assert new["qwen2vl_jax_slots_total"] == served.engine.max_batch
+    assert new["qwen2vl_jax_pages_free"] + new["qwen2vl_jax_pages_evictable"] == new["qwen2vl_jax_pages_total"]
 
 
 # ---------------------------------------------------------------------------------------------------- cli
