@@ -64,6 +64,9 @@ __all__ = [
     "sample_frame_indices",
     "read_video",
     "fetch_video",
+    "FrameReader",
+    "packet_times",
+    "stream_fps",
 ]
 
 # QVU8 vision_process.py constants (the video ones; the image ones are in image_io.py).
@@ -190,16 +193,26 @@ def _probe(path: str, start: float, end: float | None) -> _Probe:
     own frame count, which exceeds what can be read when the file is truncated after its index."""
     with _open_video(path) as container:
         stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        video_fps = float(Fraction(rate)) if rate else None
         count = packets = 0
-        for packet in container.demux(stream):
-            if packet.size == 0:
-                continue
+        for seconds in packet_times(container, stream):
             packets += 1
-            seconds = None if packet.pts is None else float(packet.pts * stream.time_base)
             count += _in_range(seconds, start, end)
-        return _Probe(video_fps, count, packets, int(stream.frames or 0))
+        return _Probe(stream_fps(stream), count, packets, int(stream.frames or 0))
+
+
+def stream_fps(stream) -> float | None:
+    """A video stream's frame rate: its average rate (what torchvision's reader reports as `video_fps`), else the
+    demuxer's guess; None when neither is known."""
+    rate = stream.average_rate or stream.guessed_rate
+    return float(Fraction(rate)) if rate else None
+
+
+def packet_times(container, stream):
+    """The presentation time in seconds (None when unknown) of each coded picture of `stream`, without decoding:
+    one per non-empty packet."""
+    for packet in container.demux(stream):
+        if packet.size:
+            yield None if packet.pts is None else float(packet.pts * stream.time_base)
 
 
 def _no_frames_error(path: str, declared: int, detail: str = "") -> ValueError:
@@ -218,27 +231,46 @@ def _decode(path: str, wanted: set[int] | None, start: float, end: float | None,
 
     kept: dict[int, np.ndarray] = {}
     count = 0
-    error: av.error.FFmpegError | None = None
     with _open_video(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for packet in container.demux(stream):  # what `container.decode(stream)` does, one packet at a time
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError as err:
-                if not truncated_from:
-                    raise ValueError(f"could not decode video {path!r}: {err}") from err
-                error = err
-                continue
+        frames = FrameReader(container, truncated_from)
+        try:
             for frame in frames:
                 if not _in_range(frame.time, start, end):
                     continue
                 if wanted is None or count in wanted:
                     kept[count] = frame.to_ndarray(format="rgb24")  # what torchvision's PyAV reader returns
                 count += 1
-    if count == 0 and error is not None:
-        raise _no_frames_error(path, truncated_from, f" ({error})") from error
+        except av.error.FFmpegError as err:
+            raise ValueError(f"could not decode video {path!r}: {err}") from err
+    if count == 0 and frames.error is not None:
+        raise _no_frames_error(path, truncated_from, f" ({frames.error})") from frames.error
     return kept, count
+
+
+class FrameReader:
+    """Every frame of a container's first video stream in presentation order, decoded one packet at a time (what
+    `container.decode(stream)` does). `truncated_from`: the frame count the container declares when fewer packets
+    could be read (a cut file): then a packet that fails to decode (its last, partial one) is skipped and the error
+    kept in `.error`; in any other file the decoder's error propagates."""
+
+    def __init__(self, container, truncated_from: int = 0):
+        self.container, self.truncated_from = container, truncated_from
+        self.error = None
+
+    def __iter__(self):
+        import av
+
+        stream = self.container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for packet in self.container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as err:
+                if not self.truncated_from:
+                    raise
+                self.error = err
+                continue
+            yield from frames
 
 
 def read_video(source: str | os.PathLike, *, fps: float | None = None, nframes: int | None = None,

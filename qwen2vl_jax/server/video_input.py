@@ -51,7 +51,6 @@ import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -65,8 +64,11 @@ from ..processing.video import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
+    FrameReader,
+    packet_times,
     sample_frame_indices,
     smart_nframes,
+    stream_fps,
 )
 from .media import REMOTE_PREFIXES, MediaError, MediaPolicy, open_image
 
@@ -281,18 +283,13 @@ def _probe(f, policy: MediaPolicy, where: str) -> _Probe:
             if width < 1 or height < 1:
                 raise MediaError(f"{where}: the video does not declare its frame size")
             _check_frame(width, height, policy, where)
-            rate = stream.average_rate or stream.guessed_rate
-            video_fps = float(Fraction(rate)) if rate else None
             count = packets = 0
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    continue
+            for seconds in packet_times(container, stream):
                 packets += 1
                 if packets * width * height > policy.max_video_decoded_pixels:
                     raise _too_long(packets, width, height, policy, where, "at least ")
-                seconds = None if packet.pts is None else float(packet.pts * stream.time_base)
                 count += seconds is None or seconds >= 0
-            return _Probe(video_fps, count, packets, int(stream.frames or 0), width, height)
+            return _Probe(stream_fps(stream), count, packets, int(stream.frames or 0), width, height)
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
@@ -328,47 +325,37 @@ def _decode(f, wanted: set[int], n: int, truncated_from: int, policy: MediaPolic
     kept: dict[int, np.ndarray] = {}
     count = decoded_pixels = 0
     source = target = None
-    error = None
     try:
         with _open(f, where) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for packet in container.demux(stream):
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as e:
-                    if not truncated_from:
-                        raise MediaError(f"{where}: could not decode the video: {_reason(e)}") from None
-                    error = e
+            frames = FrameReader(container, truncated_from)
+            for frame in frames:
+                _check_frame(frame.width, frame.height, policy, where)
+                decoded_pixels += frame.width * frame.height
+                if decoded_pixels > policy.max_video_decoded_pixels:
+                    raise _too_long(count + 1, frame.width, frame.height, policy, where, "at least ")
+                if frame.time is not None and frame.time < 0:
                     continue
-                for frame in frames:
-                    _check_frame(frame.width, frame.height, policy, where)
-                    decoded_pixels += frame.width * frame.height
-                    if decoded_pixels > policy.max_video_decoded_pixels:
-                        raise _too_long(count + 1, frame.width, frame.height, policy, where, "at least ")
-                    if frame.time is not None and frame.time < 0:
-                        continue
-                    if count in wanted:
-                        array = frame.to_ndarray(format="rgb24")  # what processing's reader keeps
-                        if source is None:
-                            source = array.shape[:2]
-                            try:
-                                target = _frame_size(n, *source)
-                            except ValueError as e:  # too extreme an aspect ratio
-                                raise MediaError(f"{where}: cannot use this video: {e}") from None
-                        elif array.shape[:2] != source:
-                            raise MediaError(f"{where}: the video's frames change size ({source[1]} x {source[0]}, "
-                                             f"then {array.shape[1]} x {array.shape[0]})")
-                        if array.shape[:2] != target:
-                            array = np.asarray(Image.fromarray(array).resize((target[1], target[0]),
-                                                                              resample=Image.Resampling.BICUBIC))
-                        kept[count] = array
-                    count += 1
+                if count in wanted:
+                    array = frame.to_ndarray(format="rgb24")  # what processing's reader keeps
+                    if source is None:
+                        source = array.shape[:2]
+                        try:
+                            target = _frame_size(n, *source)
+                        except ValueError as e:  # too extreme an aspect ratio
+                            raise MediaError(f"{where}: cannot use this video: {e}") from None
+                    elif array.shape[:2] != source:
+                        raise MediaError(f"{where}: the video's frames change size ({source[1]} x {source[0]}, "
+                                         f"then {array.shape[1]} x {array.shape[0]})")
+                    if array.shape[:2] != target:
+                        array = np.asarray(Image.fromarray(array).resize((target[1], target[0]),
+                                                                          resample=Image.Resampling.BICUBIC))
+                    kept[count] = array
+                count += 1
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError, RuntimeError) as e:
         raise MediaError(f"{where}: could not decode the video: {_reason(e)}") from None
-    if count == 0 and error is not None:
+    if count == 0 and frames.error is not None:
         raise MediaError(f"{where}: no frames could be decoded from the video (its container declares "
                          f"{truncated_from}): the file is truncated or corrupt")
     return kept, count
