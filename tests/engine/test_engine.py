@@ -90,7 +90,8 @@ def test_sixteen_staggered_requests_each_get_what_generate_gives_them_alone(tiny
         (3, "photo", greedy(24, repetition_penalty=1.1), ()), (5, "both", greedy(8), ()),
         (6, "text", sample(30, 5, top_p=0.9), ()), (8, "short", greedy(2), ()), (9, "two", greedy(16), ()),
         (12, "video", sample(7, 3, top_k=40), ()), (14, "photo", greedy(5, min_new_tokens=5), ()),
-        (15, "text", greedy(40), "stop"), (20, "both", sample(20, 9), "stop"), (21, "short", greedy(4), ()),
+        (15, "text", greedy(40), "stop"), (20, "both", sample(20, 9), "stop"),
+        (21, "text", sample(12, 13, top_k=1, top_p=0.001, temperature=0.1), ()),  # the Instruct checkpoints' settings
     ]
     expected = [alone(model, x[name], config) for _, name, config, _ in plan]
     stops = []
