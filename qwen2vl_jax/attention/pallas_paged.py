@@ -24,7 +24,8 @@ The kernel's constraints (jax 0.10.2 `ragged_paged_attention/kernel.py`):
   dim's). Padding the cache copies it on every call: allocate it with a padded head dim where that matters
   (Qwen2-VL's decoder head dim is 128, never padded).
 * q and the cache float32 or bfloat16, the same dtype (the kernel takes fp8 / int caches only with scales, which
-  this cache has not).
+  this cache has not). A bf16 cache is stored as its `uint16` bits (`paged.storage_dtype`: in-place writes on the
+  CPU) and handed to the kernel reinterpreted as bf16, a same-width `bitcast_convert` of the pool.
 * query heads a multiple of kv heads, and the 2K combined kv heads tileable by XLA: 2K / p in (1, 2, 4, 8) or a
   multiple of 8, p = 1 for float32, 2 for bfloat16 (fp32: K in (1, 2, 4) or a multiple of 4; bf16: K in (1, 2, 4,
   8) or a multiple of 8). Anything else is a ValueError here, on every platform: `platform_dependent` traces the
@@ -93,17 +94,24 @@ def check_supported(q_TNH, kv_PRCH) -> None:
     """A ValueError naming the kernel's constraint a shape or dtype breaks (module docstring)."""
     N, C = q_TNH.shape[1], kv_PRCH.shape[2]
     dtypes = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-    if jnp.dtype(q_TNH.dtype) not in dtypes or kv_PRCH.dtype != q_TNH.dtype:
+    if jnp.dtype(q_TNH.dtype) not in dtypes or _values_dtype(kv_PRCH, q_TNH) != q_TNH.dtype:
         raise ValueError(f"pallas paged attention: q and the cache must both be float32 or both bfloat16, got q "
                          f"{q_TNH.dtype}, cache {kv_PRCH.dtype}")
     if C < 2 or C % 2 or N % (C // 2):
         raise ValueError(f"pallas paged attention: {N} query heads must be a multiple of the {C // 2} kv heads "
                          f"(the cache's {C} interleaved key / value heads)")
-    packing = 4 // jnp.dtype(kv_PRCH.dtype).itemsize
+    packing = 4 // jnp.dtype(_values_dtype(kv_PRCH, q_TNH)).itemsize
     tiles = C // packing
     if C % packing or not (tiles in (1, 2, 4, 8) or tiles % 8 == 0):
         raise ValueError(f"pallas paged attention: ragged_paged_attention needs the 2K = {C} interleaved kv heads "
                          f"tileable by XLA in {kv_PRCH.dtype} (2K / {packing} in 1, 2, 4, 8 or a multiple of 8)")
+
+
+def _values_dtype(kv_PRCH, q_TNH):
+    """The dtype of the cache's values: a 16-bit cache is stored as `uint16` bits (`paged.storage_dtype`)."""
+    if kv_PRCH.dtype == jnp.uint16 and jnp.dtype(q_TNH.dtype).itemsize == 2:
+        return jnp.dtype(q_TNH.dtype)
+    return jnp.dtype(kv_PRCH.dtype)
 
 
 def block_sizes(q_TNH, kv_PRCH, batch: PagedBatch) -> dict:
@@ -122,7 +130,8 @@ def kernel_arguments(q_TNH, kv_PRCH, batch: PagedBatch, lanes: int = LANES):
     H = q_TNH.shape[-1]
     pad_H = lambda x: jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, -H % lanes),)) if H % lanes else x
     i32 = lambda x: jnp.asarray(x).astype(jnp.int32)
-    args = (pad_H(q_TNH), pad_H(kv_PRCH), i32(batch.kv_lens_S), i32(batch.page_indices_SP),
+    args = (pad_H(q_TNH), pad_H(paged.as_values(kv_PRCH, q_TNH.dtype)), i32(batch.kv_lens_S),
+            i32(batch.page_indices_SP),
             i32(batch.cu_q_lens_S1), i32(batch.num_seqs))
     return args, H ** -0.5
 

@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from ..attention.paged import storage_dtype
 from .config import Qwen2VLTextConfig
 
 
@@ -20,7 +21,9 @@ from .config import Qwen2VLTextConfig
 @dataclasses.dataclass
 class PagedKVCache:
     """Per layer `kv_PRCH` `[pages, page_size, 2K, H]` (a list of L arrays, or one stacked `[L, ...]` array for a
-    `scan_layers=True` model): key head k at 2k, value head k at 2k + 1."""
+    `scan_layers=True` model): key head k at 2k, value head k at 2k + 1. A 16-bit cache holds its values' bits as
+    `uint16` (`attention.paged.storage_dtype`: XLA:CPU writes integer rows in place, bf16 ones by converting the
+    whole pool)."""
 
     pages: list[jax.Array] | jax.Array
 
@@ -31,10 +34,10 @@ class PagedKVCache:
             raise ValueError(f"a paged cache needs at least 2 pages (page 0 is the null page) of >= 1 rows, got "
                              f"{num_pages} pages of {page_size}")
         shape = (num_pages, page_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
-        L = cfg.num_hidden_layers
+        L, stored = cfg.num_hidden_layers, storage_dtype(dtype)
         if stacked:
-            return cls(jnp.zeros((L, *shape), dtype))
-        return cls([jnp.zeros(shape, dtype) for _ in range(L)])
+            return cls(jnp.zeros((L, *shape), stored))
+        return cls([jnp.zeros(shape, stored) for _ in range(L)])
 
     @property
     def num_pages(self) -> int:

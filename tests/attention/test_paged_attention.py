@@ -204,6 +204,34 @@ def test_bf16():
     assert _rel(_kernel_reference(step), step) <= BF16_TOL
 
 
+def test_a_bf16_cache_is_stored_as_its_bits_and_written_in_place():
+    """A bf16 pool is kept as `uint16` bits: writes give the bits a bf16 pool gets, in place (the compiled write
+    holds no fp32 copy of the pool: XLA:CPU's bf16 scatter converts the whole operand), and attention over the
+    bits equals attention over the bf16 pool, bit for bit; the TPU kernel's arguments are the bf16 values."""
+    step = _build(jnp.bfloat16)
+    assert paged.storage_dtype(jnp.bfloat16) == jnp.uint16 and paged.storage_dtype(jnp.float32) == jnp.float32
+    bits = jax.lax.bitcast_convert_type(step.kv_PRCH, jnp.uint16)
+    rng = np.random.default_rng(5)
+    k, v = (jnp.asarray(rng.standard_normal((3, K, H)), jnp.bfloat16) for _ in range(2))
+    rows = PagedBatch(jnp.asarray([9, 17, 30], jnp.int32), *(jnp.zeros(1, jnp.int32),) * 4, ())
+    written = jax.jit(paged.write, donate_argnums=0)
+    got = written(bits, k, v, rows)
+    assert got.dtype == jnp.uint16
+    want = paged.write(step.kv_PRCH, k, v, rows)
+    assert np.array_equal(np.asarray(jax.lax.bitcast_convert_type(got, jnp.bfloat16), np.float32),
+                          np.asarray(want, np.float32))
+    compiled = written.lower(bits, k, v, rows).compile().as_text()
+    pool_f32 = "f32[" + ",".join(str(d) for d in (POOL * PAGE, 2 * K, H))
+    assert pool_f32 not in compiled and "f32[" + ",".join(str(d) for d in bits.shape) not in compiled
+    o_bits = jax.jit(paged.paged_attention)(step.q_TNH, got, step.batch)
+    o_values = jax.jit(paged.paged_attention)(step.q_TNH, want, step.batch)
+    assert o_bits.dtype == jnp.bfloat16 and np.array_equal(np.asarray(o_bits, np.float32),
+                                                           np.asarray(o_values, np.float32))
+    args, _ = pallas_paged.kernel_arguments(step.q_TNH, got, step.batch)
+    assert args[1].dtype == jnp.bfloat16
+    pallas_paged.check_supported(step.q_TNH, got)  # the kernel takes the bits as the bf16 cache they hold
+
+
 def test_export_for_tpu_carries_the_mosaic_kernel_and_for_cuda_not(fp32):
     f = jax.jit(pallas_paged_attention)
     args = (fp32.q_TNH, fp32.kv_PRCH, fp32.batch)
