@@ -487,7 +487,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, bind_host: str = "
             job.events = asyncio.Queue()
         else:
             job.future = loop.create_future()
-        engine.submit(job)
+        await run_in_threadpool(engine.submit, job)  # hashing pixels and laying out positions: off the event loop
         if req.stream:
             return StreamingResponse(_events(engine, job), media_type="text/event-stream")
         try:
