@@ -28,6 +28,8 @@ LAYERS = [
     {"hub", "runtime", "kernels"},
     # images, videos, tokenizer, processor (NumPy, no JAX: PROCESSING_MAY_NOT_IMPORT); the attention backends
     {"processing", "attention"},
+    # boxes in the answers: both families' formats, their coordinates <-> the original image's pixels (NumPy + PIL)
+    {"grounding"},
     # the model math: config, layers, rope, vision, text, model, hook points, partitioning (kernels and attention)
     {"modeling"},
     # the mesh, parameter placement and memory plans; decoding, sampling, request memory
@@ -42,6 +44,8 @@ LAYERS = [
     {"lora", "pretrained", "hooks", "testing"},
     # the loss, steps and fine-tuning loop; the OpenAI-compatible server and the explorer; the lazy package facade
     {"training", "server", "qwen2vl_jax"},
+    # predictions over a dataset (on the engine), the benchmarks' metrics, log-likelihood scoring, lmms-eval's plugin
+    {"evaluation"},
     # programs lowered for TPU, CUDA and CPU with jax.export: artifacts and their manifests
     {"export"},
     # the command line
@@ -52,7 +56,8 @@ LAYERS = [
 # What the bottom of the stack may reach at all (itself aside), directly or through anything it imports: the model
 # math builds on the attention backends and the kernels only; processing on the Hub's file resolution only.
 REACHES_ONLY = {"hub": set(), "runtime": set(), "kernels": set(), "attention": {"kernels"},
-                "modeling": {"kernels", "attention"}, "processing": {"hub"}}
+                "modeling": {"kernels", "attention"}, "processing": {"hub"},
+                "grounding": {"processing", "hub"}}
 PROCESSING_MAY_NOT_IMPORT = {"jax", "jaxlib", "flax", "optax", "orbax", "torch", "torchvision", "transformers"}
 
 

@@ -1,7 +1,7 @@
 """The `qwen2vl-jax` command line: the parser and the dispatch. Each command is its own module with
 `add_parser(subparsers)` (its flags; returns its parser) and `run(args) -> int`, and says with `COMPILES` whether it
-runs the model (then it takes `--no-compile-cache`): generate, chat, convert, info, plan, serve, selfcheck,
-finetune. What several share is `common.py`.
+runs the model (then it takes `--no-compile-cache`): generate, chat, predict, eval, convert, info, plan, export,
+serve, selfcheck, finetune. What several share is `common.py`.
 
 Building the parser imports no JAX: a command module imports its heavy dependencies inside `run`.
 
@@ -25,6 +25,7 @@ import qwen2vl_jax.cli.finetune as finetune
 import qwen2vl_jax.cli.generate as generate
 import qwen2vl_jax.cli.info as info
 import qwen2vl_jax.cli.plan as plan
+import qwen2vl_jax.cli.predict as predict
 import qwen2vl_jax.cli.selfcheck as selfcheck
 import qwen2vl_jax.cli.serve as serve
 
@@ -34,7 +35,7 @@ from .common import EXIT_USER_ERROR, Parser, user_error_message
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # In the order `--help` lists them.
-COMMANDS = (generate, chat, convert, info, plan, export, serve, selfcheck, finetune)
+COMMANDS = (generate, chat, predict, convert, info, plan, export, serve, selfcheck, finetune)
 COMPILING_COMMANDS = tuple(m.__name__.rsplit(".", 1)[1] for m in COMMANDS if m.COMPILES)  # use the compile cache
 
 

@@ -34,6 +34,7 @@ USER_ERROR_TYPES = {
     "qwen2vl_jax.quantization": ("QuantizationError",),
     "qwen2vl_jax.training.data": ("DataError",),
     "qwen2vl_jax.training.finetune": ("FinetuneError",),
+    "qwen2vl_jax.evaluation.runs": ("RunError",),
     "qwen2vl_jax.generation.memory": ("InsufficientMemory",),
 }
 USER_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)

@@ -36,7 +36,7 @@ from ..processing.image_io import fetch_image
 from ..processing.video import FPS, fetch_video
 from ..processing.vision_info import IMAGE_OPTIONS, VIDEO_OPTIONS
 
-__all__ = ["IGNORE_INDEX", "DataError", "Conversation", "read_jsonl", "Example", "assistant_labels",
+__all__ = ["IGNORE_INDEX", "DataError", "Conversation", "read_jsonl", "load_media", "Example", "assistant_labels",
            "encode_conversation", "collate", "Loader"]
 
 IGNORE_INDEX = -100  # training.IGNORE_INDEX (not imported: training.py pulls in JAX)
@@ -67,6 +67,7 @@ class Conversation:
     messages: list[dict]  # media paths already resolved to absolute paths
     line: int  # 1-based line number in the file
     source: Path
+    record: dict = dataclasses.field(default_factory=dict)  # the line's other keys ("id", "answers", ...)
 
 
 def _resolve_media(value: Any, base: Path, kind: str, check: bool) -> tuple[Any, list[str]]:
@@ -93,8 +94,9 @@ def _resolve_media(value: Any, base: Path, kind: str, check: bool) -> tuple[Any,
     return str(path), []
 
 
-def _check_conversation(obj: Any, base: Path, check_media: bool) -> tuple[list[dict], list[str]]:
-    """(messages with media resolved, problems) of one parsed line."""
+def _check_conversation(obj: Any, base: Path, check_media: bool,
+                        need_answer: bool = True) -> tuple[list[dict], list[str]]:
+    """(messages with media resolved, problems) of one parsed line (`need_answer`: an assistant turn with text)."""
     if not isinstance(obj, dict) or "messages" not in obj:
         got = f"an object with keys {sorted(obj)[:6]}" if isinstance(obj, dict) else type(obj).__name__
         return [], [f'expected an object {{"messages": [...]}}, got {got}']
@@ -138,18 +140,20 @@ def _check_conversation(obj: Any, base: Path, check_media: bool) -> tuple[list[d
                 problems += [f"message {i} part {j}: {p}" for p in found]
             parts.append(part)
         out.append({**message, "content": parts})
-    if not trained and not problems:
+    if need_answer and not trained and not problems:
         problems.append("no assistant turn with text: nothing to train on")
     return out, problems
 
 
-def read_jsonl(path: str | os.PathLike, *, check_media: bool = True) -> list[Conversation]:
+def read_jsonl(path: str | os.PathLike, *, check_media: bool = True, need_answer: bool = True) -> list[Conversation]:
     """Read and validate a JSONL file of conversations; every line is checked before anything is returned.
 
     Checks: JSON syntax, the `{"messages": [...]}` shape, roles (system / user / assistant), content parts
     (`{"type": "text", "text"}`, `{"type": "image", "image"}`, `{"type": "video", "video"}`), at least one assistant
-    turn with text, and (`check_media`) that every media file exists. Blank lines are skipped; an empty file is an
-    error. Raises one `DataError` listing up to 20 problems, each as "<file> line N: ...".
+    turn with text (`need_answer`; prompts to answer, as `qwen2vl-jax predict` reads, need none), and
+    (`check_media`) that every media file exists. Blank lines are skipped; an empty file is an error. The line's
+    other keys are kept on `Conversation.record`. Raises one `DataError` listing up to 20 problems, each as
+    "<file> line N: ...".
     """
     path = Path(path)
     try:
@@ -172,16 +176,17 @@ def read_jsonl(path: str | os.PathLike, *, check_media: bool = True) -> list[Con
         except json.JSONDecodeError as e:
             problems.append((number, f"invalid JSON: {e.msg} (column {e.colno})"))
             continue
-        messages, found = _check_conversation(obj, base, check_media)
+        messages, found = _check_conversation(obj, base, check_media, need_answer)
         problems += [(number, p) for p in found]
         if not found:
-            conversations.append(Conversation(messages, number, path))
+            conversations.append(Conversation(messages, number, path, {k: v for k, v in obj.items()
+                                                                       if k != "messages"}))
     if problems:
         listed = "\n".join(f"  {_where(path, n)}: {p}" for n, p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         if len(problems) == 1:
             raise DataError(f"{_where(path, problems[0][0])}: {problems[0][1]}", problems)
-        raise DataError(f"{path}: {len(problems)} problems in the training data:\n{listed}{more}", problems)
+        raise DataError(f"{path}: {len(problems)} problems in the data:\n{listed}{more}", problems)
     if not conversations:
         raise DataError(f"{path}: the file has no conversations (it is empty)")
     return conversations
@@ -239,7 +244,7 @@ def assistant_labels(input_ids: np.ndarray, tokenizer) -> np.ndarray:
     return labels
 
 
-def _load_media(messages: list[dict]) -> tuple[list, list, list]:
+def load_media(messages: list[dict]) -> tuple[list, list, list]:
     """(images, videos, video rates) in message order. A plain path goes to the processor as it does at inference
     (its own pixel bounds); an item with qwen-vl-utils options ("max_pixels", "nframes", "fps", ...) is fetched
     with them first (vision_info.py's rules: no EXIF rotation, as qwen-vl-utils), then the processor sizes it as
@@ -277,7 +282,7 @@ def encode_conversation(processor, messages: list[dict], *, max_length: int | No
     where = _where(source, line)
     text = processor.apply_chat_template(messages, add_generation_prompt=False)
     try:
-        images, videos, rates = _load_media(messages)
+        images, videos, rates = load_media(messages)
         # A Qwen2.5-VL processor (ours or transformers') is told each video's rate: its `second_per_grid_ts`.
         timed = videos and "second_per_grid_ts" in getattr(processor, "model_input_names", ())
         out = processor(text=[text], images=images or None, videos=videos or None, **({"fps": rates} if timed else {}))
