@@ -20,6 +20,7 @@ import sys
 # this module)
 import qwen2vl_jax.cli.chat as chat
 import qwen2vl_jax.cli.convert as convert
+import qwen2vl_jax.cli.eval as eval_  # the `eval` command (the module's name is the command's)
 import qwen2vl_jax.cli.export as export
 import qwen2vl_jax.cli.finetune as finetune
 import qwen2vl_jax.cli.generate as generate
@@ -35,7 +36,7 @@ from .common import EXIT_USER_ERROR, Parser, user_error_message
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # In the order `--help` lists them.
-COMMANDS = (generate, chat, predict, convert, info, plan, export, serve, selfcheck, finetune)
+COMMANDS = (generate, chat, predict, eval_, convert, info, plan, export, serve, selfcheck, finetune)
 COMPILING_COMMANDS = tuple(m.__name__.rsplit(".", 1)[1] for m in COMMANDS if m.COMPILES)  # use the compile cache
 
 

@@ -119,9 +119,9 @@ def byte_size(text: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------- shared flag groups
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The checkpoint and how to run it (generate, chat, info, serve)."""
-    p.add_argument("--model", required=True, help="Hub model id, HF checkpoint directory or converted directory")
+def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The checkpoint and how to run it (generate, chat, info, serve, predict, eval)."""
+    p.add_argument("--model", required=required, help="Hub model id, HF checkpoint directory or converted directory")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weights and activations (auto: float32 when it fits in memory, else bfloat16)")
     p.add_argument("--offline", action="store_true", help="never download (same as HF_HUB_OFFLINE=1)")

@@ -95,16 +95,18 @@ def fingerprint(args, directory, dtype: str, generation: dict) -> dict:
             "adapter": args.adapter, "quantize": args.quantize, "generation": generation, "seed": args.seed,
             "system": args.system, "min_pixels": args.min_pixels, "max_pixels": args.max_pixels,
             "video": _video_options(args), "attn_implementation": args.attn_implementation,
-            "exact_fp32": args.exact_fp32}
+            "exact_fp32": args.exact_fp32, "preset": getattr(args, "preset", None)}
 
 
-def predict_file(args, out_path, *, preset_generation: dict | None = None) -> dict:
-    """Run (or resume) the predictions of `args.data` into `out_path`; returns a summary. Shared with `eval`."""
+def predict_file(args, out_path, *, preset_generation: dict | None = None, items=None) -> dict:
+    """Run (or resume) the predictions of `args.data` (or of `items` read from it) into `out_path`; returns a
+    summary. Shared with `eval`."""
     from ..evaluation.predict import Predictor, read_items
     from ..evaluation.runs import RunOutput
 
     directory = resolve_model(args)
-    items = prepare_items(args, read_items(args.data))
+    if items is None:
+        items = prepare_items(args, read_items(args.data))
     dtype = choose_dtype(args, directory)
     flags = {k: v for k, v in generation_kwargs(args).items() if v is not None and k != "seed"}
     generation = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **(preset_generation or {}), **flags}

@@ -12,7 +12,8 @@ from qwen2vl_jax import cli
 from qwen2vl_jax.cli import app, common
 
 PACKAGE = Path(cli.__file__).resolve().parents[1]
-COMMAND_NAMES = ["generate", "chat", "convert", "info", "plan", "export", "serve", "selfcheck", "finetune"]
+COMMAND_NAMES = ["generate", "chat", "predict", "eval", "convert", "info", "plan", "export", "serve", "selfcheck",
+                 "finetune"]
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -32,7 +33,8 @@ def test_each_command_is_its_own_module():
             assert leaf.get_default("func") is module.run, name
         flags = {s for a in parsers[name]._actions for s in a.option_strings}
         assert ("--no-compile-cache" in flags) is module.COMPILES, name
-    assert set(app.COMPILING_COMMANDS) == {"generate", "chat", "serve", "selfcheck", "finetune"}
+    assert set(app.COMPILING_COMMANDS) == {"generate", "chat", "predict", "eval", "serve", "selfcheck",
+                                           "finetune"}
     # app.py holds the parser and the dispatch only; the package re-exports what callers use
     tree = ast.parse(Path(app.__file__).read_text())
     assert sorted(n.name for n in tree.body if isinstance(n, ast.FunctionDef)) == ["build_parser", "main"]
