@@ -456,8 +456,9 @@ def sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
-def run_generation(args, model, processor, inputs, stream: bool, on_text=None):
-    """Generate for one prompt; returns (answer text, stats dict)."""
+def run_generation(args, model, processor, inputs, stream: bool, on_text=None, *, with_raw: bool = False):
+    """Generate for one prompt; returns (answer text, stats dict), and with `with_raw` also the answer decoded with
+    its special tokens kept (Qwen2-VL's box tags: `generate --json`'s boxes)."""
     from ..generation.decoding import TextStreamer
 
     streamer = TextStreamer(processor.tokenizer, on_text=on_text) if stream else None
@@ -481,6 +482,8 @@ def run_generation(args, model, processor, inputs, stream: bool, on_text=None):
         "decode_tok_s": round((out.new_tokens - 1) / out.decode_seconds, 2) if out.new_tokens > 1 and
         out.decode_seconds > 0 else None,
     }
+    if with_raw:
+        return answer, stats, processor.decode(new_ids, skip_special_tokens=False)
     return answer, stats
 
 

@@ -9,6 +9,7 @@ canvas from `static/`: no build step, nothing fetched from elsewhere). JSON endp
     POST /explorer/api/generate                  {"question", "image": data URL or null, "max_new_tokens"}
                                                  -> NDJSON lines: {"type": "session", ...geometry},
                                                     {"type": "token", index, id, text} per token, {"type": "done"}
+                                                    (+ "boxes", "points", "box_problems" if the answer has boxes)
     GET  /explorer/api/sessions/{sid}/tokens/{k} the inspection of generated token k (see `_inspect`)
 
 Which query is inspected: generated token k is *chosen* by the logits of input column P - 1 + k (P: prompt length),
@@ -24,6 +25,10 @@ runaway nesting, images through `engine.load_image` (data URLs; local files only
 headers checked before decoding), the memory estimate; a client that goes away stops its generation.
 
 Arrays travel as {"shape", "f16": base64 little-endian float16} to keep a 28-layer x 12-head payload small.
+
+Boxes in an answer (Qwen2-VL's box tokens, Qwen2.5-VL's JSON: qwen2vl_jax.grounding) come with the done event in the
+photo's original pixels, read from the answer decoded with its special tokens, in the served processor's family and
+pixel bounds; the page draws them over the photo.
 """
 
 import base64
@@ -41,6 +46,7 @@ import numpy as np
 
 from ..generation.decoding import generate
 from ..generation.memory import vision_sizes
+from ..grounding import has_boxes, parse_boxes, settings_for
 from ..hooks import geometry, interventions
 from ..modeling.hook_points import make_hookset
 from .api import RequestError, parse_json_object
@@ -184,7 +190,7 @@ class Explorer:
                 session.new_ids = [int(t) for t in out.sequences[0, session.prompt_len:]]
                 session.done = True
                 events.put({"type": "done", "tokens": len(session.new_ids),
-                            "seconds": round(time.perf_counter() - t0, 3)})
+                            "seconds": round(time.perf_counter() - t0, 3), **self.boxes(session)})
             except Exception as e:  # reported in the stream: the HTTP status is already sent
                 session.error = f"{type(e).__name__}: {e}"
                 events.put({"type": "error", "message": session.error})
@@ -198,6 +204,20 @@ class Explorer:
                 yield json.dumps(event) + "\n"
         finally:  # also when the response is closed early (the client hung up)
             left.set()
+
+    def boxes(self, session: Session) -> dict:
+        """The done event's box keys: {} without a photo or with nothing box-like in the answer, else "boxes"
+        [{"label", "xyxy"}], "points" [{"label", "xy"}] and "box_problems" [{"kind", "message", "text"}], in the
+        photo's original pixels (qwen2vl_jax.grounding `Boxes.as_json`). The answer is decoded with its special
+        tokens, so Qwen2-VL's <|object_ref_start|> / <|box_start|> tags are there to read."""
+        if session.image_size is None:
+            return {}
+        processor = self.engine.processor
+        text = processor.decode(session.new_ids, skip_special_tokens=False)
+        if not has_boxes(text):
+            return {}
+        height, width = session.image_size
+        return parse_boxes(text, image_size=(width, height), **settings_for(processor)).as_json()
 
     def _header(self, session: Session) -> dict:
         return {"type": "session", "session": session.id, "prompt_tokens": session.prompt_len,

@@ -70,8 +70,8 @@ def test_eval_iou_places_boxes_through_the_processor_resize(tiny_checkpoint, tmp
         # Qwen2-VL: 0-1000 of the image: the target exactly -> IoU 1
         {"index": 0, "answer": "<|object_ref_start|>it<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"},
         # the target in resized pixels, as Qwen2.5-VL would write it, read as Qwen2-VL 0-1000: a wrong box
-        {"index": 1, "answer": '```json\n[{"bbox_2d": [%d, %d, %d, %d], "label": "it"}]\n```'
-                               % (64 * sx, 48 * sy, 320 * sx, 240 * sy)},
+        {"index": 1, "answer": "```json\n" + json.dumps([{"bbox_2d": [int(64 * sx), int(48 * sy), int(320 * sx),
+                                                                   int(240 * sy)], "label": "it"}]) + "\n```"},
         {"index": 2, "answer": "no box here"},
     ])
     records = tmp_path / "r.jsonl"

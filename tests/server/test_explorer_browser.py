@@ -249,3 +249,63 @@ def test_explorer_page_in_browser(chromium, server_url, engine, photo, tmp_path)
         inner = pixels[int(np.ceil(y0)) + 1:int(y1) - 1, int(np.ceil(x0)) + 1:int(x1) - 1]  # away from the edges
         brightness[r, c] = inner.mean()
     assert np.unravel_index(np.argmax(brightness), brightness.shape) == FORCED, brightness.round(1)
+
+
+BOXES = [{"label": "cat", "xyxy": [20.0, 30.0, 120.0, 110.0]}, {"label": "dog", "xyxy": [130.0, 10.0, 220.0, 160.0]}]
+BOX_COLOURS = [(225, 87, 89), (78, 121, 167)]  # the page's palette, one per label in order: #e15759, #4e79a7
+
+
+def test_explorer_draws_the_answers_boxes(chromium, server_url, photo, tmp_path):
+    """The done event's boxes (original photo pixels) are drawn over the photo, each edge in its label's colour,
+    nothing inside, and listed; unticking "boxes" clears them. A random model writes no boxes, so the server's real
+    answer to the page's request gets two in its done line (tests/server/test_explorer_boxes.py covers the server's
+    own reading of them)."""
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    def add_boxes(route):
+        response = route.fetch()
+        lines = response.text().splitlines()
+        done = json.loads(lines[-1])
+        assert done["type"] == "done", done
+        lines[-1] = json.dumps({**done, "boxes": BOXES, "points": [], "box_problems": []})
+        route.fulfill(response=response, body="\n".join(lines) + "\n")
+
+    photo_path = tmp_path / "astronaut.png"
+    photo.save(photo_path)
+    read_canvas = """() => { const c = document.getElementById('boxes');
+                             return {url: c.toDataURL('image/png'), width: c.width}; }"""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.route("**/explorer/api/generate", add_boxes)
+            page.goto(f"{server_url}/explorer")
+            page.set_input_files("#image-input", str(photo_path))
+            page.wait_for_selector("#gallery img.selected")
+            page.fill("#max-tokens", "2")
+            page.click("#run")
+            page.wait_for_selector('#stage[data-boxes="2"]', timeout=60_000)
+            drawn = page.evaluate(read_canvas)
+            listed = page.inner_text("#box-list")
+            page.uncheck("#show-boxes")
+            cleared = page.evaluate(read_canvas)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert "cat: (20, 30, 120, 110)" in listed and "dog: (130, 10, 220, 160)" in listed
+
+    def rgba(canvas):
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(canvas["url"].split(",", 1)[1]))).convert("RGBA"))
+
+    pixels, s = rgba(drawn), drawn["width"] / photo.width
+    for (x1, y1, x2, y2), colour in zip((b["xyxy"] for b in BOXES), BOX_COLOURS):
+        mid_x, mid_y = int((x1 + x2) / 2 * s), int((y1 + y2) / 2 * s)
+        # the 2-px strokes cover [x1 s, x1 s + 2] and [x2 s - 2, x2 s]: a whole pixel of each
+        edges = [(x1 * s, mid_y), (x2 * s - 2, mid_y), (mid_x, y2 * s - 2)]
+        for x, y in ((int(np.ceil(x)), int(np.ceil(y))) for x, y in edges):
+            assert pixels[y, x, 3] == 255 and np.abs(pixels[y, x, :3].astype(int) - colour).max() <= 2, (x, y)
+        assert pixels[mid_y, mid_x, 3] == 0  # the photo shows through inside the box
+    assert rgba(cleared)[..., 3].max() == 0

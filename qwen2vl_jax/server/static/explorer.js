@@ -1,6 +1,7 @@
 // The attention explorer page: plain JS and canvas, no build step and nothing loaded from elsewhere.
 // Flow: pick / upload a photo -> POST /explorer/api/generate (NDJSON stream of tokens) -> click a token ->
 // GET /explorer/api/sessions/{sid}/tokens/{k} -> heatmap over the photo, text attention, logit lens.
+// Boxes in the answer (the done event's "boxes" / "points", original photo pixels) are drawn over the photo.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +15,7 @@ const state = {
   scale: 1,          // canvas pixels per original photo pixel
   inspection: null,  // the last inspection JSON, arrays decoded
   tokens: [],        // generated tokens {id, text}
+  boxes: null,       // the done event's {boxes, points, problems} when the answer held boxes
 };
 
 // ---------------------------------------------------------------------------------------------- array decoding
@@ -101,7 +103,9 @@ async function run() {
   $("answer").innerHTML = "";
   state.tokens = [];
   state.inspection = null;
+  state.boxes = null;
   clearInspection();
+  renderBoxList();
   setStatus("encoding…");
   try {
     const res = await fetch("/explorer/api/generate", {
@@ -152,7 +156,13 @@ async function onEvent(ev) {
     span.onclick = () => inspect(ev.index);
     $("answer").appendChild(span);
   } else if (ev.type === "done") {
-    setStatus(`${ev.tokens} tokens in ${ev.seconds} s — click a token to see where it looked`);
+    if (ev.boxes) {
+      state.boxes = { boxes: ev.boxes, points: ev.points || [], problems: ev.box_problems || [] };
+      renderBoxList();
+      drawAll();
+    }
+    const found = state.boxes ? ` · ${state.boxes.boxes.length} boxes in the answer` : "";
+    setStatus(`${ev.tokens} tokens in ${ev.seconds} s${found} — click a token to see where it looked`);
     $("answer").dataset.done = "1";
   } else if (ev.type === "error") {
     setStatus(`error: ${ev.message}`, true);
@@ -210,18 +220,98 @@ function currentVisionGrid() {
 }
 
 function drawAll() {
-  const ev = state.session, photo = $("photo"), heat = $("heatmap"), grid = $("grid");
+  const ev = state.session, photo = $("photo"), heat = $("heatmap"), grid = $("grid"), boxes = $("boxes");
   if (!ev || !ev.image || !state.photo) {
-    for (const c of [photo, heat, grid]) { c.width = 8; c.height = 8; }
+    for (const c of [photo, heat, grid, boxes]) { c.width = 8; c.height = 8; }
     return;
   }
   const { width: W, height: H } = ev.image;
   state.scale = SIDE / Math.max(W, H);
   const cw = Math.round(W * state.scale), ch = Math.round(H * state.scale);
-  for (const c of [photo, heat, grid]) { c.width = cw; c.height = ch; }
+  for (const c of [photo, heat, grid, boxes]) { c.width = cw; c.height = ch; }
   photo.getContext("2d").drawImage(state.photo, 0, 0, cw, ch);
   drawHeat(heat);
   if ($("show-grid").checked) drawGrid(grid);
+  drawBoxes(boxes);
+}
+
+// ---------------------------------------------------------------------------------------------- answer boxes
+// One colour per label, in order of first appearance (qwen2vl_jax/grounding/draw.py's PALETTE).
+const PALETTE = ["#e15759", "#4e79a7", "#59a14f", "#f28e2b", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
+                 "#bab0ac"];
+// Black or white text, whichever reads better on a "#rrggbb" background (draw.py's rule).
+function ink(hex) {
+  const n = parseInt(hex.slice(1), 16);
+  return 0.299 * (n >> 16) + 0.587 * ((n >> 8) & 255) + 0.114 * (n & 255) > 150 ? "#000" : "#fff";
+}
+
+function labelColours() {
+  const colours = new Map();
+  if (state.boxes) {
+    for (const item of [...state.boxes.boxes, ...state.boxes.points]) {
+      if (!colours.has(item.label)) colours.set(item.label, PALETTE[colours.size % PALETTE.length]);
+    }
+  }
+  return colours;
+}
+
+// The answer's boxes (2-px outlines) and points (dots), each with its label on a filled tag above it (inside the
+// box when there is no room above), on their own canvas over the photo: original pixels x the canvas scale.
+function drawBoxes(canvas) {
+  const ctx = canvas.getContext("2d"), s = state.scale, colours = labelColours();
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (!state.boxes || !$("show-boxes").checked) return;
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.textBaseline = "top";
+  const tag = (text, x, y, colour) => {
+    if (!text) return;
+    const w = Math.ceil(ctx.measureText(text).width) + 6, h = 16;
+    const tx = Math.max(0, Math.min(x, canvas.width - w)), ty = y - h >= 0 ? y - h : y;
+    ctx.fillStyle = colour;
+    ctx.fillRect(tx, ty, w, h);
+    ctx.fillStyle = ink(colour);
+    ctx.fillText(text, tx + 3, ty + 2);
+  };
+  for (const { label, xyxy: [x1, y1, x2, y2] } of state.boxes.boxes) {
+    const colour = colours.get(label);
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = 2;
+    ctx.strokeRect(x1 * s + 1, y1 * s + 1, Math.max((x2 - x1) * s - 2, 0), Math.max((y2 - y1) * s - 2, 0));
+    tag(label, Math.round(x1 * s), Math.round(y1 * s), colour);
+  }
+  for (const { label, xy: [x, y] } of state.boxes.points) {
+    const colour = colours.get(label);
+    ctx.fillStyle = colour;
+    ctx.beginPath();
+    ctx.arc(x * s, y * s, 4, 0, 2 * Math.PI);
+    ctx.fill();
+    tag(label, Math.round(x * s) + 5, Math.round(y * s), colour);
+  }
+}
+
+// The boxes as text (original pixels), and what could not be read as a box.
+function renderBoxList() {
+  const list = $("box-list"), colours = labelColours();
+  list.innerHTML = "";
+  delete $("stage").dataset.boxes;
+  if (!state.boxes) return;
+  const item = (text, colour, cls) => {
+    const li = document.createElement("li");
+    if (colour) {
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = colour;
+      li.appendChild(swatch);
+    }
+    li.appendChild(document.createTextNode(text));
+    if (cls) li.className = cls;
+    list.appendChild(li);
+  };
+  const px = (values) => values.map((v) => Math.round(v)).join(", ");
+  for (const b of state.boxes.boxes) item(`${b.label || "(no label)"}: (${px(b.xyxy)})`, colours.get(b.label));
+  for (const p of state.boxes.points) item(`${p.label || "(no label)"}: point (${px(p.xy)})`, colours.get(p.label));
+  for (const p of state.boxes.problems) item(`not read (${p.kind}): ${p.message}${p.text ? ` — ${p.text}` : ""}`, null, "problem");
+  $("stage").dataset.boxes = String(state.boxes.boxes.length);
 }
 
 // One filled box per merged token, coloured by its share of the maximum (the heatmap canvas holds nothing else, so
@@ -316,6 +406,7 @@ for (const id of ["layer-select", "head-select"]) {
   $(id).addEventListener("change", () => { if (state.inspection) { drawAll(); renderText(); } });
 }
 $("show-grid").addEventListener("change", drawAll);
+$("show-boxes").addEventListener("change", drawAll);
 $("opacity").addEventListener("input", () => { $("heatmap").style.opacity = String($("opacity").value / 100); });
 $("run").addEventListener("click", run);
 
