@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+# What lmms-eval 0.7.3's pipeline imports when it runs a local task with our plugin (found by running it); datasets
+# and huggingface_hub stay below the majors that transformers 4.57 refuses (huggingface_hub < 1.0).
+LMMS_RUNTIME = ["accelerate", "aiohttp", "datasets<5", "evaluate", "filelock<4", "loguru", "pytablewriter", "pyyaml",
+                "sacrebleu", "tenacity", "huggingface_hub<1.0"]
+
 setup(
     name="qwen2vl_jax",
     version="0.1.0",
@@ -36,6 +41,12 @@ setup(
     extras_require={
         # `qwen2vl-jax serve`: the OpenAI-compatible HTTP API (and the explorer page it mounts)
         "serve": ["fastapi>=0.115", "uvicorn>=0.30"],
+        # lmms-eval's pipeline with our plugin (qwen2vl_jax/evaluation/lmms_plugin): what it imports to run, then
+        # `pip install --no-deps lmms-eval==0.7.3`. Its full requirements cannot be installed beside the parity
+        # oracle: unpinned they replace torch and transformers (2.14 CUDA, 5.x); pinned, the only torchvision pip
+        # finds is a CUDA build whose import fails and takes transformers' Qwen2-VL imports down with it; and its
+        # simple_evaluate needs filelock < 4 (`filelock._api`). docs/EVALUATION.md.
+        "lmms": LMMS_RUNTIME,
         "test": [
             "pytest",
             "torch==2.13.0",
@@ -48,6 +59,8 @@ setup(
             "scikit-video==1.1.11",
             "matplotlib",
             "safetensors",  # an independent reader/writer to check ours against (the package has its own)
+            # tests/evaluation/test_lmms_eval.py: lmms-eval's own pipeline runs our plugin (+ lmms-eval --no-deps)
+            *LMMS_RUNTIME,
             # tests/test_notebooks.py executes notebooks/*.ipynb in a python3 kernel
             "nbclient==0.11.0",
             "nbformat==5.11.1",
@@ -60,5 +73,7 @@ setup(
             "playwright",
         ],
     },
-    entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"]},
+    entry_points={"console_scripts": ["qwen2vl-jax=qwen2vl_jax.cli:main"],
+                  # `lmms_eval --model qwen2vl_jax` without LMMS_EVAL_PLUGINS (lmms-eval 0.7's plugin entry points)
+                  "lmms_eval.models": ["qwen2vl_jax = qwen2vl_jax.evaluation.lmms_plugin:manifest"]},
 )
