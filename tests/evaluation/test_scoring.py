@@ -80,13 +80,17 @@ def test_score_matches_transformers_for_text_photo_and_video_in_mixed_batches(pa
     ]
     ours = score(model, processor, [c[0] for c in cases], [c[1] for c in cases], batch_size=4)
     assert len(ours) == len(cases)
+    worst = 0.0
     for (_, continuation, images, videos, text), got in zip(cases, ours):
         ref_lp, ref_greedy, _ = _hf_logprobs(hf, hf_tokenizer, text, continuation, images, videos)
+        worst = max(worst, abs(got.logprob - ref_lp) / abs(ref_lp))
         assert got.tokens == len(hf_tokenizer(continuation, add_special_tokens=False)["input_ids"])
         assert len(got.token_logprobs) == got.tokens
         assert abs(got.logprob - ref_lp) <= REL * abs(ref_lp), (continuation, got.logprob, ref_lp)
         assert got.is_greedy == ref_greedy, continuation
     assert ours[0].is_greedy and not ours[1].is_greedy  # both outcomes occur
+    helpers.record("evaluation/score_vs_transformers", pairs=len(cases), rel_err=worst)
+    print(f"score vs transformers: max relative error {worst:.2e} over {len(cases)} pairs")
     # order does not matter: the same pairs one at a time give the same numbers (padding is masked out)
     alone = score(model, processor, [cases[2][0]], [cases[2][1]], batch_size=1)[0]
     assert abs(alone.logprob - ours[2].logprob) <= REL * abs(ours[2].logprob)
