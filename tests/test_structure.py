@@ -46,6 +46,8 @@ LAYERS = [
     {"training", "server", "qwen2vl_jax"},
     # predictions over a dataset (on the engine), the benchmarks' metrics, log-likelihood scoring, lmms-eval's plugin
     {"evaluation"},
+    # activations of a dataset stored to disk in shards; sparse autoencoders trained on them and spliced back
+    {"activations"},
     # programs lowered for TPU, CUDA and CPU with jax.export: artifacts and their manifests
     {"export"},
     # the command line

@@ -2,7 +2,8 @@
 `modeling.hook_points`), TransformerLens-style.
 
 * `run.py`: `run_with_cache`, `run_with_hooks`, `list_hook_points`, `stack_layers`.
-* `interventions.py`: ablation, activation patching, steering, the logit lens (also `qwen2vl_jax.interventions`).
+* `interventions/`: ablation, activation patching, steering, the logit lens; gradients at hook points and
+  attribution patching; direct logit attribution (also `qwen2vl_jax.interventions`).
 * `geometry.py`: vision tokens on the photo (also `qwen2vl_jax.geometry`).
 """
 

@@ -37,7 +37,7 @@ from ..modeling.rope import get_rope_index
 from ..processing.image import smart_resize
 
 __all__ = ["VisionTokens", "vision_token_geometry", "attention_to_vision", "heatmap_on_image", "plot_attention",
-           "plot_token_grid"]
+           "plot_token_grid", "image_array", "axes_or_new"]
 
 DEFAULT_MIN_PIXELS = 56 * 56  # transformers 4.57 `Qwen2VLImageProcessor` class defaults
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
@@ -329,7 +329,8 @@ def heatmap_on_image(values, geometry: VisionTokens, *, frame: int = 0) -> np.nd
     return grid[frame][np.ix_(rows, cols)]
 
 
-def _image_array(image, geometry: VisionTokens) -> np.ndarray:
+def image_array(image, geometry: VisionTokens) -> np.ndarray:
+    """The photo as an [H, W, C] array, checked to be the original size the geometry was computed for."""
     array = np.asarray(image)
     if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3, 4):
         array = array.transpose(1, 2, 0)
@@ -339,7 +340,8 @@ def _image_array(image, geometry: VisionTokens) -> np.ndarray:
     return array
 
 
-def _axes(ax):
+def axes_or_new(ax):
+    """`ax`, or a new matplotlib figure's axes when it is None."""
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -351,9 +353,9 @@ def plot_attention(image, values, geometry: VisionTokens, *, ax=None, alpha: flo
                    title: str | None = None, grid: bool = False, frame: int = 0):
     """The photo (for a video: a frame) with `values` ([M] or [t, h2, w2]) overlaid as a heatmap; returns the Axes.
     `grid=True` also draws the token boxes."""
-    array = _image_array(image, geometry)
+    array = image_array(image, geometry)
     H0, W0 = geometry.original_size
-    ax = _axes(ax)
+    ax = axes_or_new(ax)
     extent = (0, W0, H0, 0)
     ax.imshow(array, extent=extent)
     ax.imshow(heatmap_on_image(values, geometry, frame=frame), extent=extent, alpha=alpha, cmap=cmap,
@@ -384,9 +386,9 @@ def plot_token_grid(image, geometry: VisionTokens, *, ax=None, label: str | None
     input_ids column (`"index"`), or nothing (None); returns the Axes."""
     if label not in ("position", "index", None):
         raise ValueError(f"label must be 'position', 'index' or None, got {label!r}")
-    array = _image_array(image, geometry)
+    array = image_array(image, geometry)
     H0, W0 = geometry.original_size
-    ax = _axes(ax)
+    ax = axes_or_new(ax)
     ax.imshow(array, extent=(0, W0, H0, 0))
     chosen = _draw_boxes(ax, geometry, frame)
     if label is not None:

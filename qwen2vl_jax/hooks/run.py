@@ -37,8 +37,8 @@ import numpy as np
 
 from ..modeling.hook_points import HookError, HookSet, hook_point_axes, make_hookset
 
-_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-           "position_ids", "second_per_grid_ts")
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                "video_grid_thw", "position_ids", "second_per_grid_ts")
 
 
 def list_hook_points(model) -> list[str]:
@@ -47,8 +47,8 @@ def list_hook_points(model) -> list[str]:
 
 
 def _split(inputs: dict) -> tuple[dict, dict]:
-    model_inputs = {k: v for k, v in inputs.items() if k in _INPUTS}
-    return model_inputs, {k: v for k, v in inputs.items() if k not in _INPUTS}
+    model_inputs = {k: v for k, v in inputs.items() if k in MODEL_INPUTS}
+    return model_inputs, {k: v for k, v in inputs.items() if k not in MODEL_INPUTS}
 
 
 def _run(model, hookset: HookSet, generate: bool, inputs: dict):
@@ -61,7 +61,7 @@ def _run(model, hookset: HookSet, generate: bool, inputs: dict):
         out = generate_fn(model, hooks=hookset, return_dict=True, **model_inputs, **rest)
         return out, out.records or {}
     if rest:
-        raise TypeError(f"unexpected inputs {sorted(rest)}; a forward takes {list(_INPUTS)} "
+        raise TypeError(f"unexpected inputs {sorted(rest)}; a forward takes {list(MODEL_INPUTS)} "
                         "(generation settings need generate=True)")
     out = model(**model_inputs, hooks=hookset)
     records = out.records or {}

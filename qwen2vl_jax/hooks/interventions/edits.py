@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import Partial
 
-from ..modeling.hook_points import HookError, hook_point_axes
-from .run import run_with_cache, run_with_hooks
+from ...modeling.hook_points import HookError, hook_point_axes
+from ..run import run_with_cache, run_with_hooks
 
 __all__ = ["ablate_heads", "mean_head_outputs", "patch", "activation_patching", "steer", "logit_lens", "LogitLens"]
 
