@@ -50,6 +50,7 @@ def random_request(rng, proc, photos) -> Request:
                    image_grid_thw=x.get("image_grid_thw"), generation_config=config)
 
 
+@pytest.mark.slow  # ~3.5 min on 2 cores: `pytest -m slow` (test_engine.py's sixteen staggered requests stay default)
 def test_three_hundred_random_requests_compile_nothing_after_warmup_and_return_every_page(soak_model, photos):
     model, proc = soak_model
     rng = np.random.default_rng(0)

@@ -242,9 +242,10 @@ def test_cli_generate_hands_second_per_grid_ts_to_the_model(ckpt25_dir, video_fi
 
     seen = {}
 
-    def fake_run_generation(args, model, processor, inputs, stream, on_text=None):
+    def fake_run_generation(args, model, processor, inputs, stream, on_text=None, *, with_raw=False):
         seen.update(inputs)
-        return "ok", {"prompt_tokens": 1, "vision_tokens": 0, "new_tokens": 1, "prefill_s": 0.0, "decode_tok_s": None}
+        stats = {"prompt_tokens": 1, "vision_tokens": 0, "new_tokens": 1, "prefill_s": 0.0, "decode_tok_s": None}
+        return ("ok", stats, "ok<|im_end|>") if with_raw else ("ok", stats)
 
     monkeypatch.setattr(generate_command, "run_generation", fake_run_generation)
     code = cli.main(["generate", "--model", str(ckpt25_dir), "--video", str(video_file), "--fps", "1",
