@@ -9,6 +9,7 @@ that cell, in the JSON and in the canvas pixels the browser drew.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -193,8 +194,9 @@ def server_url(app):
     thread.join(timeout=10)
 
 
-def test_explorer_page_in_browser(chromium, server_url, engine, photo, tmp_path):
-    from PIL import Image
+@contextlib.contextmanager
+def _explorer_page(chromium, server_url, photo, tmp_path, route=None):
+    """A headless Chromium page on the explorer with the photo uploaded and selected: (page, page errors)."""
     from playwright.sync_api import sync_playwright
 
     photo_path = tmp_path / "astronaut.png"
@@ -205,36 +207,45 @@ def test_explorer_page_in_browser(chromium, server_url, engine, photo, tmp_path)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
+            if route is not None:
+                page.route(*route)
             page.goto(f"{server_url}/explorer")
             page.set_input_files("#image-input", str(photo_path))
             page.wait_for_selector("#gallery img.selected")
-            page.fill("#question", QUESTION)
-            page.fill("#max-tokens", "6")
-            page.click("#run")
-            page.wait_for_selector('#answer[data-done="1"]', timeout=60_000)
-            assert page.locator("#answer .token").count() >= 1
-            page.locator("#answer .token").first.click()
-            page.wait_for_selector('#stage[data-ready="0"]', timeout=60_000)
-            canvas = page.evaluate("""() => {
-                const c = document.getElementById('heatmap');
-                return {url: c.toDataURL('image/png'), width: c.width, height: c.height};
-            }""")
-            # hover the forced cell: the tooltip shows its M-RoPE position (and the screenshot shows the tooltip)
-            geom = engine.geometry
-            m = FORCED[0] * geom.merged_grid[2] + FORCED[1]
-            x0, y0, x1, y1 = geom.boxes_M4[m]
-            scale = canvas["width"] / photo.width
-            box = page.locator("#grid").bounding_box()
-            page.mouse.move(box["x"] + (x0 + x1) / 2 * scale, box["y"] + (y0 + y1) / 2 * scale)
-            t, h, w = geom.positions_M3[m]
-            assert f"({t}, {h}, {w})" in page.inner_text("#tooltip")
-            assert page.locator("#logit-lens tr").count() == engine.model.config.text_config.num_hidden_layers + 2
-            assert page.locator("#text-attention span").count() > 3
-            shot = tmp_path / "explorer.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert not errors, errors
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_explorer_page_in_browser(chromium, server_url, engine, photo, tmp_path):
+    from PIL import Image
+
+    with _explorer_page(chromium, server_url, photo, tmp_path) as (page, errors):
+        page.fill("#question", QUESTION)
+        page.fill("#max-tokens", "6")
+        page.click("#run")
+        page.wait_for_selector('#answer[data-done="1"]', timeout=60_000)
+        assert page.locator("#answer .token").count() >= 1
+        page.locator("#answer .token").first.click()
+        page.wait_for_selector('#stage[data-ready="0"]', timeout=60_000)
+        canvas = page.evaluate("""() => {
+            const c = document.getElementById('heatmap');
+            return {url: c.toDataURL('image/png'), width: c.width, height: c.height};
+        }""")
+        # hover the forced cell: the tooltip shows its M-RoPE position (and the screenshot shows the tooltip)
+        geom = engine.geometry
+        m = FORCED[0] * geom.merged_grid[2] + FORCED[1]
+        x0, y0, x1, y1 = geom.boxes_M4[m]
+        scale = canvas["width"] / photo.width
+        box = page.locator("#grid").bounding_box()
+        page.mouse.move(box["x"] + (x0 + x1) / 2 * scale, box["y"] + (y0 + y1) / 2 * scale)
+        t, h, w = geom.positions_M3[m]
+        assert f"({t}, {h}, {w})" in page.inner_text("#tooltip")
+        assert page.locator("#logit-lens tr").count() == engine.model.config.text_config.num_hidden_layers + 2
+        assert page.locator("#text-attention span").count() > 3
+        shot = tmp_path / "explorer.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert not errors, errors
     if os.environ.get("QWEN2VL_JAX_WRITE_SCREENSHOT") == "1":
         (ROOT / "docs" / "images").mkdir(exist_ok=True)
         shutil.copyfile(shot, ROOT / "docs" / "images" / "explorer.png")
@@ -261,7 +272,6 @@ def test_explorer_draws_the_answers_boxes(chromium, server_url, photo, tmp_path)
     answer to the page's request gets two in its done line (tests/server/test_explorer_boxes.py covers the server's
     own reading of them)."""
     from PIL import Image
-    from playwright.sync_api import sync_playwright
 
     def add_boxes(route):
         response = route.fetch()
@@ -271,30 +281,18 @@ def test_explorer_draws_the_answers_boxes(chromium, server_url, photo, tmp_path)
         lines[-1] = json.dumps({**done, "boxes": BOXES, "points": [], "box_problems": []})
         route.fulfill(response=response, body="\n".join(lines) + "\n")
 
-    photo_path = tmp_path / "astronaut.png"
-    photo.save(photo_path)
     read_canvas = """() => { const c = document.getElementById('boxes');
                              return {url: c.toDataURL('image/png'), width: c.width}; }"""
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.route("**/explorer/api/generate", add_boxes)
-            page.goto(f"{server_url}/explorer")
-            page.set_input_files("#image-input", str(photo_path))
-            page.wait_for_selector("#gallery img.selected")
-            page.fill("#max-tokens", "2")
-            page.click("#run")
-            page.wait_for_selector('#stage[data-boxes="2"]', timeout=60_000)
-            drawn = page.evaluate(read_canvas)
-            listed = page.inner_text("#box-list")
-            page.uncheck("#show-boxes")
-            cleared = page.evaluate(read_canvas)
-            assert not errors, errors
-        finally:
-            browser.close()
+    with _explorer_page(chromium, server_url, photo, tmp_path, ("**/explorer/api/generate", add_boxes)) as (page,
+                                                                                                          errors):
+        page.fill("#max-tokens", "2")
+        page.click("#run")
+        page.wait_for_selector('#stage[data-boxes="2"]', timeout=60_000)
+        drawn = page.evaluate(read_canvas)
+        listed = page.inner_text("#box-list")
+        page.uncheck("#show-boxes")
+        cleared = page.evaluate(read_canvas)
+        assert not errors, errors
     assert "cat: (20, 30, 120, 110)" in listed and "dog: (130, 10, 220, 160)" in listed
 
     def rgba(canvas):
