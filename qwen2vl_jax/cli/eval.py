@@ -77,15 +77,24 @@ def _bounds(args) -> dict:
 
 
 def _read_predictions(path: Path) -> dict[int, dict]:
+    """`predict`'s rows by index: each a JSON object with an integer "index" and a string "answer" (or an "error")."""
     rows = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            rows[int(row["index"])] = row
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise UserError(f"{path} line {n}: not a prediction row ({{\"index\": ..., \"answer\": ...}})") from None
+        except json.JSONDecodeError:
+            row = None
+        index = row.get("index") if isinstance(row, dict) else None
+        if not isinstance(index, int) or isinstance(index, bool) or not (
+                isinstance(row.get("answer"), str) or "error" in row):
+            raise UserError(f"{path} line {n}: not a prediction row ({{\"index\": int, \"answer\": str}})")
+        rows[index] = row
     return rows
 
 
@@ -137,7 +146,10 @@ def run(args) -> int:
             return 0
         predictions = _read_predictions(out)
     family, bounds = (_family(args), _bounds(args)) if metric == "iou" else ("qwen2_vl", {})
-    records, summary = evaluate(items, predictions, metric, family=family, pixel_bounds=bounds)
+    try:
+        records, summary = evaluate(items, predictions, metric, family=family, pixel_bounds=bounds)
+    except ValueError as e:  # a line without what the metric reads, an iou item without an image, a bad box
+        raise UserError(f"{args.data}: {e}") from None
     records_path = Path(args.records or f"{out}.scores.jsonl")
     atomic_write(records_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
     summary.update(predictions=str(out), records=str(records_path), preset=args.preset)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..grounding import parse_boxes
 from ..processing.image_io import load_image
-from . import metrics
+from .metrics import METRICS, score_row, summarize
 from .predict import Item
 from .presets import Preset
 from .scoring import score
@@ -84,7 +84,7 @@ def _iou_score(prediction: str, item: Item, row: dict, family: str, pixel_bounds
                 bounds.update({k: part[k] for k in ("min_pixels", "max_pixels") if k in part})
                 break
     boxes = parse_boxes(prediction, family=family, image_size=size, **bounds)
-    return metrics.score_row("iou", prediction, {"bbox": target}, box=boxes[0].xyxy if boxes else None)
+    return score_row("iou", prediction, {"bbox": target}, box=boxes[0].xyxy if boxes else None)
 
 
 def evaluate(items: Sequence[Item], predictions: Mapping[int, Mapping[str, Any]], metric: str, *,
@@ -93,8 +93,8 @@ def evaluate(items: Sequence[Item], predictions: Mapping[int, Mapping[str, Any]]
     """(one record per item, the summary) of `metric` over `items`, whose predictions are `predictions[index]`
     (`predict`'s rows). `family` and `pixel_bounds` (min_pixels / max_pixels of the processor that ran) place the
     boxes of the iou metric; the other metrics ignore them."""
-    if metric not in metrics.METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(metrics.METRICS)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     records, values, errors = [], [], 0
     for item in items:
         prediction = predictions.get(item.index)
@@ -105,15 +105,19 @@ def evaluate(items: Sequence[Item], predictions: Mapping[int, Mapping[str, Any]]
             record.update(score=0.0, error=(prediction or {}).get("error", "no prediction for this item"))
         else:
             text = prediction["answer"]
-            if metric == "iou":
-                value = _iou_score(text, item, row, family, pixel_bounds or {})
-            else:
-                value = metrics.score_row(metric, text, row)
+            try:
+                if metric == "iou":
+                    value = _iou_score(text, item, row, family, pixel_bounds or {})
+                else:
+                    value = score_row(metric, text, row)
+            except (ValueError, TypeError, OSError) as e:  # what the line lacks, an unreadable image, a bad box
+                where = f"item {item.index}" + (f" (id {item.id!r})" if item.id is not None else "")
+                raise ValueError(f"{where}: {e}") from None
             record.update(prediction=text, score=float(value))
         record["reference"] = {k: row[k] for k in ("answers", "answer", "choices", "bbox") if k in row}
         records.append(record)
         values.append(record["score"])
-    summary = {"metric": metric, **metrics.summarize(values), "errors": errors}
+    summary = {"metric": metric, **summarize(values), "errors": errors}
     return records, summary
 
 

@@ -14,9 +14,9 @@ as it is. Every other key of the line stays on `Item.record` ("id", "answers", "
 
 The engine (`qwen2vl_jax.engine.Engine`, threaded) batches the requests continuously; the host encodes the next
 items (media decoding, resizing, patching) while the device decodes, keeping `2 * max_slots` requests in flight.
-Rows come back in input order whatever order they finish in. Every item's sampling seed is `seed + index`, so a
-sampled answer depends on its item alone, not on what it was batched with or whether the run was resumed; greedy
-answers are the engine's, which equal `generate`'s (tests/engine/test_engine.py).
+Rows come back in input order whatever order they finish in. Every item's sampling seed is `seed + index` (mod
+2**63), so a sampled answer depends on its item alone, not on what it was batched with or whether the run was
+resumed; greedy answers are the engine's, which equal `generate`'s (tests/engine/test_engine.py).
 
 A row is `{"index", "id" (when the item has one), "answer", "finish_reason", "prompt_tokens", "new_tokens"}`, or
 `{"index", "id", "error"}` for an item that could not be encoded or run (an unreadable image, a prompt longer than
@@ -41,6 +41,7 @@ from .scoring import encode_prompt
 
 __all__ = ["Item", "read_items", "Predictor", "generation_config"]
 
+SEED_RANGE = 2**63  # seeds are in [0, 2**63): an item's seed + index wraps around instead of failing
 OVERRIDES = ("max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "min_new_tokens")
 
 
@@ -141,7 +142,7 @@ class Predictor:
     def _submit(self, item: Item):
         """(handle, stops) for an item, or raises what makes it impossible (encoding, settings, length)."""
         overrides = item.record.get("generation") or {}
-        config, stops = generation_config(self.base, overrides, self.seed + item.index)
+        config, stops = generation_config(self.base, overrides, (self.seed + item.index) % SEED_RANGE)
         stops = stops or self.stops
         inputs = encode_prompt(self.processor, item.messages)
         request = Request(input_ids=inputs["input_ids"], pixel_values=inputs.get("pixel_values"),

@@ -208,7 +208,8 @@ def _show(values: Sequence[float]) -> str:
 
 
 def _number(text: str) -> float:
-    return int(text) if re.fullmatch(r"[+-]?\d+", text) else float(text)
+    """An int when it is one that a float holds exactly, else a float (too large: inf, reported as not a number)."""
+    return int(text) if re.fullmatch(r"[+-]?\d{1,15}", text) else float(text)
 
 
 def _read_corners(content: str) -> tuple[str, str] | list[float]:
@@ -359,7 +360,7 @@ def _scan(r: _Reader, start: int, end: int, covered: list) -> None:
     while (m := _JSON_OPEN.search(text, k)) is not None:
         try:
             value, stop = decoder.raw_decode(text, m.start())
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON here; or nested too deep, or an integer of > 4300 digits
             k = m.start() + 1
             continue
         if _json_items(value):
@@ -402,7 +403,10 @@ def _read_block(r: _Reader, content: str, offset: int) -> None:
         return
     try:
         value = json.loads(content)
-    except json.JSONDecodeError as e:
+    except (RecursionError, ValueError) as e:
+        if not isinstance(e, json.JSONDecodeError):  # nested too deep, or an integer of more than 4300 digits
+            r.problem("json", f"unreadable JSON ({type(e).__name__})", offset, offset + _SNIPPET)
+            return
         if not (_JSON_KEY.search(content) or content.lstrip()[:1] in "[{"):
             return  # a fence around something else
         r.problem("json", f"bad JSON: {e.msg} (line {e.lineno} column {e.colno} of the block)",

@@ -56,6 +56,23 @@ def test_eval_scores_a_predictions_file_without_a_model(tmp_path, capsys):
     assert "exact" in table and "50.00" in table and " 4 " in table
 
 
+def test_eval_refuses_bad_prediction_files_and_lines_without_references(tmp_path, capsys):
+    data = _write(tmp_path / "d.jsonl", [{"id": "a", "messages": _text("Q1"), "answers": ["x"]}])
+    cases = [(b'{"index": 0, "answer": 5}\n', "line 1: not a prediction row"),
+             (b'{"index": 0}\n', "line 1: not a prediction row"),
+             (b'{"index": true, "answer": "x"}\n', "line 1: not a prediction row"),
+             (b"\xff\xfe", "not UTF-8")]
+    for content, message in cases:
+        (tmp_path / "p.jsonl").write_bytes(content)
+        assert cli.main(["eval", "--data", str(data), "--predictions", str(tmp_path / "p.jsonl"), "--metric",
+                         "exact"]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "p.jsonl").write_text('{"index": 0, "answer": "x"}\n')
+    assert cli.main(["eval", "--data", str(data), "--predictions", str(tmp_path / "p.jsonl"), "--metric",
+                     "choice"]) == 2
+    assert "item 0 (id 'a'): metric \"choice\" needs" in capsys.readouterr().err
+
+
 def test_eval_iou_places_boxes_through_the_processor_resize(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
 

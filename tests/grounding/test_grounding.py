@@ -322,3 +322,14 @@ def test_drawing_colours_by_label_and_converts_other_modes():
     assert px[0, 0] == px[35, 5] != px[20, 20]
     with pytest.raises(ValueError, match="width"):
         draw_boxes(image, [], width=0)
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("<|box_start|>(" + "9" * 400 + ",2),(3,4)<|box_end|>", "range"),  # past any float: inf, out of range
+    ('[{"bbox_2d": [' + "9" * 5000 + ', 1, 2, 3], "label": "x"}]', "json"),  # past Python's int-string limit
+    ("```json\n" + "[" * 5000 + "]" * 5000 + "\n```", "json"),  # nested past the JSON decoder's recursion limit
+])
+def test_hostile_answers_are_reported_not_raised(text, kind):
+    for family in ("qwen2_vl", "qwen2_5_vl"):
+        boxes = parse_boxes(text, family=family, image_size=(640, 480))
+        assert list(boxes) == [] and kind in [p.kind for p in boxes.problems], (family, boxes.problems)
